@@ -1,0 +1,238 @@
+"""ResPrune core and baselines against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pipeline.pruning import METHODS, gate, get_method, relevance, resprune_select
+from pipeline.pruning.resprune import greedy_residual
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def cpqr_reference(v: torch.Tensor, w: torch.Tensor, seed: int, keep: int) -> list[int]:
+    """Greedy order from scipy's column-pivoted QR on sqrt(w_i) * v_i, seed forced first."""
+    x = v.double().numpy()
+    s = x[seed]
+    resid = x - np.outer(x @ s / (s @ s), s)
+    others = [i for i in range(len(x)) if i != seed]
+    cols = (np.sqrt(w.double().numpy())[:, None] * resid)[others]
+    _, _, piv = scipy.linalg.qr(cols.T, pivoting=True, mode="economic")
+    return [seed] + [others[p] for p in piv[: keep - 1]]
+
+
+def gated_residuals(x: np.ndarray, w: np.ndarray, chosen: list[int]) -> np.ndarray:
+    """w_i * ||x_i - P_S x_i||^2 in float64 with explicit re-orthogonalised residuals."""
+    r = x.copy()
+    for j in chosen:
+        for _ in range(2):  # twice is enough (Kahan)
+            q = r[j]
+            nq = q @ q
+            if nq <= 0:
+                break
+            r = r - np.outer(r @ q / nq, q)
+    return w * np.einsum("nd,nd->n", r, r)
+
+
+def assert_greedy_valid(v: torch.Tensor, w: torch.Tensor, order: list[int]) -> None:
+    """Each pick maximises the gated residual given the picks before it, up to float32-Gram resolution."""
+    x, wn = v.double().numpy(), w.double().numpy()
+    assert len(set(order)) == len(order), "duplicate indices"
+    tol = 4 * math.sqrt(x.shape[1]) * F32_EPS * float((wn * np.einsum("nd,nd->n", x, x)).max())
+    for t in range(1, len(order)):
+        g = gated_residuals(x, wn, order[:t])
+        g[order[:t]] = -np.inf
+        assert g[order[t]] >= g.max() - tol, f"step {t}: picked {g[order[t]]:.3e}, best {g.max():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rng", [0, 1, 2])
+def test_single_matches_cpqr_reference(dtype: torch.dtype, rng: int) -> None:
+    gen = torch.Generator().manual_seed(rng)
+    v = torch.randn((96, 160), generator=gen).to(dtype)
+    text = torch.randn((3, 160), generator=gen)
+    idx = resprune_select(v, 40, text=text, alpha=0.75)
+    vf = v.float()
+    w = gate(relevance(vf, text), 0.75)
+    assert idx.shape == (40,) and idx.dtype == torch.long
+    assert idx.tolist() == cpqr_reference(vf, w, int(vf.norm(dim=-1).argmax()), 40)
+
+
+def test_batched_mixed_text_matches_per_sample_reference() -> None:
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn((5, 80, 128), generator=gen)
+    text = [torch.randn((2, 128), generator=gen), None, torch.randn((6, 128), generator=gen), torch.zeros((0, 128)), torch.randn((1, 128), generator=gen)]
+    cls = torch.rand((5, 80), generator=gen)
+    idx = resprune_select(v, 30, text=text, alpha=1.0, seed=cls)
+    assert idx.shape == (5, 30)
+    for b in range(5):
+        r = relevance(v[b], text[b]) if text[b] is not None and len(text[b]) else torch.full((80,), float("nan"))
+        w = gate(r, 1.0)
+        seed = int(cls[b].argmax())
+        assert idx[b].tolist() == cpqr_reference(v[b], w, seed, 30)
+        assert idx[b].tolist() == resprune_select(v[b], 30, text=text[b], alpha=1.0, seed=cls[b]).tolist()
+
+
+def test_no_text_samples_are_ungated() -> None:
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn((2, 64, 96), generator=gen)
+    mixed = resprune_select(v, 20, text=[torch.randn((3, 96), generator=gen), torch.zeros((0, 96))])
+    plain = resprune_select(v, 20)
+    assert mixed[1].tolist() == plain[1].tolist()
+    assert mixed[0].tolist() != plain[0].tolist()  # guidance changed the guided sample
+
+
+def test_without_seed_or_text_equals_plain_cpqr() -> None:
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn((70, 100), generator=gen)
+    _, _, piv = scipy.linalg.qr(v.double().numpy().T, pivoting=True, mode="economic")
+    assert resprune_select(v, 50).tolist() == piv[:50].tolist()
+
+
+def test_int_seed_is_first_and_negative_index_wraps() -> None:
+    v = torch.randn((50, 64))
+    assert int(resprune_select(v, 5, seed=17)[0]) == 17
+    assert int(resprune_select(v, 5, seed=-1)[0]) == 49
+    with pytest.raises(ValueError, match="out of range"):
+        resprune_select(v, 5, seed=50)
+
+
+def test_gram_free_path_gives_same_order() -> None:
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn((3, 200, 64), generator=gen)
+    w = gate(relevance(v, torch.randn((4, 64), generator=gen)), 0.75).double()
+    seeds = v.norm(dim=-1).argmax(dim=-1)
+    with_gram = greedy_residual(v, 60, w, seeds)
+    without = greedy_residual(v, 60, w, seeds, max_gram_bytes=0)
+    assert torch.equal(with_gram, without)
+
+
+def test_rank_deficient_duplicates_and_zeros() -> None:
+    gen = torch.Generator().manual_seed(9)
+    basis = torch.randn((6, 48), generator=gen)
+    v = torch.cat([basis, basis[:3] * 2.0, torch.zeros((4, 48)), basis[:2]], dim=0)  # rank 6, N = 15
+    text = torch.randn((2, 48), generator=gen)
+    idx = resprune_select(v, 15 - 1, text=text)
+    order = idx.tolist()
+    assert len(set(order)) == len(order) == 14
+    rank_picks = order[:6]
+    assert torch.linalg.matrix_rank(v[rank_picks].double()) == 6  # first picks span everything
+    w = gate(relevance(v, text), 0.75)
+    assert_greedy_valid(v, w, order)
+
+
+def test_keep_larger_than_rank_and_low_rank_plus_noise_is_greedy_valid() -> None:
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn((150, 12), generator=gen) @ torch.randn((12, 256), generator=gen)
+    v = v + 1e-3 * torch.randn((150, 256), generator=gen)
+    text = torch.randn((3, 256), generator=gen)
+    order = resprune_select(v, 40, text=text).tolist()
+    assert_greedy_valid(v, gate(relevance(v, text), 0.75), order)
+
+
+def test_keep_ge_n_returns_all() -> None:
+    v = torch.randn((2, 10, 8))
+    assert resprune_select(v, 10).tolist() == [list(range(10))] * 2
+    assert resprune_select(v[0], 99).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_inputs_raise_named_errors(bad: float) -> None:
+    v = torch.randn((3, 20, 8))
+    v[1, 4, 2] = bad
+    kind = "NaN" if math.isnan(bad) else "inf"
+    with pytest.raises(ValueError, match=rf"visual contains {kind} values \(sample 1\)"):
+        resprune_select(v, 5)
+    t = torch.randn((2, 8))
+    t[0, 0] = bad
+    with pytest.raises(ValueError, match=rf"text\[0\] contains {kind}"):
+        resprune_select(torch.randn((20, 8)), 5, text=[t])
+
+
+def test_argument_errors() -> None:
+    v = torch.randn((20, 8))
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        resprune_select(v, 0)
+    with pytest.raises(ValueError, match="shape"):
+        resprune_select(torch.randn(8), 3)
+    with pytest.raises(ValueError, match="text is a list of 1"):
+        resprune_select(torch.randn((2, 20, 8)), 3, text=[torch.randn((1, 8))])
+    with pytest.raises(ValueError, match="alpha"):
+        gate(torch.zeros(3), -1.0)
+
+
+def test_relevance_is_max_cosine() -> None:
+    gen = torch.Generator().manual_seed(4)
+    v, t = torch.randn((30, 16), generator=gen), torch.randn((5, 16), generator=gen)
+    expected = torch.nn.functional.cosine_similarity(v[:, None, :], t[None, :, :], dim=-1).amax(dim=1)
+    torch.testing.assert_close(relevance(v, t), expected)
+    assert torch.isnan(relevance(v, torch.zeros((0, 16)))).all()
+
+
+def test_gate_properties() -> None:
+    r = torch.linspace(-1, 1, 101)
+    w = gate(r, 0.75)
+    assert (w > 0).all() and (w <= 1).all()
+    assert (w[1:] > w[:-1]).all()  # strictly increasing above the floor
+    assert torch.equal(gate(r, 0.0), torch.ones_like(r))
+    assert gate(torch.tensor([float("nan")]), 0.75).item() == 1.0
+    torch.testing.assert_close(gate(torch.tensor([0.5]), 2.0), torch.tensor([0.5625]))
+
+
+# ---- baselines and registry -------------------------------------------------------------
+
+
+def test_registry_has_all_methods_and_rejects_unknown() -> None:
+    assert set(METHODS) == {"none", "random", "score_topk", "divprune", "resprune"}
+    with pytest.raises(ValueError, match="unknown pruning method 'fastv'"):
+        get_method("fastv")
+
+
+@pytest.mark.parametrize("name", sorted(["random", "score_topk", "divprune", "resprune"]))
+def test_every_method_shares_the_signature(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn((3, 40, 32), generator=gen)
+    cls = torch.rand((3, 40), generator=gen)
+    rel = relevance(v, torch.randn((2, 32), generator=gen))
+    idx = get_method(name)(v, 12, relevance=rel, scores=cls, alpha=0.5, rng_seed=3)
+    assert idx.shape == (3, 12) and idx.dtype == torch.long
+    assert all(len(set(row)) == 12 for row in idx.tolist())
+    assert get_method(name)(v[0], 12, relevance=rel[0], scores=cls[0], alpha=0.5, rng_seed=3).shape == (12,)
+
+
+def test_none_keeps_everything() -> None:
+    assert get_method("none")(torch.randn((2, 9, 4)), 3).tolist() == [list(range(9))] * 2
+
+
+def test_random_is_reproducible_per_seed() -> None:
+    v = torch.randn((2, 50, 8))
+    a = get_method("random")(v, 10, rng_seed=1)
+    assert torch.equal(a, get_method("random")(v, 10, rng_seed=1))
+    assert not torch.equal(a, get_method("random")(v, 10, rng_seed=2))
+
+
+def test_score_topk_equals_topk_and_needs_scores() -> None:
+    s = torch.rand((2, 30))
+    idx = get_method("score_topk")(torch.randn((2, 30, 8)), 7, scores=s)
+    assert torch.equal(idx, s.topk(7, dim=-1).indices)
+    with pytest.raises(ValueError, match="needs per-token scores"):
+        get_method("score_topk")(torch.randn((30, 8)), 7)
+
+
+def test_divprune_is_greedy_max_min() -> None:
+    gen = torch.Generator().manual_seed(6)
+    v = torch.randn((60, 24), generator=gen)
+    order = get_method("divprune")(v, 15).tolist()
+    vn = torch.nn.functional.normalize(v.double(), dim=-1)
+    dist = 1 - vn @ vn.T
+    nearest = (dist + torch.eye(60, dtype=torch.float64) * 9).amin(dim=1)
+    assert order[0] == int(nearest.argmax())
+    for t in range(1, 15):
+        min_to_sel = dist[:, order[:t]].amin(dim=1)
+        min_to_sel[order[:t]] = -1
+        assert math.isclose(float(min_to_sel[order[t]]), float(min_to_sel.max()), rel_tol=0, abs_tol=1e-6)
