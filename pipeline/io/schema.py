@@ -1,0 +1,81 @@
+"""The job's input and output schemas: the public data contract, declared once.
+
+Input (Parquet; extra columns pass through to the output):
+    id: string (unique), image: binary (JPEG/PNG/WebP bytes), prompt: string
+
+Output (Parquet, one row per input row, never the image bytes):
+    id, prompt          as read
+    answer              generated text ("" when the row has an error)
+    error               "" when fine, else "<kind>: <detail>" (missing prompt, missing image,
+                        corrupt image, image too large, encode failed, decode failed)
+    method, keep        pruning method and configured budget
+    visual_tokens_in    visual tokens the vision encoder produced for the image
+    visual_tokens_kept  visual tokens the LLM received
+    kept_indices        which ones, ascending (spatial order)
+    nouns, extractor    text guidance and which extractor produced it
+    relevance_min/mean/max   per-row text relevance of the visual tokens (null when no
+                        nouns, or when the method does not use text)
+    prompt_tokens       sequence length prefilled (text + kept visual tokens)
+    generated_tokens    tokens generated (up to and including EOS)
+    text_ms, encode_ms, prune_ms, decode_ms   stage wall time per row (batch time / rows)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+INPUT_COLUMNS = ("id", "image", "prompt")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("error", pa.string()),
+        ("method", pa.string()),
+        ("keep", pa.int32()),
+        ("visual_tokens_in", pa.int32()),
+        ("visual_tokens_kept", pa.int32()),
+        ("kept_indices", pa.list_(pa.int32())),
+        ("nouns", pa.list_(pa.string())),
+        ("extractor", pa.string()),
+        ("relevance_min", pa.float32()),
+        ("relevance_mean", pa.float32()),
+        ("relevance_max", pa.float32()),
+        ("prompt_tokens", pa.int32()),
+        ("generated_tokens", pa.int32()),
+        ("text_ms", pa.float32()),
+        ("encode_ms", pa.float32()),
+        ("prune_ms", pa.float32()),
+        ("decode_ms", pa.float32()),
+    ]
+)
+# Internal columns that never reach the output.
+DROPPED = ("image", "visual_kept")
+
+
+def _py(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_py(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value != value:  # NaN -> null
+        return None
+    return value
+
+
+def to_output_table(batch: dict[str, Any]) -> pa.Table:
+    """A numpy-format batch -> an Arrow table with the contract's schema, then extra input columns."""
+    arrays, fields = [], []
+    for f in OUTPUT_SCHEMA:
+        arrays.append(pa.array([_py(v) for v in batch[f.name]], type=f.type))
+        fields.append(f)
+    for name, values in batch.items():
+        if name in OUTPUT_SCHEMA.names or name in DROPPED:
+            continue
+        arrays.append(pa.array([_py(v) for v in values]))
+        fields.append(pa.field(name, arrays[-1].type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))

@@ -1,0 +1,69 @@
+"""What every stage does the same way: row errors, per-row fallback, timing, threads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+Batch = dict[str, Any]
+
+
+def errors_of(batch: Batch) -> list[str]:
+    n = len(batch["id"])
+    return [str(e) for e in batch["error"]] if "error" in batch else [""] * n
+
+
+def list_column(values: Any) -> list[list]:
+    """Ray hands list columns to numpy batches as arrays of arrays; returning them as Python
+    lists keeps them Arrow lists (not pickled objects) between stages."""
+    return [list(v) for v in values]
+
+
+def ok_rows(errors: Sequence[str]) -> list[int]:
+    return [i for i, e in enumerate(errors) if not e]
+
+
+def map_with_row_fallback(
+    fn: Callable[[list[T]], list[R]], items: list[T], what: str
+) -> list[R | str]:
+    """``fn`` over the whole batch; if it raises, once more row by row, so one bad row costs
+    only itself. Rows that still fail come back as an error string."""
+    if not items:
+        return []
+    try:
+        return list(fn(items))
+    except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows, never lose the batch
+        log.warning("%s failed for a batch of %d (%s); retrying row by row", what, len(items), batch_error)
+    out: list[R | str] = []
+    for item in items:
+        try:
+            out.extend(fn([item]))
+        except Exception as e:  # noqa: BLE001
+            out.append(f"{what} failed: {type(e).__name__}: {e}")
+    return out
+
+
+class Stopwatch:
+    """Wall time of a batch step, reported per processed row (the batch's time / its rows)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def per_row_ms(self, errors: Sequence[str]) -> np.ndarray:
+        elapsed = 1e3 * (time.perf_counter() - self.start)
+        n_ok = max(1, sum(1 for e in errors if not e))
+        return np.array([0.0 if e else elapsed / n_ok for e in errors], dtype=np.float64)
+
+
+def limit_torch_threads(num_cpus: float) -> None:
+    """An actor reserving fractional CPUs must not spin up a thread per core: the pools share them."""
+    torch.set_num_threads(max(1, int(round(num_cpus))))

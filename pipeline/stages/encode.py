@@ -1,0 +1,117 @@
+"""Stage 2 (GPU): decode images, encode them into visual tokens, prune to the budget."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
+from pipeline.models import load_adapter
+from pipeline.pruning import TEXT_GUIDED, get_method, relevance
+
+from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_with_row_fallback, ok_rows
+
+
+def decode_image(data: object, max_pixels: int) -> Image.Image | str:
+    """An RGB image, or the reason it cannot be used (becomes the row's error)."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        return "missing image"
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size  # read from the header, before any pixels are decoded
+        if w * h > max_pixels:
+            return f"image too large: {w}x{h} = {w * h} pixels > input.max_image_pixels = {max_pixels}"
+        return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        return f"corrupt image: {type(e).__name__}: {e}"
+
+
+class EncodeStage:
+    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``kept_indices``
+    (ascending), ``method``, ``keep``, ``visual_tokens_in/kept``, ``relevance_min/mean/max``
+    (null without nouns or for methods that ignore text), ``encode_ms`` and ``prune_ms``."""
+
+    def __init__(self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig) -> None:
+        limit_torch_threads(stage.num_cpus)
+        self.adapter = load_adapter(model, "vision")
+        self.pruning = pruning
+        self.select = get_method(pruning.method)
+        self.max_pixels = inputs.max_image_pixels
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        errors = errors_of(batch)
+        watch = Stopwatch()
+        images: dict[int, Image.Image] = {}
+        for i in ok_rows(errors):
+            decoded = decode_image(batch["image"][i], self.max_pixels)
+            if isinstance(decoded, str):
+                errors[i] = decoded
+            else:
+                images[i] = decoded
+        rows = list(images)
+        encoded = map_with_row_fallback(self._encode, [(images[i], list(batch["nouns"][i])) for i in rows], "encode")
+        feats: dict[int, tuple] = {}
+        for i, result in zip(rows, encoded, strict=True):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                feats[i] = result
+        encode_ms = watch.per_row_ms(errors)
+
+        watch = Stopwatch()
+        kept, rel_stats = self._prune(feats)
+        prune_ms = watch.per_row_ms(errors)
+
+        empty = np.zeros((0, 0), dtype=np.float32)
+        visual_kept = np.empty(n, dtype=object)
+        for i in range(n):
+            visual_kept[i] = feats[i][0][kept[i]].numpy() if i in kept else empty
+        batch.pop("image")
+        batch["nouns"] = list_column(batch["nouns"])
+        batch["visual_kept"] = visual_kept
+        batch["kept_indices"] = [kept[i].tolist() if i in kept else [] for i in range(n)]
+        batch["method"] = np.array([self.pruning.method] * n)
+        batch["keep"] = np.full(n, self.pruning.keep, dtype=np.int64)
+        batch["visual_tokens_in"] = np.array([feats[i][0].shape[0] if i in feats else 0 for i in range(n)])
+        batch["visual_tokens_kept"] = np.array([len(kept[i]) if i in kept else 0 for i in range(n)])
+        for k, name in enumerate(("relevance_min", "relevance_mean", "relevance_max")):
+            batch[name] = [rel_stats[i][k] if i in rel_stats else None for i in range(n)]
+        batch["error"] = np.array(errors, dtype=object)
+        batch["encode_ms"] = encode_ms
+        batch["prune_ms"] = prune_ms
+        return batch
+
+    def _encode(self, items: list[tuple[Image.Image, list[str]]]) -> list[tuple]:
+        enc = self.adapter.encode([img for img, _ in items])
+        words = self.adapter.embed_words([nouns for _, nouns in items])
+        scores = enc.seed_scores or [None] * len(items)
+        return [(f.cpu(), s.cpu() if s is not None else None, t.cpu()) for f, s, t in zip(enc.features, scores, words, strict=True)]
+
+    def _prune(self, feats: dict[int, tuple]) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, float, float]]]:
+        """Select per row, batched over rows with the same token count. Returns ascending
+        (spatial-order) kept indices and relevance stats per row."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, (f, _, _) in feats.items():
+            groups[f.shape[0]].append(i)
+        kept, stats = {}, {}
+        guided = self.pruning.method in TEXT_GUIDED
+        for members in groups.values():
+            visual = torch.stack([feats[i][0] for i in members])
+            has_scores = all(feats[i][1] is not None for i in members)
+            scores = torch.stack([feats[i][1] for i in members]) if has_scores else None
+            rel = relevance(visual, [feats[i][2] for i in members]) if guided else None
+            idx = self.select(
+                visual, self.pruning.keep, relevance=rel, scores=scores,
+                alpha=self.pruning.alpha, rng_seed=self.pruning.rng_seed,
+            )
+            for row, i in enumerate(members):
+                kept[i] = idx[row].sort().values
+                if rel is not None and not torch.isnan(rel[row]).any():
+                    r = rel[row]
+                    stats[i] = (float(r.min()), float(r.mean()), float(r.max()))
+        return kept, stats
