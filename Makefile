@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The main job on the embedded default (configs/local.yaml), through `ray job submit`
+# against a local head that the script starts and stops.
 demo: $(STAMP)
-	$(PY) -m pipeline.bench.select --repeats 3
+	VENV=$(VENV) bash jobs/submit_local.sh configs/local.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -37,6 +37,7 @@ class Generation:
     text: str
     prompt_tokens: int  # sequence length the LLM prefilled: text tokens + kept visual tokens
     generated_tokens: int
+    token_ids: list[int]  # generated ids, up to and including EOS
 
 
 class VisionLanguageAdapter(ABC):

@@ -112,5 +112,5 @@ class LlavaAdapter(VisionLanguageAdapter):
         for row, seq in zip(rows, new.tolist(), strict=True):
             n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
             text = self.tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
-            out.append(Generation(text=text, prompt_tokens=len(row), generated_tokens=n))
+            out.append(Generation(text=text, prompt_tokens=len(row), generated_tokens=n, token_ids=seq[:n]))
         return out

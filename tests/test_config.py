@@ -1,0 +1,59 @@
+"""Config validation fails fast and names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, validate_config
+from pipeline.job import check_resources
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"input": {"path": "in"}, "output": {"path": "out"}, "model": {"path": "tiny:llava"}}
+
+
+def test_shipped_configs_validate() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_overrides_apply() -> None:
+    cfg = load_config(REPO / "configs/local.yaml", {"pruning.keep": 64, "pruning.method": "divprune", "input.path": "/x"})
+    assert (cfg.pruning.keep, cfg.pruning.method, cfg.input.path) == (64, "divprune", "/x")
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"pruning": {"keep": 0}}, "pruning.keep"),
+        ({"pruning": {"method": "fastv"}}, "pruning.method"),
+        ({"pruning": {"alpha": -1}}, "pruning.alpha"),
+        ({"encode_stage": {"num_gpus": -1}}, "encode_stage.num_gpus"),
+        ({"decode_stage": {"pool_size": 2, "max_pool_size": 1}}, "decode_stage"),
+        ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens"),
+        ({"model": {"path": "x", "dtype": "float8"}}, "model.dtype"),
+        ({"pruning": {"kepp": 3}}, "pruning.kepp"),
+    ],
+)
+def test_bad_fields_are_named(patch: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}"):
+        validate_config({**BASE, **patch})
+
+
+def test_missing_section_is_named() -> None:
+    with pytest.raises(ConfigError, match="model: Field required"):
+        validate_config({"input": {"path": "a"}, "output": {"path": "b"}})
+
+
+def test_local_config_fits_two_cpus_and_oversized_requests_fail_fast() -> None:
+    local = load_config(REPO / "configs/local.yaml")
+    check_resources(local, {"CPU": 2.0})  # the embedded default fits this machine
+    # The pools that deadlocked here: three 1-CPU pools plus a read task on 2 CPUs.
+    greedy = validate_config({**BASE, "text_stage": {"num_cpus": 1}, "encode_stage": {"num_cpus": 1}, "decode_stage": {"num_cpus": 1}})
+    with pytest.raises(ConfigError, match=r"need 3.25 CPUs .*text_stage.pool_size\*num_cpus=1.*cluster has 2"):
+        check_resources(greedy, {"CPU": 2.0})
+    gpu = load_config(REPO / "configs/llava-1.5-7b.yaml")
+    with pytest.raises(ConfigError, match=r"need 1 GPUs \(encode_stage.num_gpus=0.25, decode_stage.num_gpus=0.75\).*has 0"):
+        check_resources(gpu, {"CPU": 64.0})
+    check_resources(gpu, {"CPU": 64.0, "GPU": 1.0})

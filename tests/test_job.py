@@ -1,0 +1,158 @@
+"""The job end to end under real Ray: local instance, S3 (moto on 127.0.0.1), `ray job submit`.
+
+Each run is a subprocess with a hard timeout, so a scheduling deadlock fails the test instead
+of hanging CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.io.sample_corpus import SCHEMA, make_rows
+from pipeline.io.schema import OUTPUT_SCHEMA
+
+from .conftest import REPO, free_port
+
+JOB_TIMEOUT_S = 300
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(extra)
+    return env
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run(
+        [sys.executable, "jobs/caption_corpus.py", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc, json.loads(lines[-1][len("SUMMARY ") :])
+
+
+def _bad_corpus() -> list[dict]:
+    rows = make_rows(14, seed=11, corrupt=1)  # last row: undecodable bytes
+    rows[3]["prompt"] = None
+    rows[5]["prompt"] = "   "
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (1, 2, 3)).save(buf, format="PNG")
+    rows[7]["image"] = buf.getvalue()
+    return rows
+
+
+def _write_shards(rows: list[dict], root: Path) -> None:
+    root.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:7], schema=SCHEMA), root / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[7:], schema=SCHEMA), root / "b.parquet")
+
+
+@pytest.fixture(scope="module")
+def test_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = yaml.safe_load((REPO / "configs/local.yaml").read_text())
+    cfg["input"]["max_image_pixels"] = 1_000_000
+    cfg["input"].pop("create_sample_rows")
+    cfg["output"]["max_rows_per_file"] = 5
+    path = tmp_path_factory.mktemp("cfg") / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Path, tiny_llava: str) -> None:
+    rows = _bad_corpus()
+    _write_shards(rows, tmp_path / "in")
+    _, summary = _run_cli(
+        ["--config", str(test_config), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--keep", "64"],
+        _env(),
+    )
+    assert summary["input_rows"] == summary["output_rows"] == 14
+    assert summary["error_rows"] == 4 and summary["ok_rows"] == 10
+    assert summary["errors_by_kind"] == {"missing prompt": 2, "image too large": 1, "corrupt image": 1}
+
+    files = sorted((tmp_path / "out").glob("*.parquet"))
+    assert len(files) >= 3  # max_rows_per_file = 5
+    out = pads.dataset(tmp_path / "out").to_table()
+    assert out.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert out.schema.field("nouns").type == pa.list_(pa.string())
+    assert "image" not in out.schema.names and "expected" in out.schema.names
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    assert set(by_id) == {r["id"] for r in rows}
+    bad = {rows[i]["id"] for i in (3, 5, 7, 13)}
+    for rid, r in by_id.items():
+        if rid in bad:
+            assert r["error"] and r["answer"] == "" and r["visual_tokens_kept"] == 0
+        else:
+            assert r["error"] == "" and r["answer"]
+            assert (r["method"], r["keep"], r["visual_tokens_in"], r["visual_tokens_kept"]) == ("resprune", 64, 576, 64)
+            assert r["kept_indices"] == sorted(r["kept_indices"]) and len(set(r["kept_indices"])) == 64
+            assert r["nouns"] and r["extractor"] and r["relevance_min"] <= r["relevance_mean"] <= r["relevance_max"]
+            assert r["prompt_tokens"] > 64 and r["generated_tokens"] >= 1
+            assert min(r["encode_ms"], r["prune_ms"], r["decode_ms"]) > 0
+    assert by_id[rows[13]["id"]]["error"].startswith("corrupt image")
+
+
+def test_job_reads_and_writes_s3(tmp_path: Path, test_config: Path, tiny_llava: str) -> None:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="corpus")
+        rows = make_rows(6, seed=2)
+        _write_shards(rows, tmp_path / "in")
+        for f in (tmp_path / "in").iterdir():
+            s3.upload_file(str(f), "corpus", f"in/{f.name}")
+        proc, summary = _run_cli(
+            ["--config", str(test_config), "--input", "s3://corpus/in/", "--output", "s3://corpus/out/", "--method", "divprune"],
+            _env(AWS_ENDPOINT_URL=endpoint, **creds),
+        )
+        assert summary["output_rows"] == summary["ok_rows"] == 6
+        listed = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
+        keys = [k for k in listed if not k.endswith("/")]  # pyarrow leaves a directory marker
+        assert keys and all(k.endswith(".parquet") for k in keys)
+        local = tmp_path / "back"
+        local.mkdir()
+        for k in keys:
+            s3.download_file("corpus", k, str(local / Path(k).name))
+        out = pads.dataset(local).to_table()
+        assert sorted(out.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+        assert set(out.column("method").to_pylist()) == {"divprune"}
+        assert "testing" not in proc.stdout + proc.stderr  # credentials never printed
+    finally:
+        server.stop()
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path: Path, tiny_llava: str) -> None:
+    env = _env(
+        DASHBOARD_PORT=str(free_port()), GCS_PORT=str(free_port()), JOB_TIMEOUT=str(JOB_TIMEOUT_S),
+        DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), VENV=os.path.relpath(Path(sys.prefix), REPO),
+    )
+    proc = subprocess.run(
+        ["bash", "jobs/submit_local.sh", "configs/local.yaml"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY "))[len("SUMMARY ") :])
+    assert summary["input_rows"] == summary["output_rows"] == summary["ok_rows"] == 48
+    assert pads.dataset(tmp_path / "out").count_rows() == 48

@@ -1,0 +1,125 @@
+"""Stage classes on real batches (the callables Ray's actor pools run), without Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import GenerationConfig, InputConfig, ModelConfig, PruningConfig, StageConfig, TextStageConfig
+from pipeline.io.sample_corpus import make_rows
+from pipeline.io.schema import OUTPUT_SCHEMA, to_output_table
+from pipeline.pruning import gate, relevance, resprune_select
+from pipeline.stages.common import map_with_row_fallback
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.encode import EncodeStage, decode_image
+from pipeline.stages.text import TextStage
+
+MODEL = ModelConfig(path="tiny:llava")
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llava: str) -> dict:
+    rows = make_rows(6, seed=3)
+    rows[1]["prompt"] = None  # missing prompt
+    rows[2]["image"] = b"\xff\xd8\xff garbage"  # corrupt JPEG
+    rows[3]["image"] = _png(1200, 1000)  # over the limit below
+    rows[4]["image"] = None  # missing image
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+@pytest.fixture(scope="module")
+def text_out(batch: dict) -> dict:
+    return TextStage(TextStageConfig())(dict(batch))
+
+
+@pytest.fixture(scope="module")
+def encode_stage(tiny_llava: str) -> EncodeStage:
+    return EncodeStage(MODEL, PruningConfig(keep=32), InputConfig(path="x", max_image_pixels=1_000_000), StageConfig())
+
+
+@pytest.fixture(scope="module")
+def encode_out(encode_stage: EncodeStage, text_out: dict) -> dict:
+    return encode_stage({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in text_out.items()})
+
+
+def test_text_stage(text_out: dict) -> None:
+    assert list(text_out["error"]) == ["", "missing prompt", "", "", "", ""]
+    assert text_out["nouns"][1] == []
+    assert all(text_out["nouns"][i] for i in (0, 2, 3, 4, 5))
+    assert "answer" not in text_out["nouns"][0] and "phrase" not in text_out["nouns"][0]  # instructions cleaned
+    assert set(text_out["extractor"]) == {"heuristic:spacy-blank-en"}
+
+
+def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_out: dict, text_out: dict) -> None:
+    errors = list(encode_out["error"])
+    assert errors[0] == "" and errors[5] == ""
+    assert errors[1] == "missing prompt"
+    assert errors[2].startswith("corrupt image: ")
+    assert errors[3] == "image too large: 1200x1000 = 1200000 pixels > input.max_image_pixels = 1000000"
+    assert errors[4] == "missing image"
+    assert "image" not in encode_out
+    assert list(encode_out["visual_tokens_in"]) == [576, 0, 0, 0, 0, 576]
+    assert list(encode_out["visual_tokens_kept"]) == [32, 0, 0, 0, 0, 32]
+    assert encode_out["relevance_min"][1] is None
+
+    # Independent recomputation for row 0: encode, embed nouns, ResPrune with CLS seed, sort.
+    img = Image.open(io.BytesIO(text_out["image"][0])).convert("RGB")
+    enc = encode_stage.adapter.encode([img])
+    words = encode_stage.adapter.embed_words([list(text_out["nouns"][0])])
+    expected = resprune_select(enc.features[0], 32, text=words[0], alpha=0.75, seed=enc.seed_scores[0]).sort().values
+    assert encode_out["kept_indices"][0] == expected.tolist()
+    np.testing.assert_allclose(encode_out["visual_kept"][0], enc.features[0][expected].numpy(), rtol=1e-5, atol=1e-5)
+    r = relevance(enc.features[0], words[0])
+    assert encode_out["relevance_max"][0] == pytest.approx(float(r.max()))
+    assert float(gate(r, 0.75).min()) > 0
+
+
+@pytest.mark.parametrize(("method", "kept"), [("none", 576), ("divprune", 40), ("score_topk", 40), ("random", 40)])
+def test_encode_stage_methods(tiny_llava: str, text_out: dict, method: str, kept: int) -> None:
+    stage = EncodeStage(MODEL, PruningConfig(method=method, keep=40), InputConfig(path="x"), StageConfig())
+    one = {k: v[:1].copy() if isinstance(v, np.ndarray) else list(v[:1]) for k, v in text_out.items()}
+    out = stage(one)
+    assert out["visual_tokens_kept"][0] == kept and out["method"][0] == method
+    assert out["kept_indices"][0] == sorted(out["kept_indices"][0])
+    assert out["relevance_mean"][0] is None  # only text-guided methods compute relevance
+
+
+def test_decode_stage_and_output_schema(tiny_llava: str, encode_out: dict) -> None:
+    stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=5), StageConfig())
+    out = stage({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in encode_out.items()})
+    assert "visual_kept" not in out
+    assert [bool(a) for a in out["answer"]] == [True, False, False, False, False, True]
+    assert out["prompt_tokens"][0] > 32 and out["prompt_tokens"][1] == 0
+    assert 1 <= out["generated_tokens"][0] <= 5
+    table = to_output_table(out)
+    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert "image" not in table.schema.names and "expected" in table.schema.names
+    assert table.num_rows == 6
+    assert table.column("relevance_min").null_count == 4
+
+
+def test_row_fallback_isolates_the_failing_row() -> None:
+    def square(xs: list[int]) -> list[int]:
+        if 3 in xs:
+            raise RuntimeError("bad row")
+        return [x * x for x in xs]
+
+    assert map_with_row_fallback(square, [1, 2, 4], "square") == [1, 4, 16]
+    out = map_with_row_fallback(square, [1, 3, 4], "square")
+    assert out[0] == 1 and out[2] == 16 and out[1] == "square failed: RuntimeError: bad row"
+
+
+def test_decode_image_formats() -> None:
+    rows = make_rows(3)  # JPEG, PNG, WebP
+    assert all(isinstance(decode_image(r["image"], 10**7), Image.Image) for r in rows)
+    assert decode_image(b"", 10**7) == "missing image"
