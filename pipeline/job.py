@@ -17,7 +17,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 from pipeline.config import ConfigError, JobConfig, StageConfig
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import INPUT_COLUMNS, to_output_table
-from pipeline.io.storage import filesystem_for, is_uri, strip_scheme
+from pipeline.io.storage import filesystem_for, has_files, is_uri, strip_scheme
 from pipeline.models.tiny import resolve_model_path
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -45,6 +45,11 @@ class JobSummary:
 
 def run_job(cfg: JobConfig) -> JobSummary:
     """Run the whole pipeline on ``cfg``; returns the summary of what was written."""
+    if cfg.output.mode == "error" and has_files(cfg.output.path):
+        raise ConfigError(
+            f"output.path {cfg.output.path!r} already holds files and output.mode is 'error': "
+            "choose a new output path or set output.mode: overwrite"
+        )
     _prepare_local_input(cfg)
     # Build or locate the checkpoint once in the driver, not racing in every actor.
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})})

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, validate_config
-from pipeline.job import check_resources
+from pipeline.job import check_resources, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"input": {"path": "in"}, "output": {"path": "out"}, "model": {"path": "tiny:llava"}}
@@ -57,3 +57,11 @@ def test_local_config_fits_two_cpus_and_oversized_requests_fail_fast() -> None:
     with pytest.raises(ConfigError, match=r"need 1 GPUs \(encode_stage.num_gpus=0.25, decode_stage.num_gpus=0.75\).*has 0"):
         check_resources(gpu, {"CPU": 64.0})
     check_resources(gpu, {"CPU": 64.0, "GPU": 1.0})
+
+
+def test_existing_output_fails_fast_unless_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-0.parquet").write_bytes(b"x")
+    cfg = validate_config({**BASE, "output": {"path": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match=r"output.path .* already holds files and output.mode is 'error'"):
+        run_job(cfg)  # raises before Ray starts or any row is read

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.io.schema import OUTPUT_SCHEMA
+from pipeline.io.storage import has_files
 
 from .conftest import REPO, free_port
 
@@ -105,7 +106,9 @@ def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Pat
     assert by_id[rows[13]["id"]]["error"].startswith("corrupt image")
 
 
-def test_job_reads_and_writes_s3(tmp_path: Path, test_config: Path, tiny_llava: str) -> None:
+def test_job_reads_and_writes_s3(
+    tmp_path: Path, test_config: Path, tiny_llava: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -138,6 +141,9 @@ def test_job_reads_and_writes_s3(tmp_path: Path, test_config: Path, tiny_llava: 
         assert sorted(out.column("id").to_pylist()) == sorted(r["id"] for r in rows)
         assert set(out.column("method").to_pylist()) == {"divprune"}
         assert "testing" not in proc.stdout + proc.stderr  # credentials never printed
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, **creds}.items():
+            monkeypatch.setenv(key, value)
+        assert has_files("s3://corpus/out/") and not has_files("s3://corpus/elsewhere/")
     finally:
         server.stop()
 

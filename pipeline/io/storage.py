@@ -30,3 +30,13 @@ def strip_scheme(path: str) -> str:
     """pyarrow filesystems take ``bucket/key`` rather than ``s3://bucket/key``."""
     parsed = urlparse(path)
     return f"{parsed.netloc}{parsed.path}" if parsed.scheme in ("s3", "s3a") else path
+
+
+def has_files(path: str) -> bool:
+    """Whether ``path`` (local or URI) is a directory holding at least one file."""
+    fs = filesystem_for(path) or pafs.LocalFileSystem()
+    target = strip_scheme(path) if is_uri(path) else os.path.abspath(path)
+    if fs.get_file_info(target).type != pafs.FileType.Directory:
+        return False
+    infos = fs.get_file_info(pafs.FileSelector(target, recursive=True))
+    return any(i.type == pafs.FileType.File for i in infos)
