@@ -9,7 +9,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
@@ -17,7 +16,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 from pipeline.config import ConfigError, JobConfig, StageConfig
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import INPUT_COLUMNS, to_output_table
-from pipeline.io.storage import filesystem_for, has_files, is_uri, strip_scheme
+from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset
 from pipeline.models.tiny import resolve_model_path
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -51,6 +50,12 @@ def run_job(cfg: JobConfig) -> JobSummary:
             "choose a new output path or set output.mode: overwrite"
         )
     _prepare_local_input(cfg)
+    # Schema and row count from the Parquet footers: cheap, and fails before any GPU work.
+    source = parquet_dataset(cfg.input.path)
+    missing = [c for c in INPUT_COLUMNS if c not in source.schema.names]
+    if missing:
+        raise ConfigError(f"input {cfg.input.path} lacks required column(s) {missing}; columns: {source.schema.names}")
+    input_rows = source.count_rows()
     # Build or locate the checkpoint once in the driver, not racing in every actor.
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})})
     _init_ray(cfg)
@@ -66,10 +71,6 @@ def run_job(cfg: JobConfig) -> JobSummary:
         filesystem=filesystem_for(cfg.input.path),
         num_cpus=cfg.ray.io_num_cpus,
     )
-    missing = [c for c in INPUT_COLUMNS if c not in ds.schema().names]
-    if missing:
-        raise ConfigError(f"input {cfg.input.path} lacks required column(s) {missing}; schema: {ds.schema().names}")
-    input_rows = ds.count()
     ds = build_pipeline(ds, cfg)
     ds.write_parquet(
         cfg.output.path if is_uri(cfg.output.path) else os.path.abspath(cfg.output.path),
@@ -134,7 +135,7 @@ def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
 
 def summarize(output: str, input_rows: int) -> JobSummary:
     columns = ["error", "extractor", "visual_tokens_in", "visual_tokens_kept", "text_ms", "encode_ms", "prune_ms", "decode_ms"]
-    table = pads.dataset(_out_path(output), filesystem=filesystem_for(output), format="parquet").to_table(columns=columns)
+    table = parquet_dataset(output).to_table(columns=columns)
     rows = table.to_pylist()
     ok = [r for r in rows if not r["error"]]
 
@@ -175,6 +176,3 @@ def _init_ray(cfg: JobConfig) -> None:
     else:  # a fresh local instance; never silently join some other local cluster
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
-
-def _out_path(path: str) -> str:
-    return strip_scheme(path) if is_uri(path) else os.path.abspath(path)

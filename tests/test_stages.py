@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.config import GenerationConfig, InputConfig, ModelConfig, PruningConfig, StageConfig, TextStageConfig

@@ -42,8 +42,8 @@ def time_sizes(repeats: int, device: str) -> list[dict[str, float]]:
     for b, n, d, keep in SIZES:
         v = torch.randn((b, n, d), generator=gen).to(device)
         text = [torch.randn((4, d), generator=gen).to(device) for _ in range(b)]
-        gemm = _median_seconds(lambda: torch.bmm(v, v.transpose(1, 2)), repeats, device)
-        select = _median_seconds(lambda: resprune_select(v, keep, text=text), repeats, device)
+        gemm = _median_seconds(lambda v=v: torch.bmm(v, v.transpose(1, 2)), repeats, device)
+        select = _median_seconds(lambda v=v, k=keep, t=text: resprune_select(v, k, text=t), repeats, device)
         rows.append({"B": b, "N": n, "D": d, "keep": keep, "gemm_s": gemm, "select_s": select, "ratio": select / gemm})
     return rows
 

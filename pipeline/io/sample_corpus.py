@@ -59,7 +59,7 @@ def _question(rng: random.Random, objects: list[tuple[str, str]]) -> tuple[str, 
         ask_colour = rng.choice(list(COLOURS))
         present = (ask_colour, shape) in objects
         return f"Is there a {ask_colour} {shape} in the image? Please answer yes or no.", "yes" if present else "no"
-    return f"How many shapes are in the picture?\nAnswer the question using a single word or phrase.", str(len(objects))
+    return "How many shapes are in the picture?\nAnswer the question using a single word or phrase.", str(len(objects))
 
 
 def make_rows(n: int, seed: int = 0, corrupt: int = 0) -> list[dict[str, object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 
@@ -40,3 +41,10 @@ def has_files(path: str) -> bool:
         return False
     infos = fs.get_file_info(pafs.FileSelector(target, recursive=True))
     return any(i.type == pafs.FileType.File for i in infos)
+
+
+def parquet_dataset(path: str) -> pads.Dataset:
+    """A pyarrow view of the Parquet files under ``path``: schema and row counts come from the
+    file footers, without reading the data."""
+    target = strip_scheme(path) if is_uri(path) else os.path.abspath(path)
+    return pads.dataset(target, filesystem=filesystem_for(path), format="parquet")

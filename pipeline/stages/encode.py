@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +15,12 @@ from pipeline.models import load_adapter
 from pipeline.pruning import TEXT_GUIDED, get_method, relevance
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_with_row_fallback, ok_rows
+
+
+class EncodedRow(NamedTuple):
+    features: torch.Tensor  # [N, D] visual tokens
+    seed_scores: torch.Tensor | None  # [N], e.g. CLS attention
+    words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
 
 
 def decode_image(data: object, max_pixels: int) -> Image.Image | str:
@@ -55,7 +62,7 @@ class EncodeStage:
                 images[i] = decoded
         rows = list(images)
         encoded = map_with_row_fallback(self._encode, [(images[i], list(batch["nouns"][i])) for i in rows], "encode")
-        feats: dict[int, tuple] = {}
+        feats: dict[int, EncodedRow] = {}
         for i, result in zip(rows, encoded, strict=True):
             if isinstance(result, str):
                 errors[i] = result
@@ -70,14 +77,14 @@ class EncodeStage:
         empty = np.zeros((0, 0), dtype=np.float32)
         visual_kept = np.empty(n, dtype=object)
         for i in range(n):
-            visual_kept[i] = feats[i][0][kept[i]].numpy() if i in kept else empty
+            visual_kept[i] = feats[i].features[kept[i]].numpy() if i in kept else empty
         batch.pop("image")
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
         batch["kept_indices"] = [kept[i].tolist() if i in kept else [] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
         batch["keep"] = np.full(n, self.pruning.keep, dtype=np.int64)
-        batch["visual_tokens_in"] = np.array([feats[i][0].shape[0] if i in feats else 0 for i in range(n)])
+        batch["visual_tokens_in"] = np.array([feats[i].features.shape[0] if i in feats else 0 for i in range(n)])
         batch["visual_tokens_kept"] = np.array([len(kept[i]) if i in kept else 0 for i in range(n)])
         for k, name in enumerate(("relevance_min", "relevance_mean", "relevance_max")):
             batch[name] = [rel_stats[i][k] if i in rel_stats else None for i in range(n)]
@@ -86,25 +93,28 @@ class EncodeStage:
         batch["prune_ms"] = prune_ms
         return batch
 
-    def _encode(self, items: list[tuple[Image.Image, list[str]]]) -> list[tuple]:
+    def _encode(self, items: list[tuple[Image.Image, list[str]]]) -> list[EncodedRow]:
         enc = self.adapter.encode([img for img, _ in items])
         words = self.adapter.embed_words([nouns for _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
-        return [(f.cpu(), s.cpu() if s is not None else None, t.cpu()) for f, s, t in zip(enc.features, scores, words, strict=True)]
+        return [
+            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu())
+            for f, s, t in zip(enc.features, scores, words, strict=True)
+        ]
 
-    def _prune(self, feats: dict[int, tuple]) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, float, float]]]:
+    def _prune(self, feats: dict[int, EncodedRow]) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, float, float]]]:
         """Select per row, batched over rows with the same token count. Returns ascending
         (spatial-order) kept indices and relevance stats per row."""
         groups: dict[int, list[int]] = defaultdict(list)
-        for i, (f, _, _) in feats.items():
-            groups[f.shape[0]].append(i)
+        for i, row in feats.items():
+            groups[row.features.shape[0]].append(i)
         kept, stats = {}, {}
         guided = self.pruning.method in TEXT_GUIDED
         for members in groups.values():
-            visual = torch.stack([feats[i][0] for i in members])
-            has_scores = all(feats[i][1] is not None for i in members)
-            scores = torch.stack([feats[i][1] for i in members]) if has_scores else None
-            rel = relevance(visual, [feats[i][2] for i in members]) if guided else None
+            visual = torch.stack([feats[i].features for i in members])
+            has_scores = all(feats[i].seed_scores is not None for i in members)
+            scores = torch.stack([feats[i].seed_scores for i in members]) if has_scores else None
+            rel = relevance(visual, [feats[i].words for i in members]) if guided else None
             idx = self.select(
                 visual, self.pruning.keep, relevance=rel, scores=scores,
                 alpha=self.pruning.alpha, rng_seed=self.pruning.rng_seed,
