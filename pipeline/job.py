@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, JobConfig, StageConfig
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import INPUT_COLUMNS, to_output_table
 from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset
+from pipeline.models import detect_family
 from pipeline.models.tiny import resolve_model_path
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -56,8 +57,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     if missing:
         raise ConfigError(f"input {cfg.input.path} lacks required column(s) {missing}; columns: {source.schema.names}")
     input_rows = source.count_rows()
-    # Build or locate the checkpoint once in the driver, not racing in every actor.
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_model_path(cfg.model.path)})})
+    cfg = _resolve_model(cfg)
     _init_ray(cfg)
     if cfg.ray.check_resources:
         check_resources(cfg, ray.cluster_resources())
@@ -164,6 +164,17 @@ def _prepare_local_input(cfg: JobConfig) -> None:
         raise ConfigError(f"input.path {path!r} does not exist")
     log.info("writing the sample corpus (%d rows) to %s", cfg.input.create_sample_rows, path)
     write_corpus(path, rows=cfg.input.create_sample_rows)
+
+
+def _resolve_model(cfg: JobConfig) -> JobConfig:
+    """Build or locate the checkpoint and pick its adapter once, in the driver: a bad path fails
+    here with the field named, not as failing actors, and tiny builds do not race."""
+    try:
+        path = resolve_model_path(cfg.model.path)
+        family = detect_family(path) if cfg.model.family == "auto" else cfg.model.family
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from e
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path, "family": family})})
 
 
 def _init_ray(cfg: JobConfig) -> None:

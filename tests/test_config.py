@@ -65,3 +65,24 @@ def test_existing_output_fails_fast_unless_overwrite(tmp_path: Path) -> None:
     cfg = validate_config({**BASE, "output": {"path": str(tmp_path / "out")}})
     with pytest.raises(ConfigError, match=r"output.path .* already holds files and output.mode is 'error'"):
         run_job(cfg)  # raises before Ray starts or any row is read
+
+
+def test_bad_model_path_fails_fast_naming_the_field(tmp_path: Path) -> None:
+    from pipeline.io.sample_corpus import write_corpus
+
+    write_corpus(tmp_path / "in", rows=2, shards=1)
+    cfg = validate_config({**BASE, "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "o")},
+                           "model": {"path": str(tmp_path / "no-such-checkpoint")}})
+    with pytest.raises(ConfigError, match=r"model.path '.*no-such-checkpoint'"):
+        run_job(cfg)
+
+
+def test_input_without_required_columns_fails_fast(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "picture": [b"x"]}), tmp_path / "in" / "p.parquet")
+    cfg = validate_config({**BASE, "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "o")}})
+    with pytest.raises(ConfigError, match=r"lacks required column\(s\) \['image', 'prompt'\]"):
+        run_job(cfg)
