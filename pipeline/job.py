@@ -16,7 +16,7 @@ from ray.data import ActorPoolStrategy, SaveMode
 from pipeline.config import ConfigError, JobConfig, StageConfig
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import INPUT_COLUMNS, to_output_table
-from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset
+from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset, ray_path
 from pipeline.models import detect_family
 from pipeline.models.tiny import resolve_model_path
 from pipeline.stages.decode import DecodeStage
@@ -67,13 +67,13 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # hangs. The classic reader honours num_cpus.
     ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(
-        cfg.input.path if is_uri(cfg.input.path) else os.path.abspath(cfg.input.path),
+        ray_path(cfg.input.path),
         filesystem=filesystem_for(cfg.input.path),
         num_cpus=cfg.ray.io_num_cpus,
     )
     ds = build_pipeline(ds, cfg)
     ds.write_parquet(
-        cfg.output.path if is_uri(cfg.output.path) else os.path.abspath(cfg.output.path),
+        ray_path(cfg.output.path),
         filesystem=filesystem_for(cfg.output.path),
         max_rows_per_file=cfg.output.max_rows_per_file,
         mode=SaveMode.OVERWRITE if cfg.output.mode == "overwrite" else SaveMode.ERROR,

@@ -33,10 +33,21 @@ def strip_scheme(path: str) -> str:
     return f"{parsed.netloc}{parsed.path}" if parsed.scheme in ("s3", "s3a") else path
 
 
+def ray_path(path: str) -> str:
+    """What Ray Data's readers and writers take: a URI as is, a local path made absolute
+    (the workers' working directory is not the driver's)."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def _fs_path(path: str) -> str:
+    """What a pyarrow filesystem takes: ``bucket/key`` for URIs, an absolute local path."""
+    return strip_scheme(path) if is_uri(path) else os.path.abspath(path)
+
+
 def has_files(path: str) -> bool:
     """Whether ``path`` (local or URI) is a directory holding at least one file."""
     fs = filesystem_for(path) or pafs.LocalFileSystem()
-    target = strip_scheme(path) if is_uri(path) else os.path.abspath(path)
+    target = _fs_path(path)
     if fs.get_file_info(target).type != pafs.FileType.Directory:
         return False
     infos = fs.get_file_info(pafs.FileSelector(target, recursive=True))
@@ -46,5 +57,4 @@ def has_files(path: str) -> bool:
 def parquet_dataset(path: str) -> pads.Dataset:
     """A pyarrow view of the Parquet files under ``path``: schema and row counts come from the
     file footers, without reading the data."""
-    target = strip_scheme(path) if is_uri(path) else os.path.abspath(path)
-    return pads.dataset(target, filesystem=filesystem_for(path), format="parquet")
+    return pads.dataset(_fs_path(path), filesystem=filesystem_for(path), format="parquet")
