@@ -42,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {summary.output_rows}/{summary.input_rows} rows to {summary.output} "
         f"({summary.ok_rows} answered, {summary.error_rows} with an error: {summary.errors_by_kind or 'none'})"
     )
+    mean = summary.cost_mean_per_image
+    if mean.get("flops_total"):
+        print(
+            f"per image: ${1000 * mean['cost_usd']:.4g} per 1,000 images "
+            f"({summary.accelerator or 'CPU only'}; prices: see {summary.manifest}), "
+            f"{mean['flops_total'] / 1e9:.3g} GFLOP vs {mean['flops_total_unpruned'] / 1e9:.3g} with every visual token "
+            f"({mean['flops_total_unpruned'] / mean['flops_total']:.2f}x), "
+            f"KV cache {mean['kv_cache_bytes'] / 1e6:.3g} MB vs {mean['kv_cache_bytes_unpruned'] / 1e6:.3g} MB"
+        )
     return 0 if summary.output_rows == summary.input_rows else 1
 
 

@@ -51,6 +51,11 @@ class ModelConfig(_Strict):
         "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available, else cpu.")
+    architecture: str | None = Field(
+        None, description="Directory holding the checkpoint's config.json, read instead of `path`'s by the cost "
+        "planner when `path` cannot be reached (e.g. configs/checkpoints/llava-1.5-7b-hf offline). The job itself "
+        "always counts from the checkpoint it loads.",
+    )
 
 
 class PruningConfig(_Strict):
@@ -98,6 +103,17 @@ class TextStageConfig(StageConfig):
     spacy_model: str = Field("en_core_web_sm", description="spaCy package or pipeline dir; fallback if missing.")
 
 
+class CostConfig(_Strict):
+    accelerator: str | None = Field(
+        None, description="GPU type the GPU stages run on: a key of the price table's `accelerators`. Required when "
+        "a stage reserves GPUs; unused on CPU-only runs.",
+    )
+    prices: str = Field(
+        "configs/prices.yaml", description="Price table (YAML, every figure with source and date). A relative path is "
+        "looked up in the working directory, then in the repository root.",
+    )
+
+
 class RayConfig(_Strict):
     address: str | None = Field(
         None, description="Cluster to join; None: RAY_ADDRESS or a job's cluster if set, else start a local one."
@@ -119,7 +135,22 @@ class JobConfig(_Strict):
     text_stage: TextStageConfig = TextStageConfig(num_cpus=0.25, batch_size=64, max_pool_size=2)
     encode_stage: StageConfig = StageConfig(num_cpus=0.5)
     decode_stage: StageConfig = StageConfig(num_cpus=0.5)
+    cost: CostConfig = CostConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _accelerator_named(self) -> JobConfig:
+        gpu_stages = [n for n in ("encode_stage", "decode_stage", "text_stage") if getattr(self, n).num_gpus > 0]
+        if gpu_stages and not self.cost.accelerator:
+            raise ValueError(
+                f"cost.accelerator: required when a stage reserves GPUs ({', '.join(gpu_stages)}): name the GPU type "
+                "as it appears in the price table (cost.prices), e.g. h100-sxm"
+            )
+        return self
+
+    def stages(self) -> dict[str, StageConfig]:
+        """The actor-pool stages by config field name, in pipeline order."""
+        return {"text_stage": self.text_stage, "encode_stage": self.encode_stage, "decode_stage": self.decode_stage}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy, SaveMode
 
+import torch
+
 from pipeline.config import ConfigError, JobConfig, StageConfig
+from pipeline.cost.accounting import CostModel
+from pipeline.io.manifest import package_versions, write_manifest
 from pipeline.io.sample_corpus import write_corpus
-from pipeline.io.schema import INPUT_COLUMNS, to_output_table
+from pipeline.io.schema import COST_COLUMNS, INPUT_COLUMNS, STAGE_TIME_COLUMNS, to_output_table
 from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset, ray_path
-from pipeline.models import detect_family
+from pipeline.models import detect_family, model_shapes
+from pipeline.models.base import planned_dtype
 from pipeline.models.tiny import resolve_model_path
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -38,6 +46,13 @@ class JobSummary:
     mean_visual_tokens_kept: float = 0.0
     mean_stage_ms: dict[str, float] = field(default_factory=dict)
     output: str = ""
+    wall_seconds: float = 0.0  # read -> stages -> write, actor start-up included
+    accelerator: str | None = None
+    cost_totals: dict[str, float] = field(default_factory=dict)  # every cost column, summed over answered rows
+    cost_mean_per_image: dict[str, float | None] = field(default_factory=dict)
+    reserved_usd: float = 0.0  # what the run's reservation cost over wall_seconds
+    utilisation: float | None = None  # share of reserved_usd the rows account for
+    manifest: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,10 +72,13 @@ def run_job(cfg: JobConfig) -> JobSummary:
     if missing:
         raise ConfigError(f"input {cfg.input.path} lacks required column(s) {missing}; columns: {source.schema.names}")
     input_rows = source.count_rows()
+    configured_model = cfg.model.path
     cfg = _resolve_model(cfg)
+    costs = cost_model(cfg)  # reads the price table: a bad accelerator or price file fails before Ray starts
     _init_ray(cfg)
     if cfg.ray.check_resources:
         check_resources(cfg, ray.cluster_resources())
+    started_at, start = _utc_now(), time.perf_counter()
 
     # Ray 2.60's DataSource V2 read adds a ListFiles task that always reserves 1 CPU, ignoring
     # num_cpus: with the pools sized to a 2-CPU machine that task never schedules and the job
@@ -71,7 +89,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         filesystem=filesystem_for(cfg.input.path),
         num_cpus=cfg.ray.io_num_cpus,
     )
-    ds = build_pipeline(ds, cfg)
+    ds = build_pipeline(ds, cfg, costs)
     ds.write_parquet(
         ray_path(cfg.output.path),
         filesystem=filesystem_for(cfg.output.path),
@@ -79,10 +97,41 @@ def run_job(cfg: JobConfig) -> JobSummary:
         mode=SaveMode.OVERWRITE if cfg.output.mode == "overwrite" else SaveMode.ERROR,
         ray_remote_args={"num_cpus": cfg.ray.io_num_cpus},
     )
-    return summarize(cfg.output.path, input_rows)
+    wall = time.perf_counter() - start
+    rows = read_output_rows(cfg.output.path)
+    run_cost = costs.run_totals(rows, wall, cfg.ray.io_num_cpus)
+    summary = summarize(rows, input_rows, cfg.output.path, run_cost)
+    summary.manifest = write_manifest(
+        cfg.output.path,
+        {
+            "started_at": started_at,
+            "finished_at": _utc_now(),
+            "config": cfg.model_dump(mode="json"),
+            "packages": package_versions(),
+            "rows": {
+                "input": summary.input_rows, "output": summary.output_rows, "ok": summary.ok_rows,
+                "error": summary.error_rows, "errors_by_kind": summary.errors_by_kind,
+            },
+            "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept},
+            "model": {"configured_path": configured_model, "path": cfg.model.path, "family": cfg.model.family, "kv_bytes_per_element": costs.kv_bytes_per_element},
+            "cost": run_cost,
+        },
+    )
+    return summary
 
 
-def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig) -> ray.data.Dataset:
+def cost_model(cfg: JobConfig) -> CostModel:
+    """FLOP/KV shapes from the checkpoint's own config, prices from the table, the LLM's dtype as
+    the decode actors will resolve it. ``cfg.model.path`` must already be resolved (``tiny:``)."""
+    try:
+        shapes = model_shapes(cfg.model.path, cfg.model.family)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path {cfg.model.path!r}: cannot read its config for cost accounting: {e}") from e
+    kv_bytes = torch.empty(0, dtype=planned_dtype(cfg.model, cfg.decode_stage.num_gpus)).element_size()
+    return CostModel.for_job(cfg, shapes, kv_bytes)
+
+
+def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None) -> ray.data.Dataset:
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage))
     ds = ds.map_batches(
         EncodeStage,
@@ -94,7 +143,16 @@ def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig) -> ray.data.Dataset:
         fn_constructor_kwargs={"model": cfg.model, "generation": cfg.generation, "stage": cfg.decode_stage},
         **_pool(cfg.decode_stage),
     )
-    return ds.map_batches(to_output_table, batch_format="numpy", batch_size=None, num_cpus=cfg.ray.io_num_cpus)
+    return ds.map_batches(
+        finalize, fn_kwargs={"costs": costs or cost_model(cfg)},
+        batch_format="numpy", batch_size=None, num_cpus=cfg.ray.io_num_cpus,
+    )
+
+
+def finalize(batch: dict[str, Any], costs: CostModel) -> Any:
+    """Cost columns from each row's lengths and stage times, then the output schema, in one
+    task: a separate map would round-trip the ragged list columns through Arrow in between."""
+    return to_output_table(costs(batch))
 
 
 def _pool(stage: StageConfig) -> dict:
@@ -114,7 +172,7 @@ def _pool(stage: StageConfig) -> dict:
 
 def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
     """Fail fast if the pools cannot all start next to a read/write task: Ray Data would wait forever."""
-    stages = {"text_stage": cfg.text_stage, "encode_stage": cfg.encode_stage, "decode_stage": cfg.decode_stage}
+    stages = cfg.stages()
     cpus = cfg.ray.io_num_cpus + sum(s.pool_size * s.num_cpus for s in stages.values())
     have_cpus = cluster.get("CPU", 0.0)
     if cpus > have_cpus + 1e-9:
@@ -133,10 +191,14 @@ def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
         )
 
 
-def summarize(output: str, input_rows: int) -> JobSummary:
-    columns = ["error", "extractor", "visual_tokens_in", "visual_tokens_kept", "text_ms", "encode_ms", "prune_ms", "decode_ms"]
-    table = parquet_dataset(output).to_table(columns=columns)
-    rows = table.to_pylist()
+def read_output_rows(output: str) -> list[dict[str, Any]]:
+    """The columns the summary and manifest need, read back from what was written."""
+    time_columns = [c for cols in STAGE_TIME_COLUMNS.values() for c in cols]
+    columns = ["error", "extractor", "visual_tokens_in", "visual_tokens_kept", *time_columns, *COST_COLUMNS]
+    return parquet_dataset(output).to_table(columns=columns).to_pylist()
+
+
+def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost: dict[str, Any]) -> JobSummary:
     ok = [r for r in rows if not r["error"]]
 
     def mean(key: str) -> float:
@@ -153,6 +215,12 @@ def summarize(output: str, input_rows: int) -> JobSummary:
         mean_visual_tokens_kept=mean("visual_tokens_kept"),
         mean_stage_ms={k: mean(k) for k in ("text_ms", "encode_ms", "prune_ms", "decode_ms")},
         output=output,
+        wall_seconds=round(run_cost["reserved"]["wall_seconds"], 3),
+        accelerator=run_cost["accelerator"],
+        cost_totals=run_cost["totals"],
+        cost_mean_per_image=run_cost["mean_per_image"],
+        reserved_usd=run_cost["reserved"]["usd"],
+        utilisation=run_cost["reserved"]["utilisation"],
     )
 
 
@@ -175,6 +243,10 @@ def _resolve_model(cfg: JobConfig) -> JobConfig:
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from e
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path, "family": family})})
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _init_ray(cfg: JobConfig) -> None:

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
-from pipeline.io.schema import OUTPUT_SCHEMA
+from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.io.storage import has_files
 
 from .conftest import REPO, free_port
@@ -104,6 +105,35 @@ def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Pat
             assert r["prompt_tokens"] > 64 and r["generated_tokens"] >= 1
             assert min(r["encode_ms"], r["prune_ms"], r["decode_ms"]) > 0
     assert by_id[rows[13]["id"]]["error"].startswith("corrupt image")
+    _check_costs(out.to_pylist(), summary, read_manifest(str(tmp_path / "out")), keep=64)
+
+
+def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> None:
+    """Cost columns on every answered row, nulls on error rows; summary and manifest carry totals."""
+    ok = [r for r in rows if not r["error"]]
+    for r in rows:
+        if r["error"]:
+            assert all(r[c] is None for c in COST_COLUMNS)
+            continue
+        assert r["flops_total"] == r["flops_vision"] + r["flops_prefill"] + r["flops_decode"]
+        assert r["flops_prefill_unpruned"] > r["flops_prefill"] > 0 and r["flops_total_unpruned"] > r["flops_total"]
+        assert r["kv_cache_bytes_unpruned"] > r["kv_cache_bytes"] > 0
+        assert r["gpu_seconds"] == 0.0  # the local config reserves no GPU
+        stage_s = (r["text_ms"] * 0.25 + (r["encode_ms"] + r["prune_ms"]) * 0.5 + r["decode_ms"] * 0.5) / 1e3
+        assert r["cpu_seconds"] == pytest.approx(stage_s, rel=1e-5)
+        assert r["cost_usd"] == pytest.approx(r["cpu_seconds"] * manifest["cost"]["prices"]["cpu_core"]["usd_per_hour"] / 3600)
+    cost = manifest["cost"]
+    for c in COST_COLUMNS:
+        total = sum(r[c] for r in ok)
+        assert summary["cost_totals"][c] == pytest.approx(total) and cost["totals"][c] == pytest.approx(total)
+        assert cost["mean_per_image"][c] == pytest.approx(total / len(ok))
+    assert manifest["rows"] == {
+        "input": summary["input_rows"], "output": summary["output_rows"], "ok": len(ok),
+        "error": summary["error_rows"], "errors_by_kind": summary["errors_by_kind"],
+    }
+    assert manifest["config"]["pruning"]["keep"] == keep and manifest["packages"]["torch"]
+    assert manifest["started_at"] <= manifest["finished_at"] and cost["reserved"]["wall_seconds"] > 0
+    assert cost["prices"]["cpu_core"]["source"] and cost["shapes"]["language"]["layers"] == 2
 
 
 def test_job_reads_and_writes_s3(
@@ -131,8 +161,9 @@ def test_job_reads_and_writes_s3(
         )
         assert summary["output_rows"] == summary["ok_rows"] == 6
         listed = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
-        keys = [k for k in listed if not k.endswith("/")]  # pyarrow leaves a directory marker
+        keys = [k for k in listed if not k.endswith("/") and not k.endswith("_manifest.json")]  # pyarrow leaves a dir marker
         assert keys and all(k.endswith(".parquet") for k in keys)
+        assert "out/_manifest.json" in listed
         local = tmp_path / "back"
         local.mkdir()
         for k in keys:
@@ -144,6 +175,9 @@ def test_job_reads_and_writes_s3(
         for key, value in {"AWS_ENDPOINT_URL": endpoint, **creds}.items():
             monkeypatch.setenv(key, value)
         assert has_files("s3://corpus/out/") and not has_files("s3://corpus/elsewhere/")
+        manifest = read_manifest("s3://corpus/out/")
+        assert manifest["rows"]["ok"] == 6 and manifest["config"]["pruning"]["method"] == "divprune"
+        assert "testing" not in json.dumps(manifest)  # no credentials in the manifest
     finally:
         server.stop()
 

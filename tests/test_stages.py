@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.config import GenerationConfig, InputConfig, ModelConfig, PruningConfig, StageConfig, TextStageConfig
 from pipeline.io.sample_corpus import make_rows
-from pipeline.io.schema import OUTPUT_SCHEMA, to_output_table
+from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.pruning import gate, relevance, resprune_select
 from pipeline.stages.common import map_with_row_fallback
 from pipeline.stages.decode import DecodeStage
@@ -100,11 +100,19 @@ def test_decode_stage_and_output_schema(tiny_llava: str, encode_out: dict) -> No
     assert [bool(a) for a in out["answer"]] == [True, False, False, False, False, True]
     assert out["prompt_tokens"][0] > 32 and out["prompt_tokens"][1] == 0
     assert 1 <= out["generated_tokens"][0] <= 5
-    table = to_output_table(out)
+    from pipeline.config import load_config
+    from pipeline.job import cost_model, finalize
+
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "configs/local.yaml", {"model.path": tiny_llava, "model.family": "llava"})
+    table = finalize(out, cost_model(cfg))  # the job's last step: cost columns, then the output schema
     assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     assert "image" not in table.schema.names and "expected" in table.schema.names
     assert table.num_rows == 6
     assert table.column("relevance_min").null_count == 4
+    assert all(table.column(c).null_count == 4 for c in COST_COLUMNS)  # the 4 error rows
+    assert table.column("flops_total")[0].as_py() > 0 and table.column("cost_usd")[5].as_py() > 0
 
 
 def test_row_fallback_isolates_the_failing_row() -> None:

@@ -18,6 +18,19 @@ Output (Parquet, one row per input row, never the image bytes):
     prompt_tokens       sequence length prefilled (text + kept visual tokens)
     generated_tokens    tokens generated (up to and including EOS)
     text_ms, encode_ms, prune_ms, decode_ms   stage wall time per row (batch time / rows)
+
+Cost columns (null on error rows; see pipeline/cost/flops.py for the FLOP convention):
+    flops_vision        vision encoder (patch embedding + every layer that runs) + projector
+    flops_prefill       LLM prefill over prompt_tokens (+ the LM head row of the first token)
+    flops_prefill_unpruned   the same with every visual token kept
+    flops_decode        the generated_tokens - 1 decode steps after prefill, attention over the cache
+    flops_total, flops_total_unpruned   vision + prefill + decode, pruned / every token kept
+                        (same generated_tokens)
+    kv_cache_bytes, kv_cache_bytes_unpruned   K and V of every layer at the end of generation,
+                        at the dtype the LLM ran in
+    gpu_seconds, cpu_seconds   each stage's per-row time x the GPUs / CPUs its actors reserve
+    cost_usd            gpu_seconds x the accelerator's $/h + CPU-only stages' cpu_seconds x the
+                        CPU core's $/h (cost.prices); CPUs of GPU stages come with the GPU's price
 """
 
 from __future__ import annotations
@@ -51,8 +64,28 @@ OUTPUT_SCHEMA = pa.schema(
         ("encode_ms", pa.float32()),
         ("prune_ms", pa.float32()),
         ("decode_ms", pa.float32()),
+        ("flops_vision", pa.int64()),
+        ("flops_prefill", pa.int64()),
+        ("flops_prefill_unpruned", pa.int64()),
+        ("flops_decode", pa.int64()),
+        ("flops_total", pa.int64()),
+        ("flops_total_unpruned", pa.int64()),
+        ("kv_cache_bytes", pa.int64()),
+        ("kv_cache_bytes_unpruned", pa.int64()),
+        ("gpu_seconds", pa.float64()),
+        ("cpu_seconds", pa.float64()),
+        ("cost_usd", pa.float64()),
     ]
 )
+COST_COLUMNS = (
+    "flops_vision", "flops_prefill", "flops_prefill_unpruned", "flops_decode", "flops_total", "flops_total_unpruned",
+    "kv_cache_bytes", "kv_cache_bytes_unpruned", "gpu_seconds", "cpu_seconds", "cost_usd",
+)
+STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (billed at their reservation)
+    "text_stage": ("text_ms",),
+    "encode_stage": ("encode_ms", "prune_ms"),
+    "decode_stage": ("decode_ms",),
+}
 # Internal columns that never reach the output.
 DROPPED = ("image", "visual_kept")
 

@@ -39,7 +39,7 @@ def ray_path(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def _fs_path(path: str) -> str:
+def fs_path(path: str) -> str:
     """What a pyarrow filesystem takes: ``bucket/key`` for URIs, an absolute local path."""
     return strip_scheme(path) if is_uri(path) else os.path.abspath(path)
 
@@ -47,7 +47,7 @@ def _fs_path(path: str) -> str:
 def has_files(path: str) -> bool:
     """Whether ``path`` (local or URI) is a directory holding at least one file."""
     fs = filesystem_for(path) or pafs.LocalFileSystem()
-    target = _fs_path(path)
+    target = fs_path(path)
     if fs.get_file_info(target).type != pafs.FileType.Directory:
         return False
     infos = fs.get_file_info(pafs.FileSelector(target, recursive=True))
@@ -57,4 +57,4 @@ def has_files(path: str) -> bool:
 def parquet_dataset(path: str) -> pads.Dataset:
     """A pyarrow view of the Parquet files under ``path``: schema and row counts come from the
     file footers, without reading the data."""
-    return pads.dataset(_fs_path(path), filesystem=filesystem_for(path), format="parquet")
+    return pads.dataset(fs_path(path), filesystem=filesystem_for(path), format="parquet")

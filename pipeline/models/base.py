@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.cost.flops import ModelShapes
 
 Part = Literal["vision", "language"]
 
@@ -50,6 +51,12 @@ class VisionLanguageAdapter(ABC):
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
 
+    @staticmethod
+    @abstractmethod
+    def shapes(config: object) -> ModelShapes:
+        """The family's transformers config (as loaded by ``AutoConfig``) -> the shapes the cost
+        model counts FLOPs and KV bytes from."""
+
     @abstractmethod
     def encode(self, images: list[Image.Image]) -> EncodedImages: ...
 
@@ -68,6 +75,13 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device is 'cuda' but this worker has no CUDA device (check the stage's num_gpus)")
     return torch.device(device)
+
+
+def planned_dtype(cfg: ModelConfig, num_gpus: float) -> torch.dtype:
+    """The dtype an actor reserving ``num_gpus`` will run in, decided in the driver: Ray hides
+    GPUs from actors that reserve none, so `auto` resolves to cuda exactly when num_gpus > 0."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if num_gpus > 0 else "cpu")
+    return resolve_dtype(cfg.dtype, torch.device(device))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.cost.flops import LanguageShape, ModelShapes, VisionShape
 
 from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
 
@@ -43,6 +44,31 @@ class LlavaAdapter(VisionLanguageAdapter):
             self.projector = model.model.multi_modal_projector.to(self.device)
         else:
             self.model = model.to(self.device)
+
+    @staticmethod
+    def shapes(config: object) -> ModelShapes:
+        """CLIP runs all its layers (``vision_feature_layer`` only picks which hidden state is
+        used); the projector is linear_1 (vision width x feature layers -> LLM width) and
+        linear_2 (LLM width -> LLM width)."""
+        vc, tc = config.vision_config, config.text_config
+        layers = config.vision_feature_layer
+        n_feature_layers = 1 if isinstance(layers, int) else len(layers)
+        heads = tc.num_attention_heads
+        return ModelShapes(
+            family="llava",
+            vision=VisionShape(
+                image_size=vc.image_size, patch_size=vc.patch_size, channels=vc.num_channels,
+                layers=vc.num_hidden_layers, width=vc.hidden_size, mlp_width=vc.intermediate_size,
+                mlp_matrices=2, class_tokens=1,
+                projector=(vc.hidden_size * n_feature_layers, tc.hidden_size, tc.hidden_size),
+            ),
+            language=LanguageShape(
+                layers=tc.num_hidden_layers, hidden=tc.hidden_size, heads=heads,
+                kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+                mlp_width=tc.intermediate_size, vocab=tc.vocab_size, mlp_matrices=3,
+            ),
+        )
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> EncodedImages:

@@ -1,0 +1,137 @@
+"""Analytic FLOP and KV-cache counts from a model's shapes: plain arithmetic, no transformers.
+
+Convention (the one ``torch.utils.flop_counter.FlopCounterMode`` uses, tested against it):
+2 FLOPs per multiply-add; matrix products only (norms, activations, softmax, biases are not
+counted); attention counts the full L x L score matrix (QK^T and AV, 2 * L * L * head_dim
+each per query head), as the counter does for eager and SDPA attention alike, although a
+causal kernel skips about half of it. GQA: K/V projections use the KV heads, attention
+products use the query heads. The LM head runs once per generated token (``generate`` keeps
+only the last position's logits), so prefill includes one LM-head row.
+
+Family adapters map their transformers configs onto ``VisionShape`` / ``LanguageShape``
+(``VisionLanguageAdapter.shapes``); nothing here knows a model family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """One ViT pass over an image plus the projector into the LLM's embedding space."""
+
+    image_size: int  # pixels per side of the (square) encoder input
+    patch_size: int
+    channels: int
+    layers: int  # encoder layers that actually run
+    width: int
+    mlp_width: int
+    mlp_matrices: int = 2  # 2: fc1/fc2; 3: gated (gate/up/down)
+    class_tokens: int = 1  # tokens besides the patches (CLS)
+    projector: tuple[int, ...] = ()  # widths of the projector's linear chain: in, hidden..., out
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class LanguageShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_width: int
+    vocab: int
+    mlp_matrices: int = 3  # Llama/Qwen gated MLP: gate, up, down
+
+    @property
+    def linear_flops_per_token(self) -> int:
+        """Q, K, V, O projections and the MLP, one token through one layer."""
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        return 2 * (self.hidden * q_out + 2 * self.hidden * kv_out + q_out * self.hidden
+                    + self.mlp_matrices * self.hidden * self.mlp_width)
+
+    @property
+    def lm_head_flops(self) -> int:
+        return 2 * self.hidden * self.vocab
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    family: str
+    vision: VisionShape
+    language: LanguageShape
+
+
+def vision_flops(v: VisionShape, visual_tokens: int) -> int:
+    """Patch embedding + encoder layers over patches + class tokens, then the projector over
+    the ``visual_tokens`` the encoder hands to the LLM."""
+    seq = v.patches + v.class_tokens
+    patch_embed = 2 * v.channels * v.patch_size * v.patch_size * v.width * v.patches
+    per_layer = 2 * seq * (4 * v.width * v.width + v.mlp_matrices * v.width * v.mlp_width) + 4 * seq * seq * v.width
+    projector = sum(2 * visual_tokens * a * b for a, b in zip(v.projector, v.projector[1:]))
+    return patch_embed + v.layers * per_layer + projector
+
+
+def prefill_flops(lang: LanguageShape, seq_len: int) -> int:
+    """All layers over ``seq_len`` prompt tokens, plus the LM head for the first generated token."""
+    attention = 4 * seq_len * seq_len * lang.heads * lang.head_dim
+    return lang.layers * (seq_len * lang.linear_flops_per_token + attention) + lang.lm_head_flops
+
+
+def decode_flops(lang: LanguageShape, seq_len: int, generated: int) -> int:
+    """The ``generated - 1`` single-token steps after prefill (the first token comes out of
+    prefill); step s attends over ``seq_len + s`` cached positions."""
+    steps = max(0, generated - 1)
+    attended = steps * seq_len + steps * (steps + 1) // 2  # sum of context lengths over the steps
+    return (steps * (lang.layers * lang.linear_flops_per_token + lang.lm_head_flops)
+            + lang.layers * 4 * lang.heads * lang.head_dim * attended)
+
+
+def kv_cache_bytes(lang: LanguageShape, seq_len: int, generated: int, bytes_per_element: int) -> int:
+    """K and V of every position fed through the model by the end of generation: the prompt and
+    all generated tokens but the last (it is sampled, never fed back)."""
+    positions = seq_len + max(0, generated - 1)
+    return 2 * lang.layers * lang.kv_heads * lang.head_dim * positions * bytes_per_element
+
+
+@dataclass(frozen=True)
+class RowFlops:
+    vision: int
+    prefill: int
+    prefill_unpruned: int
+    decode: int
+    decode_unpruned: int
+    kv_cache_bytes: int
+    kv_cache_bytes_unpruned: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.prefill + self.decode
+
+    @property
+    def total_unpruned(self) -> int:
+        return self.vision + self.prefill_unpruned + self.decode_unpruned
+
+
+def row_flops(
+    shapes: ModelShapes, *, visual_tokens_in: int, visual_tokens_kept: int, prompt_tokens: int, generated_tokens: int,
+    bytes_per_element: int,
+) -> RowFlops:
+    """One row's counts; ``_unpruned`` is the same row with every visual token kept and the same
+    number of generated tokens."""
+    unpruned_len = prompt_tokens - visual_tokens_kept + visual_tokens_in
+    lang = shapes.language
+    return RowFlops(
+        vision=vision_flops(shapes.vision, visual_tokens_in),
+        prefill=prefill_flops(lang, prompt_tokens),
+        prefill_unpruned=prefill_flops(lang, unpruned_len),
+        decode=decode_flops(lang, prompt_tokens, generated_tokens),
+        decode_unpruned=decode_flops(lang, unpruned_len, generated_tokens),
+        kv_cache_bytes=kv_cache_bytes(lang, prompt_tokens, generated_tokens, bytes_per_element),
+        kv_cache_bytes_unpruned=kv_cache_bytes(lang, unpruned_len, generated_tokens, bytes_per_element),
+    )

@@ -1,0 +1,264 @@
+"""Cost-per-image planning: measured figures from finished runs, estimates from a checkpoint's
+shapes and an accelerator table, and a corpus plan (wall time, total cost, saving vs keep-all).
+
+Estimate model (labelled ``estimated=True`` everywhere it appears), per image on one GPU:
+    vision  = flops_vision  / (bf16_flops x vision_mfu)             compute-bound
+    prefill = flops_prefill / (bf16_flops x prefill_mfu)            compute-bound
+    decode  = (generated - 1) steps; a step of the decode batch reads the LLM weights once plus
+              each row's KV cache: max(bytes / (bandwidth x decode_bandwidth),
+              flops / (bf16_flops x prefill_mfu)) / decode_batch per image
+GPU-seconds per image = vision + prefill + decode (one GPU does all of an image's work; the
+encode and decode actors share it). CPU-only stages (the text stage, ~0.05 ms/row measured) and
+ResPrune's selection (an N x N Gram GEMM, <1 % of the vision FLOPs) are left out.
+
+Measured rows come from a run's ``_manifest.json``: GPU-seconds and dollars per image are the
+means of the per-row columns; a stage's images/s is answered rows / that stage's busy time.
+Wall time on G GPUs assumes G / (GPUs a run replica reserves) replicas scale linearly; for a
+CPU-only run, G counts replicas of the run's whole resource set.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from pipeline.io.manifest import read_manifest
+from pipeline.io.storage import parquet_dataset
+
+from .flops import ModelShapes, decode_flops, kv_cache_bytes, prefill_flops, vision_flops
+from .prices import Accelerator, Price, Utilisation
+
+
+@dataclass
+class PlanRow:
+    model: str
+    method: str
+    keep: int
+    estimated: bool
+    source: str  # "estimate" or the run directory
+    accelerator: str
+    flops_vision_per_image: float
+    flops_prefill_per_image: float
+    flops_per_image: float
+    kv_cache_bytes_per_image: float
+    gpu_seconds_per_image: float | None
+    images_per_second_per_gpu: float | None
+    vision_images_per_second: float | None  # encode stage, one actor (measured) / one GPU (estimate)
+    llm_images_per_second: float | None  # decode stage, likewise
+    usd_per_1k_images: float
+    wall_hours: float
+    total_usd: float
+    saving_vs_keep_all: float | None = None
+
+
+CSV_COLUMNS = [f.name for f in fields(PlanRow)]
+
+
+def model_label(path: str) -> str:
+    """How plans name a model: ``tiny:llava`` as configured, else the checkpoint's last path part."""
+    return path if path.startswith("tiny:") else Path(path.rstrip("/")).name
+
+
+def llm_weight_bytes(shapes: ModelShapes, bytes_per_element: int) -> int:
+    """Weights a decode step streams: every layer's matrices and the LM head."""
+    lang = shapes.language
+    return (lang.layers * lang.linear_flops_per_token // 2 + lang.hidden * lang.vocab) * bytes_per_element
+
+
+def estimate(
+    shapes: ModelShapes, *, model: str, method: str, keep: int, accelerator_name: str, accelerator: Accelerator,
+    price: Price, assume: Utilisation, images: int, gpus: int, bytes_per_element: int = 2,
+) -> PlanRow:
+    lang = shapes.language
+    visual_in = shapes.vision.patches
+    kept = min(keep, visual_in)
+    seq = kept + assume.text_tokens
+    gen = assume.generated_tokens
+    f_vision = vision_flops(shapes.vision, visual_in)
+    f_prefill = prefill_flops(lang, seq)
+    f_decode = decode_flops(lang, seq, gen)
+    t_vision = f_vision / (accelerator.bf16_flops * assume.vision_mfu)
+    t_prefill = f_prefill / (accelerator.bf16_flops * assume.prefill_mfu)
+    steps = max(0, gen - 1)
+    if steps:
+        mean_kv = kv_cache_bytes(lang, seq, 1 + steps // 2, bytes_per_element)  # cache midway through decoding
+        step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * mean_kv
+        step_flops = assume.decode_batch * f_decode / steps
+        t_step = max(step_bytes / (accelerator.memory_bandwidth * assume.decode_bandwidth),
+                     step_flops / (accelerator.bf16_flops * assume.prefill_mfu))
+        t_decode = steps * t_step / assume.decode_batch
+    else:
+        t_decode = 0.0
+    gpu_s = t_vision + t_prefill + t_decode
+    usd_per_image = gpu_s * price.usd_per_hour / 3600
+    return PlanRow(
+        model=model, method=method, keep=kept, estimated=True, source="estimate", accelerator=accelerator_name,
+        flops_vision_per_image=f_vision, flops_prefill_per_image=f_prefill,
+        flops_per_image=f_vision + f_prefill + f_decode,
+        kv_cache_bytes_per_image=kv_cache_bytes(lang, seq, gen, bytes_per_element),
+        gpu_seconds_per_image=gpu_s, images_per_second_per_gpu=1 / gpu_s,
+        vision_images_per_second=1 / t_vision, llm_images_per_second=1 / (t_prefill + t_decode),
+        usd_per_1k_images=1000 * usd_per_image,
+        wall_hours=images * gpu_s / gpus / 3600, total_usd=images * usd_per_image,
+    )
+
+
+def measured(run: str, *, images: int, gpus: int) -> PlanRow:
+    """A plan row from a finished run's manifest (its output's row count checked against it)."""
+    m = read_manifest(run)
+    written = parquet_dataset(run).count_rows()
+    if written != m["rows"]["output"]:
+        raise ValueError(f"{run}: manifest says {m['rows']['output']} rows, the output holds {written}")
+    if not m["rows"]["ok"]:
+        raise ValueError(f"{run}: no answered rows to measure")
+    cfg, cost = m["config"], m["cost"]
+    mean, stages = cost["mean_per_image"], cost["stages"]
+    gpu_s = mean["gpu_seconds"] or None
+    if gpu_s:
+        wall_s = images * gpu_s / gpus
+    else:  # CPU-only: a replica's throughput is its slowest pool's
+        replica = min(s["pool_size"] * s["images_per_second"] for s in stages.values() if s["images_per_second"])
+        wall_s = images / (gpus * replica)
+    return PlanRow(
+        model=model_label(m["model"]["configured_path"]), method=cfg["pruning"]["method"],
+        keep=round(m["visual_tokens"]["mean_kept"]), estimated=False, source=run,
+        accelerator=cost["accelerator"] or "cpu",
+        flops_vision_per_image=mean["flops_vision"], flops_prefill_per_image=mean["flops_prefill"],
+        flops_per_image=mean["flops_total"], kv_cache_bytes_per_image=mean["kv_cache_bytes"],
+        gpu_seconds_per_image=gpu_s, images_per_second_per_gpu=1 / gpu_s if gpu_s else None,
+        vision_images_per_second=stages["encode_stage"]["images_per_second"],
+        llm_images_per_second=stages["decode_stage"]["images_per_second"],
+        usd_per_1k_images=1000 * mean["cost_usd"],
+        wall_hours=wall_s / 3600, total_usd=images * mean["cost_usd"],
+    )
+
+
+def add_savings(rows: list[PlanRow]) -> None:
+    """saving_vs_keep_all against the keep-all row of the same model, accelerator and kind
+    (estimate / measured); null when there is none."""
+    for row in rows:
+        base = [r for r in rows if (r.model, r.accelerator, r.estimated) == (row.model, row.accelerator, row.estimated)
+                and r.method == "none"]
+        if base:
+            row.saving_vs_keep_all = 1 - row.total_usd / base[0].total_usd
+
+
+def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "plan.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    (out / "plan.md").write_text(markdown(rows, images=images, gpus=gpus, notes=notes))
+    chart(rows, out / "plan.png", images=images)
+
+
+def table(rows: list[PlanRow]) -> str:
+    head = ["model", "accelerator", "method", "keep", "kind", "TFLOP/img", "prefill TFLOP", "img/s/GPU",
+            "$/1k img", "wall h", "total $", "saving"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.model, r.accelerator, r.method, str(r.keep), "estimate" if r.estimated else "measured",
+            f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
+            _fmt(r.images_per_second_per_gpu), f"{r.usd_per_1k_images:.4g}", f"{r.wall_hours:.4g}",
+            f"{r.total_usd:,.0f}" if r.total_usd >= 100 else f"{r.total_usd:.4g}",
+            "" if r.saving_vs_keep_all is None else f"{100 * r.saving_vs_keep_all:.1f} %",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[PlanRow], *, images: int, gpus: int, notes: list[str]) -> str:
+    kinds = {"estimate" if r.estimated else "measured" for r in rows}
+    title = f"# Cost plan: {images:,} images on {gpus} accelerator(s)"
+    body = [title, "", f"Rows: {', '.join(sorted(kinds))}. Estimates are estimates: see the assumptions below.", "",
+            table(rows), "", "## Assumptions and sources", ""]
+    body += [f"- {n}" for n in notes]
+    body += ["", "![cost and throughput against the budget](plan.png)", ""]
+    return "\n".join(body)
+
+
+def chart(rows: list[PlanRow], path: Path, *, images: int) -> None:
+    """Per (model, accelerator) group: $ per 1,000 images and images/s per GPU against the number
+    of visual tokens kept, one line per method (estimates dashed, measured solid); keep-all is a
+    star with a grey reference line, and each budget is annotated with its saving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[PlanRow]] = {}
+    for r in rows:
+        groups.setdefault((r.model, r.accelerator), []).append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
+    for row_axes, ((model, acc), members) in zip(axes, groups.items(), strict=True):
+        ax_cost, ax_speed = row_axes
+        for (method, est), line in _lines(members).items():
+            kind = "estimate" if est else "measured"
+            style = {"linestyle": "--" if est else "-"}
+            speed = [p.images_per_second_per_gpu or _replica_speed(p, images) for p in line]
+            if method == "none":  # the reference every budget is compared with
+                for ax, ys in ((ax_cost, [p.usd_per_1k_images for p in line]), (ax_speed, speed)):
+                    ax.axhline(ys[0], color="grey", linewidth=1, **style)
+                    ax.plot([p.keep for p in line], ys, "*", markersize=12, color="black", label=f"keep all ({kind})")
+                continue
+            line = sorted(line, key=lambda r: r.keep)
+            speed = [p.images_per_second_per_gpu or _replica_speed(p, images) for p in line]
+            ax_cost.plot([p.keep for p in line], [p.usd_per_1k_images for p in line], marker="o",
+                         label=f"{method} ({kind})", **style)
+            ax_speed.plot([p.keep for p in line], speed, marker="o", label=f"{method} ({kind})", **style)
+            for p in line:
+                if p.saving_vs_keep_all is not None:
+                    ax_cost.annotate(f"-{100 * p.saving_vs_keep_all:.0f}%", (p.keep, p.usd_per_1k_images),
+                                     textcoords="offset points", xytext=(4, -12), fontsize=8)
+        unit = "GPU" if any(r.images_per_second_per_gpu for r in members) else "replica (CPU only)"
+        for ax, ylabel in ((ax_cost, "$ per 1,000 images"), (ax_speed, f"images/s per {unit}")):
+            ax.set_xlabel("visual tokens kept per image (star: every token kept)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{model} on {acc}")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _lines(rows: list[PlanRow]) -> dict[tuple[str, bool], list[PlanRow]]:
+    out: dict[tuple[str, bool], list[PlanRow]] = {}
+    for r in rows:
+        out.setdefault((r.method, r.estimated), []).append(r)
+    return out
+
+
+def _replica_speed(r: PlanRow, images: int) -> float:
+    return images / (r.wall_hours * 3600)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3g}"
+
+
+def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price) -> list[str]:
+    return [
+        f"Accelerator {accelerator_name}: {accelerator.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+        f"{accelerator.memory_bandwidth / 1e12:.1f} TB/s ({accelerator.source}, {accelerator.date}).",
+        f"Price {accelerator_name}: ${price.usd_per_hour}/GPU-hour ({price.source}, {price.date}).",
+        f"Estimates assume vision at {assume.vision_mfu:.0%} and prefill at {assume.prefill_mfu:.0%} of the bf16 "
+        f"ceiling, decode at {assume.decode_bandwidth:.0%} of memory bandwidth with {assume.decode_batch} rows per "
+        f"step, {assume.text_tokens} text tokens and {assume.generated_tokens} generated tokens per image, bf16 "
+        f"weights and KV cache ({assume.source}).",
+        "Estimates leave out CPU-only stages and ResPrune's selection (< 1 % of the vision FLOPs); measured rows "
+        "include everything each stage's actors spent on a row, but not start-up or idle time (see each run's "
+        "manifest, cost.reserved.utilisation).",
+        "FLOPs: 2 per multiply-add, full L x L attention scores (FlopCounterMode's convention).",
+        "Wall time scales linearly with the number of accelerators (data-parallel replicas, no shared bottleneck).",
+    ]
+
+

@@ -1,0 +1,117 @@
+"""jobs/plan_cost.py: the plan's contract (plan.csv / plan.md / plan.png), estimates from the
+LLaVA-1.5-7B shapes, and measured rows from two real runs of the job (keep-all and pruned)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.cost.flops import prefill_flops, vision_flops
+from pipeline.cost.planner import CSV_COLUMNS
+from pipeline.io.manifest import read_manifest
+from pipeline.models import model_shapes
+
+from .conftest import REPO
+from .test_job import _env, _run_cli
+
+REQUIRED = {
+    "method", "keep", "estimated", "flops_vision_per_image", "flops_prefill_per_image", "flops_per_image",
+    "images_per_second_per_gpu", "usd_per_1k_images", "wall_hours", "total_usd", "saving_vs_keep_all",
+}
+IMAGES = 10_000_000
+
+
+def _plan(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/plan_cost.py", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "plan.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
+    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                  "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path)
+    assert REQUIRED <= set(CSV_COLUMNS) == set(rows[0])
+    assert [(r["method"], int(r["keep"]), r["estimated"]) for r in rows] == [
+        ("none", 576, "True"), ("resprune", 192, "True"), ("resprune", 128, "True"), ("resprune", 64, "True")]
+    shapes = model_shapes(str(REPO / "configs/checkpoints/llava-1.5-7b-hf"))
+    text_tokens = yaml.safe_load((REPO / "configs/accelerators.yaml").read_text())["assumptions"]["text_tokens"]
+    for r in rows:
+        assert float(r["flops_vision_per_image"]) == vision_flops(shapes.vision, 576)
+        assert float(r["flops_prefill_per_image"]) == prefill_flops(shapes.language, int(r["keep"]) + text_tokens)
+        ips = float(r["images_per_second_per_gpu"])
+        assert float(r["wall_hours"]) == pytest.approx(IMAGES / ips / 3600)
+        assert float(r["total_usd"]) == pytest.approx(IMAGES * float(r["usd_per_1k_images"]) / 1000)
+    savings = [float(r["saving_vs_keep_all"]) for r in rows]
+    speeds = [float(r["images_per_second_per_gpu"]) for r in rows]
+    assert savings[0] == 0 and savings == sorted(savings) and savings[-1] < 1
+    assert speeds == sorted(speeds)  # fewer tokens, more images per second
+    assert float(rows[0]["flops_prefill_per_image"]) / float(rows[2]["flops_prefill_per_image"]) > 3
+    md = (tmp_path / "plan.md").read_text()
+    assert "estimate" in md and "Lambda" in md and "50%" in md  # labelled, priced with a source, assumptions stated
+    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | estimate |" in proc.stdout
+    with Image.open(tmp_path / "plan.png") as png:
+        assert png.format == "PNG" and png.width >= 800 and png.height >= 300
+
+    eight = tmp_path / "eight"
+    assert _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                  "--gpus", "8", "--out", str(eight)]).returncode == 0
+    for one, many in zip(rows, _rows(eight), strict=True):
+        assert float(many["wall_hours"]) == pytest.approx(float(one["wall_hours"]) / 8)
+        assert float(many["total_usd"]) == pytest.approx(float(one["total_usd"]))
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llava: str) -> dict[str, Path]:
+    from pipeline.io.sample_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("runs")
+    write_corpus(root / "in", rows=6)
+    runs = {}
+    for method, keep in (("none", 576), ("resprune", 64)):
+        out = root / method
+        _run_cli(["--config", "configs/local.yaml", "--input", str(root / "in"), "--output", str(out),
+                  "--method", method, "--keep", str(keep)], _env())
+        runs[method] = out
+    return runs
+
+
+def test_plan_from_measured_runs(tmp_path: Path, finished_runs: dict[str, Path]) -> None:
+    proc = _plan(["--model", "configs/local.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                  "--runs", str(finished_runs["none"]), str(finished_runs["resprune"]), "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path)
+    measured = {r["method"]: r for r in rows if r["estimated"] == "False"}
+    assert set(measured) == {"none", "resprune"} and len(rows) == 6  # 4 estimates + 2 runs
+    assert (int(measured["none"]["keep"]), int(measured["resprune"]["keep"])) == (576, 64)
+    for method, r in measured.items():
+        m = read_manifest(str(finished_runs[method]))
+        assert r["model"] == "tiny:llava" and r["accelerator"] == "cpu" and r["source"] == str(finished_runs[method])
+        assert float(r["usd_per_1k_images"]) == pytest.approx(1000 * m["cost"]["mean_per_image"]["cost_usd"])
+        assert float(r["flops_per_image"]) == pytest.approx(m["cost"]["mean_per_image"]["flops_total"])
+        assert float(r["llm_images_per_second"]) == pytest.approx(m["cost"]["stages"]["decode_stage"]["images_per_second"])
+        assert r["images_per_second_per_gpu"] == ""  # a CPU-only run has no per-GPU figure
+    base, pruned = float(measured["none"]["total_usd"]), float(measured["resprune"]["total_usd"])
+    assert float(measured["resprune"]["saving_vs_keep_all"]) == pytest.approx(1 - pruned / base)
+    assert float(measured["resprune"]["flops_prefill_per_image"]) < float(measured["none"]["flops_prefill_per_image"])
+
+
+def test_planner_fails_clearly_on_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", "10",
+                  "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "plan")])
+    assert proc.returncode == 2 and "not a finished run with a manifest" in proc.stderr
+    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "tpu-v9", "--images", "10",
+                  "--out", str(tmp_path / "plan")])
+    assert proc.returncode == 2 and "--accelerator 'tpu-v9'" in proc.stderr and "h100-sxm" in proc.stderr
