@@ -27,8 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Figures, not tests: each prints a table and ends with one `RESULT {json}` line.
 bench: $(STAMP)
 	$(PY) -m pipeline.bench.select
+	$(PY) -m pipeline.bench.prefill
+	$(PY) -m pipeline.bench.pipeline
 
 clean:
 	rm -rf $(VENV) out .cache

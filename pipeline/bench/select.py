@@ -11,6 +11,7 @@ Cholesky is known to lose the order.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -78,13 +79,16 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'B':>3} {'N':>5} {'D':>5} {'keep':>5} {'V@V^T ms':>10} {'select ms':>10} {'ratio':>6}")
-    for r in time_sizes(args.repeats, args.device):
+    rows = time_sizes(args.repeats, args.device)
+    for r in rows:
         print(
             f"{r['B']:>3} {r['N']:>5} {r['D']:>5} {r['keep']:>5} "
             f"{1e3 * r['gemm_s']:>10.1f} {1e3 * r['select_s']:>10.1f} {r['ratio']:>6.2f}"
         )
     agree = reference_agreement()
     print(f"picks equal to the float64 reference on rank-96 + 1e-3 noise tokens: {agree}/128")
+    result = {f"ratio_B{r['B']}_N{r['N']}_K{r['keep']}": round(r["ratio"], 3) for r in rows}
+    print("RESULT " + json.dumps({**result, "device": args.device, "reference_agreement": agree}))
 
 
 if __name__ == "__main__":

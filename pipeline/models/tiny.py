@@ -6,8 +6,15 @@ tokenizer trained here with ``tokenizers``, the real image processor and the LLa
 template. Saved with ``save_pretrained`` and loaded back through ``from_pretrained(path)``,
 the same code path as a hub checkpoint. Deterministic (seeded), built once per cache key.
 
-    python -m pipeline.models.tiny [--out DIR]     # prints the directory
-    model.path: "tiny:llava" in a config           # resolves to the cached directory
+Recipes (``RECIPES``; same classes, tokenizer, chat template, seed and init for all):
+
+- ``tiny:llava``: CLIP width 64 x 3 layers, Llama width 256 x 2 layers. Tests and the demo.
+- ``tiny:llava-bench``: CLIP width 256 x 4 layers, Llama width 1024 x 8 layers (MLP 2816,
+  16 heads). CPU-sized, with LLaVA-1.5-7B's LLM-to-vision FLOP ratio (~20.9 vs ~20.2 at 576
+  visual + 42 text tokens), so pruning speed-ups on it mean what they would on the real model.
+
+    python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
+    model.path: "tiny:llava" in a config                          # resolves to the cached directory
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_PREFIX = "tiny:"
 _VERSION = "v2"  # bump when the recipe changes so caches rebuild
@@ -43,41 +51,44 @@ three four five six seven eight nine ten user assistant count number visible sho
 """.split()
 
 
+# Per-recipe sizes; everything else (classes, tokenizer, template, seed, init) is shared.
+# `llava` must never change (its checkpoint is tested to be deterministic across builds).
+RECIPES: dict[str, dict[str, int]] = {
+    "llava": {
+        "vision_width": 64, "vision_mlp": 128, "vision_layers": 3, "vision_heads": 4,
+        "text_width": 256, "text_mlp": 512, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2, "head_dim": 64,
+    },
+    # Why these: widths where fp32 GEMMs dominate a 2-core CPU's time; 8 LLM layers put the
+    # LLM-to-vision FLOP ratio within ~3.4% of LLaVA-1.5-7B's (tests/test_bench_model.py), and
+    # keep-all prefill of one image (~140 GFLOP) takes about a second. MHA, as in Vicuna-7B.
+    "llava-bench": {
+        "vision_width": 256, "vision_mlp": 1024, "vision_layers": 4, "vision_heads": 4,
+        "text_width": 1024, "text_mlp": 2816, "text_layers": 8, "text_heads": 16, "text_kv_heads": 16, "head_dim": 64,
+    },
+}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RESPRUNE_CACHE", Path.home() / ".cache" / "resprune-pipeline"))
 
 
 def resolve_model_path(path: str) -> str:
-    """``tiny:<family>`` -> the cached tiny checkpoint (built if missing); anything else unchanged."""
+    """``tiny:<recipe>`` -> the cached tiny checkpoint (built if missing); anything else unchanged."""
     if not path.startswith(TINY_PREFIX):
         return path
-    family = path[len(TINY_PREFIX) :]
-    if family != "llava":
-        raise ValueError(f"no tiny model recipe for {family!r}; known: llava")
-    target = cache_root() / f"tiny-llava-{_VERSION}"
+    recipe = path[len(TINY_PREFIX) :]
+    if recipe not in RECIPES:
+        raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
+    target = cache_root() / f"tiny-{recipe}-{_VERSION}"  # "tiny-llava-v2": the name tiny:llava always had
     if not (target / "config.json").exists():
-        build_tiny_llava(target)
+        build_tiny_llava(target, recipe)
     return str(target)
 
 
-def build_tiny_llava(out: Path) -> Path:
-    """Build and save the tiny LLaVA checkpoint; atomic, so concurrent builders are safe."""
-    import torch
+def tiny_tokenizer() -> Any:
+    """The BPE tokenizer every recipe shares (trained here in well under a second)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    try:
-        from transformers import CLIPImageProcessor as ImageProcessor
-        import torchvision  # noqa: F401  (the default CLIP processor needs it)
-    except ImportError:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -88,7 +99,7 @@ def build_tiny_llava(out: Path) -> Path:
         vocab_size=400, special_tokens=specials, initial_alphabet=list(string.printable), show_progress=False
     )
     bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<s>",
         eos_token="</s>",
@@ -97,6 +108,51 @@ def build_tiny_llava(out: Path) -> Path:
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
     )
+
+
+def recipe_config(recipe: str, tokenizer: Any | None = None) -> Any:
+    """The ``LlavaConfig`` of ``recipe`` (no weights): what the build uses, and what shape and
+    FLOP checks can read without building anything."""
+    if recipe not in RECIPES:
+        raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    r = RECIPES[recipe]
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=336, patch_size=14, hidden_size=r["vision_width"], intermediate_size=r["vision_mlp"],
+            num_hidden_layers=r["vision_layers"], num_attention_heads=r["vision_heads"],
+            projection_dim=r["vision_width"],
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=r["text_width"], intermediate_size=r["text_mlp"],
+            num_hidden_layers=r["text_layers"], num_attention_heads=r["text_heads"],
+            num_key_value_heads=r["text_kv_heads"], head_dim=r["head_dim"], max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
+
+
+def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
+    """Build and save the tiny LLaVA checkpoint of ``recipe``; atomic, so concurrent builders are safe."""
+    if recipe not in RECIPES:
+        raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessor as ImageProcessor
+        import torchvision  # noqa: F401  (the default CLIP processor needs it)
+    except ImportError:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+
+    tokenizer = tiny_tokenizer()
     image_processor = ImageProcessor(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
@@ -111,22 +167,7 @@ def build_tiny_llava(out: Path) -> Path:
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=3, num_attention_heads=4, projection_dim=64,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=576,
-    )
+    config = recipe_config(recipe, tokenizer)
     torch.manual_seed(_SEED)
     model = LlavaForConditionalGeneration(config).eval()
     # Every weight drawn from one seed: the checkpoint is identical across machines. Norms stay
@@ -152,10 +193,11 @@ def build_tiny_llava(out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny offline LLaVA checkpoint")
+    parser = argparse.ArgumentParser(description="Build a tiny offline LLaVA checkpoint")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="llava")
     parser.add_argument("--out", type=Path, default=None, help="directory (default: the cache)")
     args = parser.parse_args()
-    print(build_tiny_llava(args.out) if args.out else resolve_model_path("tiny:llava"))
+    print(build_tiny_llava(args.out, args.recipe) if args.out else resolve_model_path(TINY_PREFIX + args.recipe))
 
 
 if __name__ == "__main__":

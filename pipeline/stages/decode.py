@@ -25,7 +25,8 @@ class DecodeStage:
         watch = Stopwatch()
         rows = ok_rows(errors)
         items = [
-            (str(batch["prompt"][i]), torch.from_numpy(np.asarray(batch["visual_kept"][i], dtype=np.float32)),
+            # np.array copies: Ray hands read-only views, which torch.from_numpy warns about on every row.
+            (str(batch["prompt"][i]), torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32)),
              torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long))
             for i in rows
         ]
