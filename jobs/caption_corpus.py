@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({mean['flops_total_unpruned'] / mean['flops_total']:.2f}x), "
             f"KV cache {mean['kv_cache_bytes'] / 1e6:.3g} MB vs {mean['kv_cache_bytes_unpruned'] / 1e6:.3g} MB"
         )
+    for ex in summary.examples:
+        said = ex["error"] or repr(ex["answer"])
+        label = f"  (expected {ex['expected']!r})" if "expected" in ex else ""
+        print(f"  {ex['id']}: {ex['prompt'].splitlines()[0] if ex['prompt'] else '<no prompt>'} -> {said}{label}")
+    if summary.accuracy is not None:
+        print(f"accuracy against `expected`: {100 * summary.accuracy:.1f} % of {summary.output_rows} rows")
     return 0 if summary.output_rows == summary.input_rows else 1
 
 

@@ -14,9 +14,8 @@ from typing import Any
 
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy, SaveMode
-
 import torch
+from ray.data import ActorPoolStrategy, SaveMode
 
 from pipeline.config import ConfigError, JobConfig, StageConfig
 from pipeline.cost.accounting import CostModel
@@ -27,11 +26,13 @@ from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_datas
 from pipeline.models import detect_family, model_shapes
 from pipeline.models.base import planned_dtype
 from pipeline.models.tiny import resolve_model_path
+from pipeline.quality.scoring import is_correct
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.text import TextStage
 
 log = logging.getLogger(__name__)
+EXAMPLES = 5  # rows the summary shows
 
 
 @dataclass
@@ -52,6 +53,8 @@ class JobSummary:
     cost_mean_per_image: dict[str, float | None] = field(default_factory=dict)
     reserved_usd: float = 0.0  # what the run's reservation cost over wall_seconds
     utilisation: float | None = None  # share of reserved_usd the rows account for
+    accuracy: float | None = None  # when the input has `expected`: normalised exact match over all rows
+    examples: list[dict[str, str]] = field(default_factory=list)  # a few rows, for a person to check
     manifest: str = ""
 
     def as_dict(self) -> dict:
@@ -194,8 +197,11 @@ def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
 def read_output_rows(output: str) -> list[dict[str, Any]]:
     """The columns the summary and manifest need, read back from what was written."""
     time_columns = [c for cols in STAGE_TIME_COLUMNS.values() for c in cols]
-    columns = ["error", "extractor", "visual_tokens_in", "visual_tokens_kept", *time_columns, *COST_COLUMNS]
-    return parquet_dataset(output).to_table(columns=columns).to_pylist()
+    columns = ["id", "prompt", "answer", "error", "extractor", "visual_tokens_in", "visual_tokens_kept",
+               *time_columns, *COST_COLUMNS]
+    ds = parquet_dataset(output)
+    columns += [c for c in ("expected",) if c in ds.schema.names]
+    return ds.to_table(columns=columns).to_pylist()
 
 
 def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost: dict[str, Any]) -> JobSummary:
@@ -204,6 +210,8 @@ def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost
     def mean(key: str) -> float:
         return round(sum(r[key] for r in ok) / len(ok), 3) if ok else 0.0
 
+    labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
+    first = sorted(rows, key=lambda r: r["id"])[:EXAMPLES]
     return JobSummary(
         input_rows=input_rows,
         output_rows=len(rows),
@@ -221,6 +229,8 @@ def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost
         cost_mean_per_image=run_cost["mean_per_image"],
         reserved_usd=run_cost["reserved"]["usd"],
         utilisation=run_cost["reserved"]["utilisation"],
+        accuracy=round(sum(is_correct(r) for r in rows) / len(rows), 4) if labelled else None,
+        examples=[{k: r[k] or "" for k in ("id", "prompt", "answer", "error", "expected") if k in r} for r in first],
     )
 
 

@@ -1,80 +1,179 @@
-"""Synthetic sample corpus: coloured shapes with VQA-style prompts and their true answers.
+"""The shapes world: synthetic images of coloured shapes with VQA questions and true answers.
+
+Used for the demo corpus, the held-out evaluation corpora and the training of ``tiny:llava-shapes``.
+The world is a contract (other corpora are drawn from it):
+
+- a plain light background of any shade; images of any size and aspect ratio, 200 to 800 px a side;
+- 1 to 4 non-overlapping objects, each a circle, square or triangle, coloured red, green, blue,
+  yellow or purple (shades jittered), of varied sizes, anywhere in the image;
+- four question types, verbatim templates, answers one bare lower-case word:
+
+  | type       | template                                                                   | answer       |
+  |------------|----------------------------------------------------------------------------|--------------|
+  | `color`    | What color is the {shape}?\\nAnswer the question using a single word or phrase. | the colour (asked only when that shape occurs once) |
+  | `presence` | Is there a {colour} {shape} in the image? Please answer yes or no.           | yes / no (half absent) |
+  | `count`    | How many shapes are in the picture?\\nAnswer the question using a single word or phrase. | 1 .. 4 |
+  | `position` | Is the {colour} {shape} on the left or on the right?\\nAnswer the question using a single word or phrase. | left / right (asked only when that object occurs once and its centre is clearly off the middle) |
 
 Input schema (what the job reads; extra columns pass through to the output):
 
-| column  | type   | meaning                                          |
-|---------|--------|--------------------------------------------------|
-| id      | string | unique row id                                    |
-| image   | binary | encoded image bytes (JPEG, PNG or WebP)          |
-| prompt  | string | the question or instruction for this image       |
+| column          | type   | meaning                                            |
+|-----------------|--------|----------------------------------------------------|
+| id              | string | unique row id                                      |
+| image           | binary | encoded image bytes (JPEG, PNG or WebP)            |
+| prompt          | string | the question or instruction for this image         |
 
-The sample corpus adds ``expected`` (string), the true answer, for checking a real model.
+Sample corpora add ``expected`` (the true answer) and ``question_type`` (one of the types above),
+which the evaluation job (``jobs/evaluate_pruning.py``) scores against.
 
-    python -m pipeline.io.sample_corpus OUT_DIR [--rows 48] [--shards 2] [--corrupt 1]
+    python -m pipeline.io.sample_corpus OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 205, 30), "purple": (140, 50, 170)}
+COLOURS = {"red": (215, 35, 35), "green": (35, 165, 60), "blue": (40, 70, 215), "yellow": (235, 205, 35), "purple": (135, 50, 170)}
 SHAPES = ("circle", "square", "triangle")
+QUESTION_TYPES = ("color", "presence", "count", "position")
 FORMATS = ("JPEG", "PNG", "WEBP")
-SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()), ("expected", pa.string())])
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
+    ("expected", pa.string()), ("question_type", pa.string()),
+])
+MIN_SIDE, MAX_SIDE = 200, 800
+SINGLE_WORD = "\nAnswer the question using a single word or phrase."
+COLOUR_JITTER = 25  # per channel, uniform
+MIDDLE_MARGIN = 0.1  # `position` is asked only when |centre x - middle| > this share of the width
 
 
-def _draw(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, list[tuple[str, str]]]:
-    img = Image.new("RGB", size, (245, 245, 240))
-    draw = ImageDraw.Draw(img)
-    objects = []
-    w, h = size
-    for _ in range(rng.randint(1, 3)):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        r = rng.randint(min(w, h) // 10, min(w, h) // 5)
-        cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[colour])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-        objects.append((colour, shape))
-    return img, objects
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    cx: float  # centre, pixels
+    cy: float
+    r: float  # half the side / radius, pixels
+
+    def outline(self) -> list[tuple[float, float]] | tuple[float, float, float, float]:
+        """Polygon vertices (triangle) or bounding box (circle, square)."""
+        if self.shape == "triangle":  # pointing up, filling the bounding box (as large as the square)
+            return [(self.cx, self.cy - self.r), (self.cx - self.r, self.cy + self.r), (self.cx + self.r, self.cy + self.r)]
+        return (self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r)
 
 
-def _question(rng: random.Random, objects: list[tuple[str, str]]) -> tuple[str, str]:
-    colour, shape = rng.choice(objects)
-    kind = rng.randrange(3)
-    if kind == 0:
-        return f"What color is the {shape}?\nAnswer the question using a single word or phrase.", colour
-    if kind == 1:
-        ask_colour = rng.choice(list(COLOURS))
-        present = (ask_colour, shape) in objects
-        return f"Is there a {ask_colour} {shape} in the image? Please answer yes or no.", "yes" if present else "no"
-    return "How many shapes are in the picture?\nAnswer the question using a single word or phrase.", str(len(objects))
+@dataclass(frozen=True)
+class Scene:
+    size: tuple[int, int]  # width, height
+    background: tuple[int, int, int]
+    objects: tuple[Shape, ...]
+    fills: tuple[tuple[int, int, int], ...]  # each object's jittered RGB
+
+    def render(self) -> Image.Image:
+        img = Image.new("RGB", self.size, self.background)
+        draw = ImageDraw.Draw(img)
+        for obj, fill in zip(self.objects, self.fills, strict=True):
+            paint(draw, obj, fill)
+        return img
+
+    def label_map(self) -> Image.Image:
+        """Mode-L image: 0 background, k for pixels of object k (1-based). For training targets."""
+        img = Image.new("L", self.size, 0)
+        draw = ImageDraw.Draw(img)
+        for k, obj in enumerate(self.objects, start=1):
+            paint(draw, obj, k)
+        return img
+
+
+def paint(draw: ImageDraw.ImageDraw, obj: Shape, fill: object) -> None:
+    if obj.shape == "circle":
+        draw.ellipse(obj.outline(), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(obj.outline(), fill=fill)
+    else:
+        draw.polygon(obj.outline(), fill=fill)
+
+
+def draw_scene(rng: random.Random, size: tuple[int, int] | None = None, n_objects: int | None = None) -> Scene:
+    """A random scene of the world. Objects are placed by bounded rejection sampling: a scene
+    that cannot fit ``n_objects`` after the tries keeps the ones that fit (at least one)."""
+    w, h = size or (rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE))
+    n = n_objects or rng.randint(1, 4)
+    long_side, short_side = max(w, h), min(w, h)
+    background = tuple(rng.randint(195, 255) for _ in range(3))
+    objects: list[Shape] = []
+    for _ in range(200):  # bounded tries
+        if len(objects) == n:
+            break
+        # Sizes relative to the long side: after padding to square and resizing to the encoder's
+        # 24 x 24 patch grid an object spans about 4 to 10 patches across, whatever the aspect ratio.
+        r = min(rng.uniform(0.08, 0.2) * long_side, 0.45 * short_side)
+        cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+        if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.r + 0.02 * long_side for o in objects):
+            objects.append(Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), cx, cy, r))
+    fills = tuple(
+        tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[o.colour]) for o in objects
+    )
+    return Scene((w, h), background, tuple(objects), fills)
+
+
+def askable(scene: Scene) -> dict[str, list[tuple[str, str]]]:
+    """Per question type, the (prompt, answer) pairs this scene supports."""
+    shapes = [o.shape for o in scene.objects]
+    pairs = [(o.colour, o.shape) for o in scene.objects]
+    w = scene.size[0]
+    out: dict[str, list[tuple[str, str]]] = {t: [] for t in QUESTION_TYPES}
+    for o in scene.objects:
+        if shapes.count(o.shape) == 1:
+            out["color"].append((f"What color is the {o.shape}?{SINGLE_WORD}", o.colour))
+        if pairs.count((o.colour, o.shape)) == 1 and abs(o.cx - w / 2) > MIDDLE_MARGIN * w:
+            side = "left" if o.cx < w / 2 else "right"
+            out["position"].append((f"Is the {o.colour} {o.shape} on the left or on the right?{SINGLE_WORD}", side))
+    present = sorted(set(pairs))
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pairs]
+    out["presence"] = [(f"Is there a {c} {s} in the image? Please answer yes or no.", "yes") for c, s in present]
+    out["presence_absent"] = [(f"Is there a {c} {s} in the image? Please answer yes or no.", "no") for c, s in absent]
+    out["count"] = [(f"How many shapes are in the picture?{SINGLE_WORD}", str(len(scene.objects)))]
+    return out
+
+
+def ask(rng: random.Random, scene: Scene, question_type: str | None = None) -> tuple[str, str, str]:
+    """(prompt, answer, type): the type uniform among those the scene supports (or as given)."""
+    options = askable(scene)
+    types = [t for t in QUESTION_TYPES if options[t] or (t == "presence" and options["presence_absent"])]
+    t = question_type if question_type in types else rng.choice(types)
+    if t == "presence":  # half of them absent
+        pool = options["presence_absent"] if rng.random() < 0.5 or not options["presence"] else options["presence"]
+    else:
+        pool = options[t]
+    prompt, answer = rng.choice(pool)
+    return prompt, answer, t
 
 
 def make_rows(n: int, seed: int = 0, corrupt: int = 0) -> list[dict[str, object]]:
-    """``n`` rows; the last ``corrupt`` of them carry undecodable image bytes."""
+    """``n`` rows drawn from the world with ``seed``; the last ``corrupt`` carry undecodable bytes."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        img, objects = _draw(rng, (rng.choice([320, 400, 480]), rng.choice([240, 300, 360])))
-        prompt, expected = _question(rng, objects)
+        scene = draw_scene(rng)
+        prompt, expected, qtype = ask(rng, scene)
         buf = io.BytesIO()
-        img.save(buf, format=FORMATS[i % len(FORMATS)])
+        fmt = FORMATS[i % len(FORMATS)]
+        scene.render().save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
         data = buf.getvalue()
         if i >= n - corrupt:
             data = b"\x89PNG\r\n\x1a\n" + b"not really an image" * 8
-        rows.append({"id": f"sample-{i:05d}", "image": data, "prompt": prompt, "expected": expected})
+        rows.append({"id": f"sample-{seed}-{i:05d}", "image": data, "prompt": prompt, "expected": expected,
+                     "question_type": qtype})
     return rows
 
 
@@ -91,11 +190,11 @@ def write_corpus(out_dir: str | Path, rows: int = 48, shards: int = 2, seed: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic sample corpus as Parquet shards")
+    p = argparse.ArgumentParser(description="Write a corpus of the shapes world as Parquet shards")
     p.add_argument("out_dir")
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="world seed (training uses its own; see jobs/train_tiny_vlm.py)")
     p.add_argument("--corrupt", type=int, default=0, help="make the last N rows undecodable")
     a = p.parse_args()
     print(write_corpus(a.out_dir, a.rows, a.shards, a.seed, a.corrupt))

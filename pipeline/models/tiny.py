@@ -12,6 +12,9 @@ Recipes (``RECIPES``; same classes, tokenizer, chat template, seed and init for 
 - ``tiny:llava-bench``: CLIP width 256 x 4 layers, Llama width 1024 x 8 layers (MLP 2816,
   16 heads). CPU-sized, with LLaVA-1.5-7B's LLM-to-vision FLOP ratio (~20.9 vs ~20.2 at 576
   visual + 42 text tokens), so pruning speed-ups on it mean what they would on the real model.
+- ``tiny:llava-shapes``: trained, not random: it answers questions about the shapes world
+  (``pipeline.io.sample_corpus``). Trained by ``jobs/train_tiny_vlm.py`` and committed under
+  ``pipeline/models/checkpoints/``; its image processor pads to square as LLaVA-1.5 does.
 
     python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
     model.path: "tiny:llava" in a config                          # resolves to the cached directory
@@ -65,7 +68,15 @@ RECIPES: dict[str, dict[str, int]] = {
         "vision_width": 256, "vision_mlp": 1024, "vision_layers": 4, "vision_heads": 4,
         "text_width": 1024, "text_mlp": 2816, "text_layers": 8, "text_heads": 16, "text_kv_heads": 16, "head_dim": 64,
     },
+    # Trained (jobs/train_tiny_vlm.py), small enough to train on a 2-core CPU and commit.
+    "llava-shapes": {
+        "vision_width": 96, "vision_mlp": 192, "vision_layers": 3, "vision_heads": 4,
+        "text_width": 128, "text_mlp": 256, "text_layers": 3, "text_heads": 4, "text_kv_heads": 2, "head_dim": 32,
+        "pad_to_square": 1,
+    },
 }
+TRAINED = {"llava-shapes"}  # committed checkpoints, never built with random weights
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
 def cache_root() -> Path:
@@ -79,6 +90,11 @@ def resolve_model_path(path: str) -> str:
     recipe = path[len(TINY_PREFIX) :]
     if recipe not in RECIPES:
         raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
+    if recipe in TRAINED:
+        trained = CHECKPOINTS / f"tiny-{recipe}"
+        if not (trained / "config.json").exists():
+            raise ValueError(f"the trained checkpoint {trained} is missing: python jobs/train_tiny_vlm.py --out {trained}")
+        return str(trained)
     target = cache_root() / f"tiny-{recipe}-{_VERSION}"  # "tiny-llava-v2": the name tiny:llava always had
     if not (target / "config.json").exists():
         build_tiny_llava(target, recipe)
@@ -139,28 +155,16 @@ def recipe_config(recipe: str, tokenizer: Any | None = None) -> Any:
     )
 
 
-def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
-    """Build and save the tiny LLaVA checkpoint of ``recipe``; atomic, so concurrent builders are safe."""
+def new_tiny_llava(recipe: str = "llava") -> tuple[Any, Any]:
+    """A freshly initialised ``(LlavaForConditionalGeneration, LlavaProcessor)`` of ``recipe``."""
     if recipe not in RECIPES:
         raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    try:
-        from transformers import CLIPImageProcessor as ImageProcessor
-        import torchvision  # noqa: F401  (the default CLIP processor needs it)
-    except ImportError:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-
     tokenizer = tiny_tokenizer()
-    image_processor = ImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=_image_processor(bool(RECIPES[recipe].get("pad_to_square", 0))),
         tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
@@ -173,14 +177,37 @@ def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
     # Every weight drawn from one seed: the checkpoint is identical across machines. Norms stay
     # at 1. The projector is scaled so visual tokens dwarf text embeddings (norms ~17 vs ~0.8,
     # as in real LLaVA-1.5) and answers depend on the image; the LLM's std keeps them varied.
+    # A recipe that is trained starts from transformers' own initialisation instead.
     std = {"vision_tower": 0.02, "multi_modal_projector": 0.1}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if "norm" not in name and recipe not in TRAINED:
                 p.normal_(0.0, next((v for k, v in std.items() if k in name), 0.05))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
 
+
+def _image_processor(pad_to_square: bool) -> Any:
+    """CLIP preprocessing at 336 px. ``pad_to_square``: LLaVA-1.5's own preprocessing (pad with
+    the mean colour, then resize), which never cuts content off; else CLIP's resize + centre crop."""
+    kwargs = dict(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    try:
+        import torchvision  # noqa: F401  (the default processors need it)
+        from transformers import CLIPImageProcessor, LlavaImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import LlavaImageProcessorPil as LlavaImageProcessor
+    return LlavaImageProcessor(do_pad=True, **kwargs) if pad_to_square else CLIPImageProcessor(**kwargs)
+
+
+def save_checkpoint(model: Any, processor: Any, out: Path) -> Path:
+    """``save_pretrained`` both into ``out`` atomically, so concurrent builders are safe."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     model.save_pretrained(tmp)
@@ -190,6 +217,12 @@ def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
+    """Build and save the random-weight tiny LLaVA checkpoint of ``recipe``."""
+    model, processor = new_tiny_llava(recipe)
+    return save_checkpoint(model, processor, out)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Pruning quality: the evaluation grid and its scores (``evaluation``)."""
