@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.io.sample_corpus import COLOURS, QUESTION_TYPES, SHAPES, Scene, ask, draw_scene  # noqa: E402
 from pipeline.models.tiny import CHECKPOINTS, new_tiny_llava, save_checkpoint  # noqa: E402
+from pipeline.quality.scoring import is_correct  # noqa: E402
 
 TRAIN_SEED = 10_000_000  # scenes for step s use seed TRAIN_SEED + s
 HELD_OUT_SEED = 77  # held-out corpora use other seeds (tests: 4242)
@@ -206,7 +207,7 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
         kept = [torch.arange(f.shape[0]) for f in enc.features]
         answers = adapter.generate([r["prompt"] for r in chunk], enc.features, kept, gen)
         for r, a in zip(chunk, answers, strict=True):
-            right[r["question_type"]].append(a.text.strip().lower() == r["expected"])
+            right[r["question_type"]].append(is_correct({"answer": a.text, "expected": r["expected"], "error": ""}))
     every = [x for v in right.values() for x in v]
     return {"accuracy": float(np.mean(every)), "rows": len(every),
             "per_type": {t: round(float(np.mean(v)), 4) for t, v in right.items() if v}}
