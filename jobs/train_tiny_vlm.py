@@ -53,9 +53,10 @@ GRID = 24  # 336 / 14
 
 
 def aux_targets(scene: Scene) -> torch.Tensor:
-    """[GRID*GRID, 4] long per patch: colour class, shape class (0 = background), whether it holds
-    an object's centre, and whether it lies left of the middle (object patches only; -1 elsewhere),
-    in the geometry of the processor's pad-to-square (image centred on the padded square)."""
+    """[GRID*GRID, 5] long per patch: colour class, shape class (0 = background), whether it holds
+    an object's centre, whether it lies left of the middle (object patches only; -1 elsewhere) and
+    which object covers it (1-based, 0 for none), in the geometry of the processor's pad-to-square
+    (image centred on the padded square)."""
     w, h = scene.size
     side = max(w, h)
     labels = Image.new("L", (side, side), 0)
@@ -63,7 +64,7 @@ def aux_targets(scene: Scene) -> torch.Tensor:
     grid = np.asarray(labels.resize((GRID, GRID), Image.NEAREST)).reshape(-1)
     colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
     shape_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
-    out = torch.zeros(GRID * GRID, 4, dtype=torch.long)
+    out = torch.zeros(GRID * GRID, 5, dtype=torch.long)
     out[:, 3] = -1
     left = torch.arange(GRID).repeat(GRID) < GRID / 2
     for k, obj in enumerate(scene.objects, start=1):
@@ -71,6 +72,7 @@ def aux_targets(scene: Scene) -> torch.Tensor:
         out[mask, 0] = colour_ids[obj.colour]
         out[mask, 1] = shape_ids[obj.shape]
         out[mask, 3] = left[mask].long()
+        out[mask, 4] = k
         px = int((obj.cx + (side - w) / 2) / side * GRID)
         py = int((obj.cy + (side - h) / 2) / side * GRID)
         out[min(py, GRID - 1) * GRID + min(px, GRID - 1), 2] = 1
@@ -164,7 +166,12 @@ class AuxHead(torch.nn.Module):
     ("red", ..., "circle", ..., "background" for empty patches), as LLaVA's alignment stage puts
     visual tokens in the word-embedding space: the LLM can then find "the circle" by attention,
     and ResPrune's relevance (visual token vs noun embedding cosine) means what it should.
-    Object centre and side of the middle are two linear logits."""
+    Object centre and side of the middle are two linear logits.
+
+    The shape is also asked of each *object*: its patches and a one-patch ring around them,
+    pooled. Per patch, the shape is nearly unlearnable for a tower trained from scratch (an
+    interior patch looks the same for every shape; a probe stays at chance), while the pooled
+    outline tells it apart within a few hundred steps, so the tower learns outline features."""
 
     def __init__(self, width: int, tokenizer) -> None:
         super().__init__()
@@ -184,7 +191,24 @@ class AuxHead(torch.nn.Module):
         loss = loss + F.binary_cross_entropy_with_logits(centre.flatten(), aux[..., 2].float().flatten(),
                                                          pos_weight=torch.tensor(20.0))
         on_object = aux[..., 3] >= 0
-        return loss + F.binary_cross_entropy_with_logits(side[on_object], aux[..., 3][on_object].float())
+        loss = loss + F.binary_cross_entropy_with_logits(side[on_object], aux[..., 3][on_object].float())
+        return loss + self.object_shape_loss(embed, feats, aux)
+
+    def object_shape_loss(self, embed: torch.nn.Embedding, feats: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        objects = aux[..., 4]  # [B, N]
+        n = int(objects.max())
+        if n == 0:
+            return feats.new_zeros(())
+        one_hot = F.one_hot(objects, n + 1)[..., 1:].float()  # [B, N, n]
+        grid = one_hot.transpose(1, 2).reshape(-1, 1, GRID, GRID)
+        ring = F.max_pool2d(grid, 3, 1, 1).reshape(one_hot.shape[0], n, -1)  # [B, n, N]
+        present = one_hot.sum(1) > 0  # [B, n]
+        pooled = (ring @ feats) / ring.sum(-1, keepdim=True).clamp(min=1)  # [B, n, D]
+        # Each object's shape: the label of its patches (all equal).
+        label = (one_hot * aux[..., 1:2].float()).sum(1) / one_hot.sum(1).clamp(min=1)  # [B, n]
+        words = F.normalize(embed.weight[self.shape_ids[1:]], dim=-1)
+        logits = self.scale * F.normalize(pooled[present], dim=-1) @ words.T
+        return F.cross_entropy(logits, label[present].round().long() - 1)
 
 
 def evaluate(path: Path, rows: int, seed: int) -> dict:
