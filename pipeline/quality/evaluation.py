@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, validate_config
 from pipeline.io.storage import parquet_dataset
 
 from .scoring import is_correct, normalise
@@ -90,8 +90,6 @@ def cell_config(base: JobConfig, cell: Cell, input_path: str, output_path: str) 
     raw["input"]["create_sample_rows"] = None
     raw["output"].update({"path": output_path, "mode": "overwrite"})
     raw["pruning"].update(pruning)
-    from pipeline.config import validate_config
-
     return validate_config(raw, source=f"evaluation cell {cell.slug}")
 
 
