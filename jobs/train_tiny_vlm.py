@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -213,11 +214,10 @@ class AuxHead(torch.nn.Module):
 
 def evaluate(path: Path, rows: int, seed: int) -> dict:
     """Keep-all accuracy of the saved checkpoint, loaded back, on held-out scenes (greedy)."""
-    import io
-
-    from pipeline.config import GenerationConfig, ModelConfig
+    from pipeline.config import GenerationConfig, InputConfig, ModelConfig
     from pipeline.io.sample_corpus import make_rows
     from pipeline.models.llava import LlavaAdapter
+    from pipeline.stages.encode import decode_image
 
     adapter = LlavaAdapter(ModelConfig(path=str(path)), str(path), "language")
     vision = LlavaAdapter(ModelConfig(path=str(path)), str(path), "vision")
@@ -226,7 +226,7 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
     gen = GenerationConfig(max_new_tokens=4)
     for start in range(0, rows, 16):
         chunk = data[start : start + 16]
-        imgs = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in chunk]
+        imgs = [decode_image(r["image"], InputConfig(path="-").max_image_pixels) for r in chunk]
         enc = vision.encode(imgs)
         kept = [torch.arange(f.shape[0]) for f in enc.features]
         answers = adapter.generate([r["prompt"] for r in chunk], enc.features, kept, gen)
@@ -293,18 +293,13 @@ def main() -> None:
                   f"lr {sched.get_last_lr()[0]:.2e}  train acc: {accs}", flush=True)
     train_s = time.perf_counter() - start
     model.eval()
-    save_checkpoint(model, processor, a.out) if not a.out.exists() else _replace(model, processor, a.out)
+    if a.out.exists():
+        shutil.rmtree(a.out)
+    save_checkpoint(model, processor, a.out)
     result = evaluate(a.out, a.eval_rows, HELD_OUT_SEED)
     result.update({"steps": step + 1, "train_seconds": round(train_s, 1), "out": str(a.out),
                    "bytes": sum(p.stat().st_size for p in a.out.iterdir())})
     print("RESULT " + json.dumps(result, sort_keys=True))
-
-
-def _replace(model, processor, out: Path) -> Path:
-    import shutil
-
-    shutil.rmtree(out)
-    return save_checkpoint(model, processor, out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -211,7 +212,7 @@ def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost
         return round(sum(r[key] for r in ok) / len(ok), 3) if ok else 0.0
 
     labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
-    first = sorted(rows, key=lambda r: r["id"])[:EXAMPLES]
+    first = heapq.nsmallest(EXAMPLES, rows, key=lambda r: r["id"])
     return JobSummary(
         input_rows=input_rows,
         output_rows=len(rows),

@@ -6,15 +6,16 @@ tokenizer trained here with ``tokenizers``, the real image processor and the LLa
 template. Saved with ``save_pretrained`` and loaded back through ``from_pretrained(path)``,
 the same code path as a hub checkpoint. Deterministic (seeded), built once per cache key.
 
-Recipes (``RECIPES``; same classes, tokenizer, chat template, seed and init for all):
+Recipes (``RECIPES``; same classes, tokenizer, chat template and seed for all):
 
 - ``tiny:llava``: CLIP width 64 x 3 layers, Llama width 256 x 2 layers. Tests and the demo.
 - ``tiny:llava-bench``: CLIP width 256 x 4 layers, Llama width 1024 x 8 layers (MLP 2816,
   16 heads). CPU-sized, with LLaVA-1.5-7B's LLM-to-vision FLOP ratio (~20.9 vs ~20.2 at 576
   visual + 42 text tokens), so pruning speed-ups on it mean what they would on the real model.
-- ``tiny:llava-shapes``: trained, not random: it answers questions about the shapes world
-  (``pipeline.io.sample_corpus``). Trained by ``jobs/train_tiny_vlm.py`` and committed under
-  ``pipeline/models/checkpoints/``; its image processor pads to square as LLaVA-1.5 does.
+- ``tiny:llava-shapes``: trained, not random, to answer questions about the shapes world
+  (``pipeline.io.sample_corpus``) by ``jobs/train_tiny_vlm.py`` from transformers' own
+  initialisation; resolved from ``pipeline/models/checkpoints/`` (not committed until it reaches
+  its accuracy target, see the README). Its image processor pads to square as LLaVA-1.5 does.
 
     python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
     model.path: "tiny:llava" in a config                          # resolves to the cached directory
