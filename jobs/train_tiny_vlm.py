@@ -1,25 +1,30 @@
 """Train ``tiny:llava-shapes``: a small LLaVA-1.5 (real transformers classes) that answers
-questions about the shapes world, from scratch, on a 2-core CPU.
+questions about the shapes world, from scratch, on a 2-core CPU in about 30 minutes.
 
-    python jobs/train_tiny_vlm.py [--out pipeline/models/checkpoints/tiny-llava-shapes] [--minutes 45]
+    python jobs/train_tiny_vlm.py [--out pipeline/models/checkpoints/tiny-llava-shapes]
 
 Recipe (seeded; every choice is here):
 - Data: scenes drawn on the fly from ``pipeline.io.sample_corpus`` with training seeds
   (``TRAIN_SEED`` + step), never the evaluation seeds. Images go through the checkpoint's own
   processor (pad to square, resize to 336), so training sees exactly what inference sees.
-- Each image is one conversation of ``QUESTIONS_PER_IMAGE`` question turns (every type, shuffled);
-  the first turn is exactly what inference asks (image, question, "ASSISTANT:"), later turns are
-  appended. Every answer is supervised, so one LLM pass over the 576 visual tokens (most of a
-  step's cost) teaches many answers.
-- Loss: next-token cross-entropy on each answer word and EOS (LLaVA's instruction loss), plus a
-  dense auxiliary loss on the visual tokens (``AuxHead``, training-only, dropped before saving):
-  each patch's colour and shape scored against the LLM's own word embeddings (an alignment
-  stage, as LLaVA's projector pre-training), whether it holds an object's centre and which side
-  of the middle it is on, from the scene's label map.
+- Stage 1 (``--tower-steps``): the vision tower and projector alone learn dense per-patch
+  targets from the scene's label map (``AuxHead``, training-only, dropped before saving): each
+  patch's colour and its object's shape, scored against the LLM's own word embeddings (an
+  alignment stage, as LLaVA's projector pre-training), whether it holds an object's centre and
+  which side of the middle it is on. A curriculum: for the first ``--outline-steps`` only the
+  patches on an object's outline are asked the shape (a local pattern); an interior patch looks
+  the same for every shape, and the tower learns to gather its object's outline into it much
+  sooner once outlines are known (measured: 0.87 per interior patch at 1,200 steps, against a
+  long plateau near chance without the curriculum).
+- Stage 2 (``--steps``): the whole model. Each image is one conversation of
+  ``QUESTIONS_PER_IMAGE`` question turns (every type, shuffled); the first turn is exactly what
+  inference asks (image, question, "ASSISTANT:"), later turns are appended. Next-token
+  cross-entropy on every answer word and EOS (LLaVA's instruction loss), plus the dense targets,
+  so one LLM pass over the 576 visual tokens (most of a step's cost) teaches many answers.
 - The LLM sees every visual token in training (no pruning, no token dropout): pruning stays
   training-free, as with real LLaVA checkpoints.
-- AdamW, linear warm-up then cosine decay over ``--steps``; ``--minutes`` bounds the wall time
-  (reported) so the script cannot run away.
+- AdamW; warm-up at the start of each stage, constant through stage 1, cosine decay over stage 2;
+  ``--minutes`` bounds the wall time so the script cannot run away.
 - At the end: accuracy on ``--eval-rows`` held-out rows (seed ``HELD_OUT_SEED``) with every visual
   token kept, through the checkpoint reloaded with ``from_pretrained``; one ``RESULT {json}`` line.
 """
@@ -50,33 +55,46 @@ from pipeline.quality.scoring import is_correct  # noqa: E402
 TRAIN_SEED = 10_000_000  # scenes for step s use seed TRAIN_SEED + s
 HELD_OUT_SEED = 77  # held-out corpora use other seeds (tests: 4242)
 QUESTIONS_PER_IMAGE = 12
+# Question types per conversation, drawn evenly from these lists. Stage 0 leaves out count
+# (its synthetic tokens have no whole objects to count); stage 2 asks presence (a conjunction,
+# half of them absent) and count, the slowest to learn, twice as often as the others.
+STAGE0_TYPES = ("color", "presence", "position")
+STAGE2_TYPES = ("color", "presence", "presence", "count", "count", "position")
 GRID = 24  # 336 / 14
+PATCH = 14
 
 
 def aux_targets(scene: Scene) -> torch.Tensor:
-    """[GRID*GRID, 5] long per patch: colour class, shape class (0 = background), whether it holds
-    an object's centre, whether it lies left of the middle (object patches only; -1 elsewhere) and
-    which object covers it (1-based, 0 for none), in the geometry of the processor's pad-to-square
-    (image centred on the padded square)."""
+    """[GRID*GRID, 6] long per patch, in the geometry of the processor's pad-to-square (image
+    centred on the padded square, resized to 336 px): colour class (the object covering over half
+    the patch; 0 = background), shape class (any object touching the patch, the largest share
+    winning; 0 = background), whether it holds an object's centre, whether it lies left of the
+    middle (object patches only; -1 elsewhere), which object it belongs to (1-based, 0 none) and
+    whether it holds the object's outline (partly covered)."""
     w, h = scene.size
     side = max(w, h)
     labels = Image.new("L", (side, side), 0)
     labels.paste(scene.label_map(), ((side - w) // 2, (side - h) // 2))
-    grid = np.asarray(labels.resize((GRID, GRID), Image.NEAREST)).reshape(-1)
+    px = PATCH * GRID
+    cells = np.asarray(labels.resize((px, px), Image.NEAREST)).reshape(GRID, PATCH, GRID, PATCH)
+    cells = cells.transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+    share = np.stack([(cells == k).mean(1) for k in range(1, len(scene.objects) + 1)])  # [objects, patches]
+    owner = np.where(share.max(0) > 0.05, share.argmax(0) + 1, 0)  # touching: shape and object id
     colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
     shape_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
-    out = torch.zeros(GRID * GRID, 5, dtype=torch.long)
+    out = torch.zeros(GRID * GRID, 6, dtype=torch.long)
     out[:, 3] = -1
     left = torch.arange(GRID).repeat(GRID) < GRID / 2
     for k, obj in enumerate(scene.objects, start=1):
-        mask = torch.from_numpy(grid == k)
-        out[mask, 0] = colour_ids[obj.colour]
+        mask = torch.from_numpy(owner == k)
+        out[torch.from_numpy(share[k - 1] > 0.5), 0] = colour_ids[obj.colour]
         out[mask, 1] = shape_ids[obj.shape]
         out[mask, 3] = left[mask].long()
         out[mask, 4] = k
-        px = int((obj.cx + (side - w) / 2) / side * GRID)
-        py = int((obj.cy + (side - h) / 2) / side * GRID)
-        out[min(py, GRID - 1) * GRID + min(px, GRID - 1), 2] = 1
+        out[mask & torch.from_numpy(share[k - 1] < 0.95), 5] = 1
+        cx = int((obj.cx + (side - w) / 2) / side * GRID)
+        cy = int((obj.cy + (side - h) / 2) / side * GRID)
+        out[min(cy, GRID - 1) * GRID + min(cx, GRID - 1), 2] = 1
     return out
 
 
@@ -101,23 +119,25 @@ class Batcher:
         conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
         return self.tok(self.processor.apply_chat_template(conversation, add_generation_prompt=True)).input_ids
 
-    def make(self, seed: int, images: int) -> dict:
+    def make(self, seed: int, images: int, types: tuple[str, ...] = QUESTION_TYPES, render: bool = True) -> dict:
         """One conversation per image: ``self.q`` question turns, the first exactly as inference
         asks it (image, question, "ASSISTANT:"), the later ones appended as further turns. Every
         answer is supervised, so one LLM pass over the 576 visual tokens teaches ``self.q`` answers."""
         rng = random.Random(seed)
         scenes = [draw_scene(rng) for _ in range(images)]
-        pixels = self.processor.image_processor(images=[s.render() for s in scenes], return_tensors="pt")["pixel_values"]
+        pixels = (self.processor.image_processor(images=[s.render() for s in scenes], return_tensors="pt")["pixel_values"]
+                  if render else None)
         convs = []
         for scene in scenes:
-            types = [t for _ in range(-(-self.q // len(QUESTION_TYPES))) for t in rng.sample(QUESTION_TYPES, k=len(QUESTION_TYPES))]
+            order = [t for _ in range(-(-self.q // len(types))) for t in rng.sample(types, k=len(types))]
             turns = []
-            for k, t in enumerate(types[: self.q]):
+            for k, t in enumerate(order[: self.q]):
                 prompt, answer, qtype = ask(rng, scene, t)
                 ids = self.prompt_ids(prompt) if k == 0 else self.turn_ids(prompt)
                 turns.append((ids, self.answer_ids(answer), qtype))
             convs.append(turns)
-        return {"pixels": pixels, "convs": convs, "aux": torch.stack([aux_targets(s) for s in scenes])}
+        aux = torch.stack([aux_targets(s) for s in scenes]) if render else None
+        return {"pixels": pixels, "convs": convs, "aux": aux, "scenes": scenes}
 
 
 def _features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -128,7 +148,7 @@ def _features(model, pixels: torch.Tensor) -> torch.Tensor:
     return model.model.multi_modal_projector(hidden)
 
 
-def lm_loss(model, feats: torch.Tensor, convs: list, image_token_id: int) -> tuple[torch.Tensor, dict[str, list[bool]]]:
+def lm_loss(model, feats: torch.Tensor | list[torch.Tensor], convs: list, image_token_id: int) -> tuple[torch.Tensor, dict[str, list[bool]]]:
     """Cross-entropy on every answer; row i is image i's conversation with its visual tokens
     spliced at <image>, right-padded. Returns (loss, per question type: answer right under
     teacher forcing)."""
@@ -140,7 +160,7 @@ def lm_loss(model, feats: torch.Tensor, convs: list, image_token_id: int) -> tup
         p = int((ids == image_token_id).nonzero()[0])
         e = embed(ids)
         rows.append(torch.cat([e[:p], feats[i], e[p + 1 :]]))
-        labels.append(torch.cat([lab[:p], torch.full((feats.shape[1],), -100), lab[p + 1 :]]))
+        labels.append(torch.cat([lab[:p], torch.full((feats[i].shape[0],), -100), lab[p + 1 :]]))
         kinds += [(qtype, len(a_ids)) for _, a_ids, qtype in turns]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, rows[0].shape[-1])
@@ -160,56 +180,78 @@ def lm_loss(model, feats: torch.Tensor, convs: list, image_token_id: int) -> tup
     return loss, right
 
 
+def word_id(tokenizer, word: str) -> int:
+    return tokenizer(word, add_special_tokens=False).input_ids[-1]
+
+
 class AuxHead(torch.nn.Module):
     """Training-only dense supervision of the visual tokens (dropped before saving).
 
-    Colour and shape are scored by cosine against the LLM's own input embeddings of the words
-    ("red", ..., "circle", ..., "background" for empty patches), as LLaVA's alignment stage puts
-    visual tokens in the word-embedding space: the LLM can then find "the circle" by attention,
-    and ResPrune's relevance (visual token vs noun embedding cosine) means what it should.
-    Object centre and side of the middle are two linear logits.
-
-    The shape is also asked of each *object*: its patches and a one-patch ring around them,
-    pooled. Per patch, the shape is nearly unlearnable for a tower trained from scratch (an
-    interior patch looks the same for every shape; a probe stays at chance), while the pooled
-    outline tells it apart within a few hundred steps, so the tower learns outline features."""
+    Each patch's colour, its object's shape and the side of the middle it lies on are scored by
+    cosine against the LLM's own input embeddings of the words ("red", ..., "background" for
+    empty patches; "circle", ...; "left", "right"), as LLaVA's alignment stage puts visual tokens
+    in the word-embedding space: the LLM, pre-trained on such tokens (stage 0), finds "the
+    circle" by attention, and ResPrune's relevance (visual token vs noun embedding cosine) means
+    what it should. (Measured against plain linear heads on the same features: 0.79 vs 0.61 per
+    interior patch at 900 steps.) The embeddings are targets here (no gradient). Whether a patch
+    holds an object's centre is a linear logit; the tokens' RMS is held near 1, the scale of the
+    synthetic tokens the LLM was pre-trained on."""
 
     def __init__(self, width: int, tokenizer) -> None:
         super().__init__()
-        word = lambda w: tokenizer(w, add_special_tokens=False).input_ids[-1]  # noqa: E731
-        self.register_buffer("colour_ids", torch.tensor([word("background")] + [word(c) for c in COLOURS]))
-        self.register_buffer("shape_ids", torch.tensor([word("background")] + [word(s) for s in SHAPES]))
-        self.linear = torch.nn.Linear(width, 2)
+        self.register_buffer("colour_ids", torch.tensor([word_id(tokenizer, w) for w in ("background", *COLOURS)]))
+        self.register_buffer("shape_ids", torch.tensor([word_id(tokenizer, w) for w in SHAPES]))
+        self.register_buffer("side_ids", torch.tensor([word_id(tokenizer, w) for w in ("right", "left")]))
+        self.centre = torch.nn.Linear(width, 1)
         self.scale = 10.0
 
-    def forward(self, embed: torch.nn.Embedding, feats: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward(self, embed: torch.nn.Embedding, feats: torch.Tensor, aux: torch.Tensor,
+                outline_only: bool = False) -> torch.Tensor:
+        """``outline_only``: ask the shape of outline patches only (the curriculum's first part)."""
         f = F.normalize(feats, dim=-1)
-        colour = self.scale * f @ F.normalize(embed.weight[self.colour_ids], dim=-1).T
-        shape = self.scale * f @ F.normalize(embed.weight[self.shape_ids], dim=-1).T
+        words = F.normalize(embed.weight.detach(), dim=-1)
+        colour = self.scale * f @ words[self.colour_ids].T
+        shape = self.scale * f @ words[self.shape_ids].T
+        side = self.scale * f @ words[self.side_ids].T
+        shape_target = aux[..., 1] - 1  # -1: background, not asked
+        interior = (aux[..., 1] > 0) & (aux[..., 5] == 0)
+        if outline_only:
+            shape_target[interior] = -1
         loss = F.cross_entropy(colour.flatten(0, 1), aux[..., 0].flatten()) \
-            + F.cross_entropy(shape.flatten(0, 1), aux[..., 1].flatten())
-        centre, side = self.linear(feats).unbind(-1)
-        loss = loss + F.binary_cross_entropy_with_logits(centre.flatten(), aux[..., 2].float().flatten(),
+            + F.cross_entropy(shape.flatten(0, 1), shape_target.flatten(), ignore_index=-1) \
+            + F.cross_entropy(side.flatten(0, 1), aux[..., 3].flatten(), ignore_index=-1)
+        with torch.no_grad():  # per-patch accuracy, for the log
+            hit = shape.argmax(-1) == aux[..., 1] - 1
+            self.last = {"colour": (colour.argmax(-1) == aux[..., 0])[aux[..., 0] > 0].float().mean().item(),
+                         "outline": hit[aux[..., 5] == 1].float().mean().item(),
+                         "interior": hit[interior].float().mean().item() if interior.any() else 0.0}
+        loss = loss + F.binary_cross_entropy_with_logits(self.centre(feats).flatten(), aux[..., 2].float().flatten(),
                                                          pos_weight=torch.tensor(20.0))
-        on_object = aux[..., 3] >= 0
-        loss = loss + F.binary_cross_entropy_with_logits(side[on_object], aux[..., 3][on_object].float())
-        return loss + self.object_shape_loss(embed, feats, aux)
+        return loss + 0.1 * (feats.pow(2).mean(-1) - 1).pow(2).mean()
 
-    def object_shape_loss(self, embed: torch.nn.Embedding, feats: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        objects = aux[..., 4]  # [B, N]
-        n = int(objects.max())
-        if n == 0:
-            return feats.new_zeros(())
-        one_hot = F.one_hot(objects, n + 1)[..., 1:].float()  # [B, N, n]
-        grid = one_hot.transpose(1, 2).reshape(-1, 1, GRID, GRID)
-        ring = F.max_pool2d(grid, 3, 1, 1).reshape(one_hot.shape[0], n, -1)  # [B, n, N]
-        present = one_hot.sum(1) > 0  # [B, n]
-        pooled = (ring @ feats) / ring.sum(-1, keepdim=True).clamp(min=1)  # [B, n, D]
-        # Each object's shape: the label of its patches (all equal).
-        label = (one_hot * aux[..., 1:2].float()).sum(1) / one_hot.sum(1).clamp(min=1)  # [B, n]
-        words = F.normalize(embed.weight[self.shape_ids[1:]], dim=-1)
-        logits = self.scale * F.normalize(pooled[present], dim=-1) @ words.T
-        return F.cross_entropy(logits, label[present].round().long() - 1)
+
+def synthetic_tokens(scene: Scene, embed: torch.nn.Embedding, tokenizer, rng: random.Random) -> torch.Tensor:
+    """Stage 0's stand-in for a scene's visual tokens: a short sequence of word-aligned vectors,
+    what the tower is then trained to produce per patch. Each object is 2 to 6 tokens of
+    (its colour + shape + side) embeddings, with 8 to 24 "background" tokens, in raster order
+    of a coarse grid, noised, at RMS 1. Short sequences make the asked object a large share of
+    the tokens, so the LLM learns retrieval by attention in minutes instead of the hours it
+    takes among 576 tokens; the same heads then serve real visual tokens (stage 2)."""
+    e = embed.weight.detach()
+    w = scene.size[0]
+    items: list[tuple[float, torch.Tensor]] = []  # (raster key, direction)
+    for obj in scene.objects:
+        side = "left" if obj.cx < w / 2 else "right"
+        vec = sum(F.normalize(e[word_id(tokenizer, x)], dim=0) for x in (obj.colour, obj.shape, side))
+        for _ in range(rng.randint(2, 6)):
+            items.append((obj.cy / scene.size[1] + rng.uniform(-0.05, 0.05) + obj.cx / w * 1e-3, vec))
+    bg = F.normalize(e[word_id(tokenizer, "background")], dim=0)
+    items += [(rng.random(), bg) for _ in range(rng.randint(8, 24))]
+    items.sort(key=lambda t: t[0])
+    x = torch.stack([v for _, v in items])
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    x = F.normalize(x + 0.3 * torch.randn(x.shape, generator=gen) / math.sqrt(x.shape[1]), dim=-1)
+    return x * math.sqrt(x.shape[1])
 
 
 def evaluate(path: Path, rows: int, seed: int) -> dict:
@@ -240,13 +282,19 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=CHECKPOINTS / "tiny-llava-shapes")
-    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--lm-steps", type=int, default=2000,
+                    help="stage 0: the LLM alone learns to answer from short synthetic word-aligned token sequences")
+    ap.add_argument("--lm-images", type=int, default=16, help="stage 0 scenes per step")
+    ap.add_argument("--lm-questions", type=int, default=4, help="stage 0 questions per scene")
+    ap.add_argument("--tower-steps", type=int, default=1000,
+                    help="stage 1: the vision tower and projector learn the dense targets alone (0.25 s a step)")
+    ap.add_argument("--outline-steps", type=int, default=500,
+                    help="the first steps ask the shape of outline patches only (a curriculum)")
+    ap.add_argument("--steps", type=int, default=1200, help="stage 2: the whole model, answers plus dense targets")
     ap.add_argument("--images-per-step", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0)
-    ap.add_argument("--aux-only-steps", type=int, default=150,
-                    help="first steps train the vision tower and projector on the dense targets alone (cheap)")
-    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock bound on training")
+    ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock bound on training (both stages)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=50)
@@ -259,38 +307,63 @@ def main() -> None:
     head = AuxHead(model.config.text_config.hidden_size, processor.tokenizer)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, a.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))
-    )
+    warmup = 100
+    stage_starts = (0, a.lm_steps, a.lm_steps + a.tower_steps)
+    total = a.lm_steps + a.tower_steps + a.steps
+
+    def stage_of(s: int) -> int:
+        return 0 if s < stage_starts[1] else 1 if s < stage_starts[2] else 2
+
+    def lr_factor(s: int) -> float:
+        # Warm-up at the start of each stage; constant through stages 0 and 1; cosine over stage 2.
+        t = s - stage_starts[stage_of(s)]
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, t / max(1, a.steps)))) if stage_of(s) == 2 else 1.0
+        return min(1.0, (t + 1) / warmup) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     batcher = Batcher(processor, QUESTIONS_PER_IMAGE)
+    lm_batcher = Batcher(processor, a.lm_questions)
     image_token_id = batcher.image_token_id
     start = time.perf_counter()
-    ema_loss = None
-    ema_acc: dict[str, float] = {}
+    ema: dict[str, float] = {}
+
+    def track(name: str, value: float) -> None:
+        ema[name] = value if name not in ema else 0.95 * ema[name] + 0.05 * value
+
     step = 0
-    for step in range(a.steps):
+    for step in range(total):
         if time.perf_counter() - start > a.minutes * 60:
             print(f"stopping at step {step}: --minutes {a.minutes} reached", flush=True)
             break
-        batch = batcher.make(TRAIN_SEED + step, a.images_per_step)
-        feats = _features(model, batch["pixels"])
-        loss = a.aux_weight * head(model.get_input_embeddings(), feats, batch["aux"])
-        if step >= a.aux_only_steps:
+        stage = stage_of(step)
+        if step in stage_starts:
+            ema.clear()
+        embed = model.get_input_embeddings()
+        if stage == 0:
+            batch = lm_batcher.make(TRAIN_SEED + step, a.lm_images, types=STAGE0_TYPES, render=False)
+            rng = random.Random(TRAIN_SEED + step)
+            feats = [synthetic_tokens(sc, embed, processor.tokenizer, rng) for sc in batch["scenes"]]
+            loss = 0.0
+        else:
+            batch = batcher.make(TRAIN_SEED + step, a.images_per_step, types=STAGE2_TYPES)
+            feats = _features(model, batch["pixels"])
+            loss = a.aux_weight * head(embed, feats, batch["aux"], outline_only=step < stage_starts[1] + a.outline_steps)
+            for k, v in head.last.items():
+                track(f"patch_{k}", v)
+        if stage != 1:
             loss_lm, right = lm_loss(model, feats, batch["convs"], image_token_id)
             loss = loss + loss_lm
-            ema_loss = loss_lm.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss_lm.item()
+            track("lm", loss_lm.item())
             for t, v in right.items():
-                ema_acc[t] = float(np.mean(v)) if t not in ema_acc else 0.95 * ema_acc[t] + 0.05 * float(np.mean(v))
+                track(t, float(np.mean(v)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step % a.log_every == 0:
-            accs = " ".join(f"{t} {v:.2f}" for t, v in sorted(ema_acc.items()))
-            print(f"step {step:5d}  {time.perf_counter() - start:7.1f}s  lm {ema_loss or 0:.3f}  total {loss.item():.3f}  "
-                  f"lr {sched.get_last_lr()[0]:.2e}  train acc: {accs}", flush=True)
+        if step % a.log_every == 0 or step in stage_starts:
+            print(f"step {step:5d} stage {stage} {time.perf_counter() - start:7.1f}s  total {loss.item():.3f}  "
+                  f"lr {sched.get_last_lr()[0]:.2e}  " + " ".join(f"{k} {v:.2f}" for k, v in sorted(ema.items())), flush=True)
     train_s = time.perf_counter() - start
     model.eval()
     if a.out.exists():
