@@ -133,7 +133,12 @@ def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> 
     }
     assert manifest["config"]["pruning"]["keep"] == keep and manifest["packages"]["torch"]
     assert manifest["started_at"] <= manifest["finished_at"] and cost["reserved"]["wall_seconds"] > 0
-    assert cost["prices"]["cpu_core"]["source"] and cost["shapes"]["language"]["layers"] == 2
+    from transformers import AutoConfig
+
+    from pipeline.models.tiny import resolve_model_path
+
+    llm = AutoConfig.from_pretrained(resolve_model_path(manifest["config"]["model"]["path"])).text_config
+    assert cost["prices"]["cpu_core"]["source"] and cost["shapes"]["language"]["layers"] == llm.num_hidden_layers
 
 
 def test_job_reads_and_writes_s3(

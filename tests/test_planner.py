@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.config import load_config
 from pipeline.cost.flops import prefill_flops, vision_flops
 from pipeline.cost.planner import CSV_COLUMNS
 from pipeline.io.manifest import read_manifest
@@ -95,9 +96,10 @@ def test_plan_from_measured_runs(tmp_path: Path, finished_runs: dict[str, Path])
     measured = {r["method"]: r for r in rows if r["estimated"] == "False"}
     assert set(measured) == {"none", "resprune"} and len(rows) == 6  # 4 estimates + 2 runs
     assert (int(measured["none"]["keep"]), int(measured["resprune"]["keep"])) == (576, 64)
+    local_model = load_config(REPO / "configs/local.yaml").model.path  # the runs' model
     for method, r in measured.items():
         m = read_manifest(str(finished_runs[method]))
-        assert r["model"] == "tiny:llava" and r["accelerator"] == "cpu" and r["source"] == str(finished_runs[method])
+        assert r["model"] == local_model and r["accelerator"] == "cpu" and r["source"] == str(finished_runs[method])
         assert float(r["usd_per_1k_images"]) == pytest.approx(1000 * m["cost"]["mean_per_image"]["cost_usd"])
         assert float(r["flops_per_image"]) == pytest.approx(m["cost"]["mean_per_image"]["flops_total"])
         assert float(r["llm_images_per_second"]) == pytest.approx(m["cost"]["stages"]["decode_stage"]["images_per_second"])
