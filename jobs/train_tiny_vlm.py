@@ -70,12 +70,12 @@ PATCH = 14
 
 
 def aux_targets(scene: Scene) -> torch.Tensor:
-    """[GRID*GRID, 6] long per patch, in the geometry of the processor's pad-to-square (image
+    """[GRID*GRID, 5] long per patch, in the geometry of the processor's pad-to-square (image
     centred on the padded square, resized to 336 px): colour class (the object covering over half
     the patch; 0 = background), shape class (any object touching the patch, the largest share
     winning; 0 = background), whether it holds an object's centre, whether it lies left of the
-    middle (object patches only; -1 elsewhere), which object it belongs to (1-based, 0 none) and
-    whether it holds the object's outline (partly covered)."""
+    middle (object patches only; -1 elsewhere) and whether it holds the object's outline (partly
+    covered)."""
     w, h = scene.size
     side = max(w, h)
     labels = Image.new("L", (side, side), 0)
@@ -84,10 +84,10 @@ def aux_targets(scene: Scene) -> torch.Tensor:
     cells = np.asarray(labels.resize((px, px), Image.NEAREST)).reshape(GRID, PATCH, GRID, PATCH)
     cells = cells.transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
     share = np.stack([(cells == k).mean(1) for k in range(1, len(scene.objects) + 1)])  # [objects, patches]
-    owner = np.where(share.max(0) > 0.05, share.argmax(0) + 1, 0)  # touching: shape and object id
+    owner = np.where(share.max(0) > 0.05, share.argmax(0) + 1, 0)  # the object touching it most, 0 none
     colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
     shape_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
-    out = torch.zeros(GRID * GRID, 6, dtype=torch.long)
+    out = torch.zeros(GRID * GRID, 5, dtype=torch.long)
     out[:, 3] = -1
     left = torch.arange(GRID).repeat(GRID) < GRID / 2
     for k, obj in enumerate(scene.objects, start=1):
@@ -95,8 +95,7 @@ def aux_targets(scene: Scene) -> torch.Tensor:
         out[torch.from_numpy(share[k - 1] > 0.5), 0] = colour_ids[obj.colour]
         out[mask, 1] = shape_ids[obj.shape]
         out[mask, 3] = left[mask].long()
-        out[mask, 4] = k
-        out[mask & torch.from_numpy(share[k - 1] < 0.95), 5] = 1
+        out[mask & torch.from_numpy(share[k - 1] < 0.95), 4] = 1
         cx = int((obj.cx + (side - w) / 2) / side * GRID)
         cy = int((obj.cy + (side - h) / 2) / side * GRID)
         out[min(cy, GRID - 1) * GRID + min(cx, GRID - 1), 2] = 1
@@ -219,7 +218,7 @@ class AuxHead(torch.nn.Module):
         shape = self.scale * f @ words[self.shape_ids].T
         side = self.scale * f @ words[self.side_ids].T
         shape_target = aux[..., 1] - 1  # -1: background, not asked
-        interior = (aux[..., 1] > 0) & (aux[..., 5] == 0)
+        interior = (aux[..., 1] > 0) & (aux[..., 4] == 0)
         if outline_only:
             shape_target[interior] = -1
         loss = F.cross_entropy(colour.flatten(0, 1), aux[..., 0].flatten()) \
@@ -228,7 +227,7 @@ class AuxHead(torch.nn.Module):
         with torch.no_grad():  # per-patch accuracy, for the log
             hit = shape.argmax(-1) == aux[..., 1] - 1
             self.last = {"colour": (colour.argmax(-1) == aux[..., 0])[aux[..., 0] > 0].float().mean().item(),
-                         "outline": hit[aux[..., 5] == 1].float().mean().item(),
+                         "outline": hit[aux[..., 4] == 1].float().mean().item(),
                          "interior": hit[interior].float().mean().item() if interior.any() else 0.0}
         loss = loss + F.binary_cross_entropy_with_logits(self.centre(feats).flatten(), aux[..., 2].float().flatten(),
                                                          pos_weight=torch.tensor(20.0))
