@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="override input.path (local path or s3:// URI)")
     p.add_argument("--output", help="override output.path (a directory of Parquet files)")
     p.add_argument("--method", help="override pruning.method")
-    p.add_argument("--keep", type=int, help="override pruning.keep")
+    p.add_argument("--keep", type=int, help="override the budget: keep up to this many visual tokens per image")
+    p.add_argument("--prune-ratio", type=float, help="override the budget: prune this fraction of each image's tokens")
     p.add_argument("--alpha", type=float, help="override pruning.alpha")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep", "alpha": "pruning.alpha"}
+    fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
+              "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha"}
     overrides = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
     try:
         cfg = load_config(args.config, overrides)
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {summary.output_rows}/{summary.input_rows} rows to {summary.output} "
         f"({summary.ok_rows} answered, {summary.error_rows} with an error: {summary.errors_by_kind or 'none'})"
     )
+    print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept "
+          f"({cfg.pruning.method}, {cfg.pruning.describe()})")
     mean = summary.cost_mean_per_image
     if mean.get("flops_total"):
         print(

@@ -5,8 +5,11 @@ GPU, wall time and total cost on G accelerators, and the saving against keeping 
         --images 10000000 [--gpus 8] [--runs OUT_DIR ...] --out plans/llava-7b
 
 Without --runs: estimates from the checkpoint's shapes (model.architecture, else model.path)
-and configs/accelerators.yaml, at --budgets kept visual tokens, for keep-all (method `none`)
-and the config's pruning method. With --runs: measured rows from finished runs (their output
+and configs/accelerators.yaml, for one --image-size image (what it costs in visual tokens and
+encoder patches follows the family: fixed for LLaVA-1.5, tiles for LLaVA-NeXT, pixels for
+Qwen2.5-VL within model.min_pixels / max_pixels), at each of --budgets (counts, or prune ratios
+such as 77.8%, by the job's own budget rule), for keep-all (method `none`) and the config's
+pruning method. With --runs: measured rows from finished runs (their output
 and _manifest.json) too. Writes plan.csv, plan.md and plan.png under --out and prints the table.
 Exit status 2 on a configuration error.
 """
@@ -23,7 +26,8 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.cost import planner  # noqa: E402
 from pipeline.cost.accounting import accelerator_price  # noqa: E402
 from pipeline.cost.prices import load_accelerators, load_prices  # noqa: E402
-from pipeline.models import model_shapes  # noqa: E402
+from pipeline.models import model_shapes, token_counts  # noqa: E402
+from pipeline.pruning import budget  # noqa: E402
 from pipeline.models.tiny import resolve_model_path  # noqa: E402
 
 
@@ -43,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="accelerators to plan for (default 1)")
     p.add_argument("--runs", nargs="*", default=[], help="finished runs' output directories (local or s3://)")
     p.add_argument("--out", required=True, type=Path, help="directory for plan.csv, plan.md, plan.png")
-    p.add_argument("--budgets", default="576,192,128,64", help="kept visual tokens to estimate (comma-separated)")
+    p.add_argument("--budgets", default="0%,66.7%,77.8%,88.9%",
+                   help="budgets to estimate, comma-separated: counts (128) or prune ratios (77.8%%); default: "
+                   "keep-all and the paper's three ratios (576 -> 192, 128, 64 on LLaVA-1.5)")
+    p.add_argument("--image-size", default="640x480",
+                   help="WIDTHxHEIGHT of a typical corpus image, for families whose token count follows it "
+                   "(default 640x480)")
     p.add_argument("--accelerators", default="configs/accelerators.yaml", help="accelerator table (YAML)")
     p.add_argument("--no-estimates", action="store_true", help="measured rows only")
     for name, kind in ASSUMPTION_FLAGS.items():
@@ -61,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         price = accelerator_price(prices, args.accelerator)
         overrides = {k: getattr(args, k) for k in ASSUMPTION_FLAGS if getattr(args, k) is not None}
         assume = table.assumptions.model_copy(update=overrides)
-        budgets = sorted({int(b) for b in args.budgets.split(",")}, reverse=True)
+        try:
+            budgets = planner.parse_budgets(args.budgets)
+            width, height = (int(x) for x in args.image_size.lower().split("x"))
+            if width < 1 or height < 1:
+                raise ValueError
+        except ValueError as e:
+            what = str(e) if "budgets" in str(e) else f"--image-size {args.image_size!r}: want WIDTHxHEIGHT"
+            raise ConfigError(what) from None
+        image_note = None
         rows: list[planner.PlanRow] = []
         if not args.no_estimates:
             source = cfg.model.architecture or resolve_model_path(cfg.model.path)
@@ -71,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"model.architecture / model.path {source!r}: cannot read the checkpoint's config "
                                   f"({e}); offline, point model.architecture at a directory holding its config.json")
             name = planner.model_label(cfg.model.path)
-            n_visual = shapes.vision.patches
-            for keep in budgets:
+            n_visual, patches = token_counts(source, cfg.model, width, height, cfg.model.family)
+            image_note = (f"Estimates are for {width}x{height} images: {n_visual} visual tokens per image unpruned, "
+                          f"{patches} patches through the vision encoder.")
+            kept_counts = sorted({budget(n_visual, keep=k, prune_ratio=r) for k, r in budgets}, reverse=True)
+            for keep in kept_counts:
                 method = "none" if keep >= n_visual else cfg.pruning.method
                 rows.append(planner.estimate(
-                    shapes, model=name, method=method, keep=keep, accelerator_name=args.accelerator,
-                    accelerator=table.accelerators[args.accelerator], price=price, assume=assume,
-                    images=args.images, gpus=args.gpus,
+                    shapes, model=name, method=method, keep=keep, visual_tokens_in=n_visual, encoder_patches=patches,
+                    accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
+                    assume=assume, images=args.images, gpus=args.gpus,
                 ))
         for run in args.runs:
             try:
@@ -91,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     planner.add_savings(rows)
     notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price)
+    notes += [image_note] if image_note else []
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
           f"(estimates are labelled; assumptions in {args.out / 'plan.md'})")

@@ -275,7 +275,7 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
         imgs = [decode_image(r["image"], InputConfig(path="-").max_image_pixels) for r in chunk]
         enc = vision.encode(imgs)
         kept = [torch.arange(f.shape[0]) for f in enc.features]
-        answers = adapter.generate([r["prompt"] for r in chunk], enc.features, kept, gen)
+        answers = adapter.generate([r["prompt"] for r in chunk], enc.features, kept, enc.layouts, gen)
         for r, a in zip(chunk, answers, strict=True):
             right[r["question_type"]].append(is_correct({"answer": a.text, "expected": r["expected"], "error": ""}))
     every = [x for v in right.values() for x in v]

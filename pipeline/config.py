@@ -43,26 +43,83 @@ class OutputConfig(_Strict):
 
 class ModelConfig(_Strict):
     path: str = Field(
-        description="Anything from_pretrained accepts (hub id or local directory), or `tiny:llava` for the "
-        "offline tiny checkpoint (built once into $RESPRUNE_CACHE or ~/.cache/resprune-pipeline)."
+        description="Anything from_pretrained accepts (hub id or local directory), or `tiny:<recipe>` for an "
+        "offline tiny checkpoint (tiny:llava, tiny:llava_next, tiny:qwen2_5_vl: built once into $RESPRUNE_CACHE or "
+        "~/.cache/resprune-pipeline; tiny:llava-shapes: trained, committed)."
     )
-    family: Literal["auto", "llava"] = Field("auto", description="Adapter; `auto` reads the checkpoint's model_type.")
+    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
+        "auto", description="Adapter; `auto` reads the checkpoint's model_type."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available, else cpu.")
+    min_pixels: int | None = Field(
+        None, ge=28 * 28, description="Qwen2.5-VL dynamic resolution: images are resized to at least this many "
+        "pixels (None: the checkpoint's processor setting). Other families ignore it.",
+    )
+    max_pixels: int | None = Field(
+        None, ge=28 * 28, description="Qwen2.5-VL dynamic resolution: images are resized to at most this many "
+        "pixels, which bounds the visual tokens per image to max_pixels / 784 (None: the processor's setting).",
+    )
     architecture: str | None = Field(
         None, description="Directory holding the checkpoint's config.json, read instead of `path`'s by the cost "
         "planner when `path` cannot be reached (e.g. configs/checkpoints/llava-1.5-7b-hf offline). The job itself "
         "always counts from the checkpoint it loads.",
     )
 
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> ModelConfig:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        return self
+
+
+DEFAULT_KEEP = 128
+
 
 class PruningConfig(_Strict):
+    """The budget is a count (`keep`) or a ratio (`prune_ratio`), never both; neither set means
+    keep = 128. Each row's applied budget is written to the output's `keep` column."""
+
     method: str = Field("resprune", description="One of pipeline.pruning.METHODS: none, random, score_topk, divprune, resprune.")
-    keep: int = Field(128, ge=1, description="Visual tokens kept per image (all of them when >= the image's count).")
-    alpha: float = Field(0.75, ge=0.0, le=10.0, description="ResPrune text-guidance strength (0 = no guidance).")
+    keep: int | None = Field(
+        None, ge=1, description="Budget as a count: keep up to this many visual tokens per image (all of them when the "
+        "image has fewer). 128 when neither keep nor prune_ratio is set.",
+    )
+    prune_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Budget as a ratio: prune this fraction of each image's visual tokens, e.g. "
+        "0.778 keeps ceil(22.2 %) of them (at least 1). Suits families whose token count follows the image size.",
+    )
+    alpha: float | None = Field(
+        None, ge=0.0, le=10.0, description="ResPrune text-guidance strength (0 = no guidance). None: the paper's "
+        "setting for the model family (LLaVA-1.5 and LLaVA-NeXT 0.75, Qwen2.5-VL 0.3).",
+    )
     rng_seed: int = Field(0, description="Seed of the `random` method.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("keep") is not None and data.get("prune_ratio") is not None:
+                raise ValueError("keep and prune_ratio both set: give the budget as a count or as a ratio, not both")
+            if data.get("keep") is None and data.get("prune_ratio") is None:
+                data = {**data, "keep": DEFAULT_KEEP}
+        return data
+
+    def keep_for(self, visual_tokens: int) -> int:
+        """The budget applied to an image of ``visual_tokens`` tokens (the one budget rule)."""
+        from pipeline.pruning import budget
+
+        return budget(visual_tokens, keep=self.keep, prune_ratio=self.prune_ratio)
+
+    def alpha_for(self, family_default: float) -> float:
+        """The text-guidance strength applied: ``alpha`` when set, else the family's default."""
+        return self.alpha if self.alpha is not None else family_default
+
+    def describe(self) -> str:
+        """The budget as configured: "keep 128" or "prune 77.8 %"."""
+        return f"keep {self.keep}" if self.keep is not None else f"prune {100 * self.prune_ratio:g} %"
 
     @field_validator("method")
     @classmethod
@@ -161,7 +218,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
         raise ConfigError(f"cannot read config {path}: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    for field, other in (("pruning.keep", "pruning.prune_ratio"), ("pruning.prune_ratio", "pruning.keep")):
+        if overrides.get(field) is not None:  # a budget given on the command line replaces the file's
+            overrides.setdefault(other, None)
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:

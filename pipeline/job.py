@@ -24,7 +24,7 @@ from pipeline.io.manifest import package_versions, write_manifest
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import COST_COLUMNS, INPUT_COLUMNS, STAGE_TIME_COLUMNS, to_output_table
 from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset, ray_path
-from pipeline.models import detect_family, model_shapes
+from pipeline.models import ADAPTERS, detect_family, model_shapes
 from pipeline.models.base import planned_dtype
 from pipeline.models.tiny import resolve_model_path
 from pipeline.quality.scoring import is_correct
@@ -253,7 +253,11 @@ def _resolve_model(cfg: JobConfig) -> JobConfig:
         family = detect_family(path) if cfg.model.family == "auto" else cfg.model.family
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from e
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path, "family": family})})
+    # The family's default alpha is written into the config, so the manifest records what was applied.
+    pruning = cfg.pruning.model_copy(update={"alpha": cfg.pruning.alpha_for(ADAPTERS[family].default_alpha)})
+    return cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"path": path, "family": family}), "pruning": pruning}
+    )
 
 
 def _utc_now() -> str:

@@ -18,7 +18,8 @@ TABLES = {"prices.yaml", "accelerators.yaml"}  # data tables, validated by their
 
 def test_shipped_configs_validate() -> None:
     jobs = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in TABLES]
-    assert {"local.yaml", "llava-1.5-7b.yaml"} <= {p.name for p in jobs}
+    assert {"local.yaml", "llava-1.5-7b.yaml", "local-llava-next.yaml", "local-qwen2_5_vl.yaml", "llava-next-7b.yaml",
+            "qwen2.5-vl-7b.yaml"} <= {p.name for p in jobs}
     for path in jobs:
         load_config(path)
 
@@ -39,11 +40,31 @@ def test_overrides_apply() -> None:
         ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens"),
         ({"model": {"path": "x", "dtype": "float8"}}, "model.dtype"),
         ({"pruning": {"kepp": 3}}, "pruning.kepp"),
+        ({"pruning": {"prune_ratio": 1.0}}, "pruning.prune_ratio"),
+        ({"pruning": {"keep": 64, "prune_ratio": 0.5}}, "pruning: .*keep and prune_ratio both set"),
+        ({"model": {"path": "x", "min_pixels": 10_000, "max_pixels": 5_000}}, "model: .*min_pixels"),
+        ({"model": {"path": "x", "family": "qwen2"}}, "model.family"),
     ],
 )
 def test_bad_fields_are_named(patch: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"{field}"):
         validate_config({**BASE, **patch})
+
+
+def test_budget_is_a_count_or_a_ratio_and_the_command_line_replaces_the_files() -> None:
+    assert validate_config(BASE).pruning.keep == 128  # neither given: the documented default count
+    ratio = validate_config({**BASE, "pruning": {"prune_ratio": 0.778}}).pruning
+    assert (ratio.keep, ratio.prune_ratio, ratio.keep_for(2880), ratio.keep_for(576)) == (None, 0.778, 640, 128)
+    assert ratio.describe() == "prune 77.8 %"
+    count = validate_config({**BASE, "pruning": {"keep": 640}}).pruning
+    assert (count.keep_for(2880), count.keep_for(300), count.describe()) == (640, 300, "keep 640")
+    # A budget given as an override replaces the file's budget of the other kind instead of clashing.
+    qwen = load_config(REPO / "configs/local-qwen2_5_vl.yaml", {"pruning.keep": 64})
+    assert (qwen.pruning.keep, qwen.pruning.prune_ratio) == (64, None)
+    local = load_config(REPO / "configs/local.yaml", {"pruning.prune_ratio": 0.889})
+    assert (local.pruning.keep, local.pruning.keep_for(576)) == (None, 64)
+    # alpha: null means the family's paper setting.
+    assert (qwen.pruning.alpha, qwen.pruning.alpha_for(0.3), local.pruning.alpha_for(0.3)) == (None, 0.3, 0.75)
 
 
 def test_missing_section_is_named() -> None:

@@ -85,7 +85,8 @@ def test_prefill_flops_agree_with_flop_counter_pruned_and_unpruned(adapters, sha
     kept = torch.arange(keep)
     gen = GenerationConfig(max_new_tokens=1)  # prefill + the LM-head row of the first token
     result = []
-    counted = _counted(lambda: result.extend(language.generate(["What shape is shown?"], [features[:keep]], [kept], gen)))
+    prompt = ["What shape is shown?"]
+    counted = _counted(lambda: result.extend(language.generate(prompt, [features[:keep]], [kept], [[]], gen)))
     seq = result[0].prompt_tokens
     assert seq > keep  # text tokens around the visual ones
     analytic = prefill_flops(shapes.language, seq)
@@ -143,6 +144,7 @@ def _batch() -> dict:
         "id": np.array(["a", "b", "c"], dtype=object),
         "error": np.array(["", "corrupt image: x", ""], dtype=object),
         "visual_tokens_in": np.array([576, 0, 576]), "visual_tokens_kept": np.array([128, 0, 576]),
+        "encoder_patches": np.array([576, 0, 576]),
         "prompt_tokens": np.array([150, 0, 598]), "generated_tokens": np.array([5, 0, 5]),
         "text_ms": np.array([1.0, 0.0, 1.0]), "encode_ms": np.array([40.0, 0.0, 40.0]),
         "prune_ms": np.array([10.0, 0.0, 0.0]), "decode_ms": np.array([100.0, 0.0, 300.0]),
@@ -163,7 +165,8 @@ def test_row_costs_apportion_reserved_resources_and_price_from_the_table(shapes,
         expected = (out["gpu_seconds"][i] * gpu_rate + 0.25 * text_s * core_rate) / 3600
         assert out["cost_usd"][i] == pytest.approx(expected)
         f = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=int(_batch()["visual_tokens_kept"][i]),
-                      prompt_tokens=int(_batch()["prompt_tokens"][i]), generated_tokens=5, bytes_per_element=2)
+                      encoder_patches=576, prompt_tokens=int(_batch()["prompt_tokens"][i]), generated_tokens=5,
+                      bytes_per_element=2)
         assert out["flops_total"][i] == f.total == out["flops_vision"][i] + out["flops_prefill"][i] + out["flops_decode"][i]
     # Row 0 was pruned 576 -> 128: the unpruned figures are the same row with 598 prompt tokens.
     assert out["flops_prefill_unpruned"][0] == prefill_flops(shapes.language, 598) == out["flops_prefill"][2]

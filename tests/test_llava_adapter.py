@@ -64,7 +64,7 @@ def test_encode_matches_transformers_get_image_features(tiny_llava: str, vision,
 def test_keep_all_split_path_equals_stock_generate(tiny_llava: str, vision, language, images) -> None:
     gen = GenerationConfig(max_new_tokens=12)
     enc = vision.encode(images)
-    ours = language.generate(PROMPTS, enc.features, [torch.arange(576)] * 3, gen)
+    ours = language.generate(PROMPTS, enc.features, [torch.arange(576)] * 3, enc.layouts, gen)
 
     processor = AutoProcessor.from_pretrained(tiny_llava)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
@@ -95,7 +95,7 @@ def test_llm_receives_exactly_the_kept_tokens_in_spatial_order(vision, language,
         lambda _m, _a, kwargs: captured.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True
     )
     try:
-        out = language.generate([PROMPTS[0]], [enc.features[0][kept]], [kept], GenerationConfig(max_new_tokens=3))
+        out = language.generate([PROMPTS[0]], [enc.features[0][kept]], [kept], [[]], GenerationConfig(max_new_tokens=3))
     finally:
         handle.remove()
 

@@ -73,6 +73,38 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
         assert float(many["total_usd"]) == pytest.approx(float(one["total_usd"]))
 
 
+@pytest.mark.parametrize(("config", "checkpoint"), [("configs/llava-next-7b.yaml", "llava-v1.6-vicuna-7b-hf"),
+                                                  ("configs/qwen2.5-vl-7b.yaml", "Qwen2.5-VL-7B-Instruct")])
+def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budgets(
+    tmp_path: Path, config: str, checkpoint: str
+) -> None:
+    """Token counts come from the family's own rule for the assumed image size, budgets from the
+    job's budget rule; bigger images cost more vision FLOPs on both families."""
+    from pipeline.cost.planner import parse_budgets
+    from pipeline.models import token_counts
+    from pipeline.pruning import budget
+
+    cfg, arch = load_config(REPO / config), str(REPO / "configs/checkpoints" / checkpoint)
+    shapes = model_shapes(arch)
+    vision = {}
+    for size in ("336x336", "640x480"):
+        out = tmp_path / size
+        proc = _plan(["--model", config, "--accelerator", "h100-sxm", "--images", str(IMAGES), "--image-size", size,
+                      "--budgets", "0%,66.7%,77.8%,88.9%", "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        n, patches = token_counts(arch, cfg.model, *(int(x) for x in size.split("x")))
+        rows = _rows(out)
+        want = [budget(n, keep=k, prune_ratio=r) for k, r in parse_budgets("0%,66.7%,77.8%,88.9%")]
+        assert [int(r["keep"]) for r in rows] == want and want[0] == n and rows[0]["method"] == "none"
+        assert all(float(r["flops_vision_per_image"]) == vision_flops(shapes.vision, patches) for r in rows)
+        assert f"{n} visual tokens per image unpruned" in (out / "plan.md").read_text()
+        vision[size] = float(rows[0]["flops_vision_per_image"])
+    assert vision["640x480"] > vision["336x336"]  # more tiles (NeXT), more pixels (Qwen)
+    bad = _plan(["--model", config, "--accelerator", "h100-sxm", "--images", "10", "--budgets", "150%",
+                 "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--budgets" in bad.stderr
+
+
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llava: str) -> dict[str, Path]:
     from pipeline.io.sample_corpus import write_corpus

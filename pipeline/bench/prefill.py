@@ -132,7 +132,7 @@ def run(model_path: str, repeats: int, batch: int, device: str, dtype: str) -> d
     def prefill(k: int) -> Callable[[], object]:
         visual = [f[:k] for f in features]
         kept = [torch.arange(k) for _ in features]
-        return lambda: language.generate(prompts, visual, kept, gen)
+        return lambda: language.generate(prompts, visual, kept, encoded.layouts, gen)
 
     calls = {k: prefill(k) for k in keeps}
     # Warm-up (allocator, kernel selection) and the prompt length: generate reports the prefilled

@@ -72,6 +72,7 @@ class CostModel:
             for name, value in self.row(
                 visual_tokens_in=int(batch["visual_tokens_in"][i]),
                 visual_tokens_kept=int(batch["visual_tokens_kept"][i]),
+                encoder_patches=int(batch["encoder_patches"][i]),
                 prompt_tokens=int(batch["prompt_tokens"][i]),
                 generated_tokens=int(batch["generated_tokens"][i]),
                 stage_ms={c: float(batch[c][i]) for s in self.stages for c in s.time_columns},
@@ -82,12 +83,12 @@ class CostModel:
         return batch
 
     def row(
-        self, *, visual_tokens_in: int, visual_tokens_kept: int, prompt_tokens: int, generated_tokens: int,
-        stage_ms: dict[str, float],
+        self, *, visual_tokens_in: int, visual_tokens_kept: int, encoder_patches: int, prompt_tokens: int,
+        generated_tokens: int, stage_ms: dict[str, float],
     ) -> dict[str, float | int]:
         f = row_flops(
             self.shapes, visual_tokens_in=visual_tokens_in, visual_tokens_kept=visual_tokens_kept,
-            prompt_tokens=prompt_tokens, generated_tokens=generated_tokens,
+            encoder_patches=encoder_patches, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens,
             bytes_per_element=self.kv_bytes_per_element,
         )
         gpu_s = cpu_s = cpu_only_s = 0.0

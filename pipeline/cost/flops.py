@@ -14,26 +14,39 @@ Family adapters map their transformers configs onto ``VisionShape`` / ``Language
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class VisionShape:
-    """One ViT pass over an image plus the projector into the LLM's embedding space."""
+    """The vision encoder plus the projector into the LLM's embedding space.
 
-    image_size: int  # pixels per side of the (square) encoder input
+    Fixed-size views (``image_size`` > 0; LLaVA-1.5, LLaVA-NeXT): each view (the image, or the
+    base view and every tile) is its own sequence of ``patches`` patches plus ``class_tokens``.
+    Dynamic resolution (``image_size`` = 0; Qwen2.5-VL): the whole image is one sequence of any
+    length; with ``attention_window`` > 0 every layer but ``full_attention_layers`` of them
+    attends only inside windows of that many patches.
+    """
+
+    image_size: int  # pixels per side of a fixed-size view; 0: dynamic resolution
     patch_size: int
     channels: int
     layers: int  # encoder layers that actually run
     width: int
     mlp_width: int
     mlp_matrices: int = 2  # 2: fc1/fc2; 3: gated (gate/up/down)
-    class_tokens: int = 1  # tokens besides the patches (CLS)
+    class_tokens: int = 1  # tokens besides the patches (CLS), per view
     projector: tuple[int, ...] = ()  # widths of the projector's linear chain: in, hidden..., out
+    temporal_patch: int = 1  # frames per patch (Qwen2.5-VL: 2, a still image repeated)
+    spatial_merge: int = 1  # patches merged into one LLM token along each side (Qwen2.5-VL: 2)
+    attention_window: int = 0  # patches per attention window; 0: full attention in every layer
+    full_attention_layers: int = 0  # with windows: layers that attend over the whole sequence
 
     @property
     def patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """Patches of one fixed-size view (0 for dynamic resolution)."""
+        return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
 
 @dataclass(frozen=True)
@@ -67,14 +80,24 @@ class ModelShapes:
     language: LanguageShape
 
 
-def vision_flops(v: VisionShape, visual_tokens: int) -> int:
-    """Patch embedding + encoder layers over patches + class tokens, then the projector over
-    the ``visual_tokens`` the encoder hands to the LLM."""
-    seq = v.patches + v.class_tokens
-    patch_embed = 2 * v.channels * v.patch_size * v.patch_size * v.width * v.patches
-    per_layer = 2 * seq * (4 * v.width * v.width + v.mlp_matrices * v.width * v.mlp_width) + 4 * seq * seq * v.width
-    projector = sum(2 * visual_tokens * a * b for a, b in zip(v.projector, v.projector[1:]))
-    return patch_embed + v.layers * per_layer + projector
+def vision_flops(v: VisionShape, encoder_patches: int) -> int:
+    """Patch embedding and encoder layers over ``encoder_patches`` patches (every view), then the
+    projector over the tokens they merge into."""
+    patch_embed = 2 * v.channels * v.temporal_patch * v.patch_size**2 * v.width * encoder_patches
+    linear = 2 * (4 * v.width * v.width + v.mlp_matrices * v.width * v.mlp_width)  # per token, per layer
+    if v.image_size:  # fixed-size views, full attention inside each
+        views = math.ceil(encoder_patches / v.patches)
+        seq = v.patches + v.class_tokens
+        layers = views * v.layers * (seq * linear + 4 * seq * seq * v.width)
+    else:
+        seq = encoder_patches
+        full = v.layers if not v.attention_window else v.full_attention_layers
+        window = min(v.attention_window, seq)  # a full window's cost: exact when the grid tiles into windows
+        attention = full * 4 * seq * seq * v.width + (v.layers - full) * 4 * seq * window * v.width
+        layers = v.layers * seq * linear + attention
+    tokens = encoder_patches // v.spatial_merge**2
+    projector = sum(2 * tokens * a * b for a, b in zip(v.projector, v.projector[1:]))
+    return patch_embed + layers + projector
 
 
 def prefill_flops(lang: LanguageShape, seq_len: int) -> int:
@@ -119,15 +142,15 @@ class RowFlops:
 
 
 def row_flops(
-    shapes: ModelShapes, *, visual_tokens_in: int, visual_tokens_kept: int, prompt_tokens: int, generated_tokens: int,
-    bytes_per_element: int,
+    shapes: ModelShapes, *, visual_tokens_in: int, visual_tokens_kept: int, encoder_patches: int, prompt_tokens: int,
+    generated_tokens: int, bytes_per_element: int,
 ) -> RowFlops:
     """One row's counts; ``_unpruned`` is the same row with every visual token kept and the same
     number of generated tokens."""
     unpruned_len = prompt_tokens - visual_tokens_kept + visual_tokens_in
     lang = shapes.language
     return RowFlops(
-        vision=vision_flops(shapes.vision, visual_tokens_in),
+        vision=vision_flops(shapes.vision, encoder_patches),
         prefill=prefill_flops(lang, prompt_tokens),
         prefill_unpruned=prefill_flops(lang, unpruned_len),
         decode=decode_flops(lang, prompt_tokens, generated_tokens),

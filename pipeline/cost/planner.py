@@ -68,15 +68,17 @@ def llm_weight_bytes(shapes: ModelShapes, bytes_per_element: int) -> int:
 
 
 def estimate(
-    shapes: ModelShapes, *, model: str, method: str, keep: int, accelerator_name: str, accelerator: Accelerator,
-    price: Price, assume: Utilisation, images: int, gpus: int, bytes_per_element: int = 2,
+    shapes: ModelShapes, *, model: str, method: str, keep: int, visual_tokens_in: int, encoder_patches: int,
+    accelerator_name: str, accelerator: Accelerator, price: Price, assume: Utilisation, images: int, gpus: int,
+    bytes_per_element: int = 2,
 ) -> PlanRow:
+    """One image of ``visual_tokens_in`` visual tokens (``encoder_patches`` through the vision
+    encoder) with ``keep`` of them kept."""
     lang = shapes.language
-    visual_in = shapes.vision.patches
-    kept = min(keep, visual_in)
+    kept = min(keep, visual_tokens_in)
     seq = kept + assume.text_tokens
     gen = assume.generated_tokens
-    f_vision = vision_flops(shapes.vision, visual_in)
+    f_vision = vision_flops(shapes.vision, encoder_patches)
     f_prefill = prefill_flops(lang, seq)
     f_decode = decode_flops(lang, seq, gen)
     t_vision = f_vision / (accelerator.bf16_flops * assume.vision_mfu)
@@ -103,6 +105,29 @@ def estimate(
         usd_per_1k_images=1000 * usd_per_image,
         wall_hours=images * gpu_s / gpus / 3600, total_usd=images * usd_per_image,
     )
+
+
+def parse_budgets(text: str) -> list[tuple[int | None, float | None]]:
+    """``"576,128"`` (counts) and ``"66.7%,88.9%"`` (prune ratios) -> ``[(keep, prune_ratio)]``,
+    one of the two set per budget, for ``pipeline.pruning.budget``; ``0%`` is keep-all."""
+    out: list[tuple[int | None, float | None]] = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            if token.endswith("%"):
+                ratio = float(token[:-1]) / 100
+                if not 0 <= ratio < 1:
+                    raise ValueError
+                out.append((None, ratio))
+            else:
+                keep = int(token)
+                if keep < 1:
+                    raise ValueError
+                out.append((keep, None))
+        except ValueError:
+            raise ValueError(f"--budgets: {token!r} is neither a count >= 1 nor a prune ratio in [0%, 100%)") from None
+    if not out:
+        raise ValueError("--budgets: no budget given")
+    return out
 
 
 def measured(run: str, *, images: int, gpus: int) -> PlanRow:

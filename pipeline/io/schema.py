@@ -8,9 +8,15 @@ Output (Parquet, one row per input row, never the image bytes):
     answer              generated text ("" when the row has an error)
     error               "" when fine, else "<kind>: <detail>" (missing prompt, missing image,
                         corrupt image, image too large, encode failed, decode failed)
-    method, keep        pruning method and configured budget
-    visual_tokens_in    visual tokens the vision encoder produced for the image
+    method              pruning method
+    keep                the budget applied to this row: pruning.keep capped at the row's
+                        visual_tokens_in, or visual_tokens_in less pruning.prune_ratio of them
+                        (pipeline.pruning.budget); every token for method `none`
+    visual_tokens_in    visual tokens the model would hand its LLM for the image unpruned
+                        (LLaVA-NeXT: base view and tiles after unpadding, newline tokens included)
     visual_tokens_kept  visual tokens the LLM received
+    encoder_patches     patch tokens the vision encoder ran over (every view or tile; Qwen2.5-VL:
+                        before the 2x2 merge), which the vision FLOPs follow
     kept_indices        which ones, ascending (spatial order)
     nouns, extractor    text guidance and which extractor produced it
     relevance_min/mean/max   per-row text relevance of the visual tokens (null when no
@@ -53,6 +59,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("visual_tokens_in", pa.int32()),
         ("visual_tokens_kept", pa.int32()),
         ("kept_indices", pa.list_(pa.int32())),
+        ("encoder_patches", pa.int32()),
         ("nouns", pa.list_(pa.string())),
         ("extractor", pa.string()),
         ("relevance_min", pa.float32()),
@@ -87,7 +94,7 @@ STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (bi
     "decode_stage": ("decode_ms",),
 }
 # Internal columns that never reach the output.
-DROPPED = ("image", "visual_kept")
+DROPPED = ("image", "visual_kept", "visual_layout")
 
 
 def _py(value: Any) -> Any:

@@ -7,9 +7,13 @@ from pipeline.cost.flops import ModelShapes
 
 from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .tiny import resolve_model_path
 
-ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {a.family: a for a in (LlavaAdapter,)}
+ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {
+    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
+}
 
 
 def detect_family(path: str) -> str:
@@ -30,10 +34,20 @@ def model_shapes(path: str, family: str = "auto") -> ModelShapes:
     return ADAPTERS[family].shapes(AutoConfig.from_pretrained(path))
 
 
+def token_counts(path: str, cfg: ModelConfig, width: int, height: int, family: str = "auto") -> tuple[int, int]:
+    """``(visual tokens in, encoder patches)`` of a ``width`` x ``height`` image, from the
+    checkpoint's config alone (see ``VisionLanguageAdapter.token_counts``)."""
+    family = detect_family(path) if family == "auto" else family
+    return ADAPTERS[family].token_counts(path, cfg, width, height)
+
+
 def load_adapter(cfg: ModelConfig, part: Part) -> VisionLanguageAdapter:
     path = resolve_model_path(cfg.path)
     family = detect_family(path) if cfg.family == "auto" else cfg.family
     return ADAPTERS[family](cfg, path, part)
 
 
-__all__ = ["ADAPTERS", "EncodedImages", "Generation", "VisionLanguageAdapter", "detect_family", "load_adapter", "model_shapes"]
+__all__ = [
+    "ADAPTERS", "EncodedImages", "Generation", "VisionLanguageAdapter", "detect_family", "load_adapter", "model_shapes",
+    "token_counts",
+]

@@ -3,12 +3,15 @@
 A family adapter owns every transformers call for its family, so a transformers upgrade
 changes one file. The stages see plain tensors:
 
-- ``encode(images)`` -> visual tokens in the LLM input-embedding space, per image [N_i, D],
-  plus optional per-token seed scores (LLaVA: CLS attention) [N_i];
+- ``encode(images)`` -> visual tokens in the LLM input-embedding space, per image [N_i, D]
+  (exactly the tokens the stock model would hand its LLM, in the same order), plus optional
+  per-token seed scores (LLaVA: CLS attention) [N_i], a per-image ``layout`` and the number of
+  patches the vision encoder ran over (for FLOP counts);
 - ``embed_words(words)`` -> the LLM input embeddings of each row's words, [M_i, D];
-- ``generate(prompts, visual, kept_indices, gen)`` -> answers from the kept tokens.
-  ``kept_indices`` (ascending, into the image's N_i tokens) lets families whose positions
-  depend on the token grid (Qwen2.5-VL's 3-D M-RoPE) place each kept token where it was.
+- ``generate(prompts, visual, kept_indices, layouts, gen)`` -> answers from the kept tokens.
+  ``kept_indices`` (ascending, into the image's N_i tokens) and the ``layout`` that ``encode``
+  gave (carried between the stages unchanged) let families whose positions depend on the token
+  grid (Qwen2.5-VL's 3-D M-RoPE) place each kept token where it was.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.cost.flops import ModelShapes
+from pipeline.cost.flops import LanguageShape, ModelShapes
 
 Part = Literal["vision", "language"]
 
@@ -31,6 +34,12 @@ Part = Literal["vision", "language"]
 class EncodedImages:
     features: list[Tensor]  # per image [N_i, D], float32
     seed_scores: list[Tensor] | None  # per image [N_i], or None when the family has no such score
+    # Per image, what ``generate`` needs besides the kept tokens to place them (Qwen2.5-VL:
+    # image_grid_thw as [t, h, w]); [] for families whose positions do not depend on the image.
+    layouts: list[list[int]]
+    # Per image, patch tokens the vision encoder ran over, every view/tile included (LLaVA-1.5:
+    # 576; LLaVA-NeXT: 576 x views; Qwen2.5-VL: t * h * w before the 2x2 merge).
+    encoder_patches: list[int]
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Generation:
 class VisionLanguageAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # checkpoint `model_type`s this adapter serves
+    default_alpha: ClassVar[float] = 0.75  # ResPrune text-guidance strength the paper uses for the family
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         """Load what ``part`` needs from ``path``: "vision" for encoding, "language" for decoding."""
@@ -57,6 +67,14 @@ class VisionLanguageAdapter(ABC):
         """The family's transformers config (as loaded by ``AutoConfig``) -> the shapes the cost
         model counts FLOPs and KV bytes from."""
 
+    @staticmethod
+    @abstractmethod
+    def token_counts(path: str, cfg: ModelConfig, width: int, height: int) -> tuple[int, int]:
+        """``(visual tokens the LLM would receive unpruned, encoder patches)`` for a ``width`` x
+        ``height`` image: what ``encode`` reports for such an image, worked out from the
+        checkpoint's configs alone (``path`` may hold only ``config.json``: then the processor's
+        defaults apply), so the cost planner can estimate a corpus without loading weights."""
+
     @abstractmethod
     def encode(self, images: list[Image.Image]) -> EncodedImages: ...
 
@@ -65,7 +83,12 @@ class VisionLanguageAdapter(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: list[str], visual: list[Tensor], kept_indices: list[Tensor], gen: GenerationConfig
+        self,
+        prompts: list[str],
+        visual: list[Tensor],
+        kept_indices: list[Tensor],
+        layouts: list[list[int]],
+        gen: GenerationConfig,
     ) -> list[Generation]: ...
 
 
@@ -88,3 +111,62 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def generate_from_embeddings(
+    model: object,
+    tokenizer: object,
+    embed: torch.nn.Module,
+    rows: list[Tensor],
+    gen: GenerationConfig,
+    positions: list[Tensor] | None = None,
+) -> list[Generation]:
+    """``model.generate`` on per-row prompt embeddings [L_i, D], left-padded into one batch, and
+    the answers cut at EOS. ``positions``: per row, the position ids its tokens take ([P, L_i],
+    e.g. Qwen2.5-VL's 3-D M-RoPE rows); ``generate`` continues each row from its last position
+    + 1. Without them positions are contiguous. Shared by the families whose LLM runs through
+    the stock ``generate`` on ``inputs_embeds``."""
+    device = rows[0].device
+    # Left padding: every row's last position is its own last prompt token.
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = embed(torch.tensor([pad_id], device=device))
+    embeds = torch.stack([torch.cat([pad.expand(width - len(r), -1), r]) for r in rows])
+    mask = torch.stack(
+        [torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows]
+    ).to(device)
+    extra = {}
+    if positions is not None:  # padding positions are masked out; 0 is as good as any
+        extra["position_ids"] = torch.stack(
+            [torch.cat([p.new_zeros((p.shape[0], width - p.shape[1])), p], dim=1) for p in positions], dim=1
+        ).to(device)
+    if gen.do_sample:
+        torch.manual_seed(gen.seed)
+        extra |= {"temperature": gen.temperature, "top_p": gen.top_p}
+    new = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=gen.do_sample,
+        pad_token_id=pad_id,
+        **extra,
+    )
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    out = []
+    for row, seq in zip(rows, new.tolist(), strict=True):
+        n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
+        text = tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
+        out.append(Generation(text=text, prompt_tokens=len(row), generated_tokens=n, token_ids=seq[:n]))
+    return out
+
+
+def decoder_shape(text_config: object) -> LanguageShape:
+    """A Llama-style decoder's shapes (Llama, Vicuna, Qwen2: gated MLP, GQA) from its config."""
+    tc, heads = text_config, text_config.num_attention_heads
+    return LanguageShape(
+        layers=tc.num_hidden_layers, hidden=tc.hidden_size, heads=heads,
+        kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        mlp_width=tc.intermediate_size, vocab=tc.vocab_size, mlp_matrices=3,
+    )

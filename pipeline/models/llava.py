@@ -11,26 +11,29 @@ visual tokens (ascending spatial order) replace that token; ``generate`` runs on
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.cost.flops import LanguageShape, ModelShapes, VisionShape
+from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
+from .base import EncodedImages, Generation, Part, VisionLanguageAdapter, decoder_shape, generate_from_embeddings
 
 
 class LlavaAdapter(VisionLanguageAdapter):
     family = "llava"
     model_types = ("llava",)
+    model_class: ClassVar[type] = LlavaForConditionalGeneration
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = self.model_class.from_pretrained(
             path, dtype=self.dtype, attn_implementation={"vision_config": "eager"}
         ).eval()
         config = model.config
@@ -39,9 +42,12 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.select_strategy: str = config.vision_feature_select_strategy
         self.embed = model.get_input_embeddings().to(self.device)
         if part == "vision":
-            # Keep only what encoding needs; the LLM's weights are freed with `model`.
-            self.vision_tower = model.model.vision_tower.to(self.device)
-            self.projector = model.model.multi_modal_projector.to(self.device)
+            # Keep only what encoding needs (vision tower, projector, and for LLaVA-NeXT the
+            # newline embedding and feature packing); the LLM's weights are freed with `model`.
+            del model.model.language_model
+            self.core = model.model.to(self.device)
+            self.vision_tower = self.core.vision_tower
+            self.projector = self.core.multi_modal_projector
         else:
             self.model = model.to(self.device)
 
@@ -53,7 +59,6 @@ class LlavaAdapter(VisionLanguageAdapter):
         vc, tc = config.vision_config, config.text_config
         layers = config.vision_feature_layer
         n_feature_layers = 1 if isinstance(layers, int) else len(layers)
-        heads = tc.num_attention_heads
         return ModelShapes(
             family="llava",
             vision=VisionShape(
@@ -62,17 +67,30 @@ class LlavaAdapter(VisionLanguageAdapter):
                 mlp_matrices=2, class_tokens=1,
                 projector=(vc.hidden_size * n_feature_layers, tc.hidden_size, tc.hidden_size),
             ),
-            language=LanguageShape(
-                layers=tc.num_hidden_layers, hidden=tc.hidden_size, heads=heads,
-                kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-                head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-                mlp_width=tc.intermediate_size, vocab=tc.vocab_size, mlp_matrices=3,
-            ),
+            language=decoder_shape(tc),
         )
+
+    @staticmethod
+    def token_counts(path: str, cfg: ModelConfig, width: int, height: int) -> tuple[int, int]:
+        """Every image is resized to one square view: the size does not matter."""
+        config = AutoConfig.from_pretrained(path)
+        vc = config.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return patches + (config.vision_feature_select_strategy == "full"), patches
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> EncodedImages:
         pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        features, cls_attention = self.encode_views(pixels)
+        patches = pixels.shape[-2] * pixels.shape[-1] // self.vision_tower.config.patch_size**2
+        return EncodedImages(
+            features=list(features), seed_scores=list(cls_attention), layouts=[[] for _ in images],
+            encoder_patches=[patches] * len(images),
+        )
+
+    def encode_views(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Square views [V, 3, S, S] -> projected tokens [V, T, D] and each token's CLS attention
+        [V, T] (float32): the selected hidden layer(s), CLS dropped unless the strategy is "full"."""
         out = self.vision_tower(
             pixels.to(self.device, self.dtype), output_hidden_states=True, output_attentions=True, return_dict=True
         )
@@ -84,8 +102,8 @@ class LlavaAdapter(VisionLanguageAdapter):
         seed_layer = layers[-1] if layers[-1] < 0 else layers[-1] - 1
         cls_attention = out.attentions[seed_layer][:, :, 0, 1:].mean(dim=1).float()
         if first_patch == 0:  # "full" strategy keeps CLS as a token; it gets no score of its own
-            cls_attention = torch.cat([cls_attention.new_zeros((len(images), 1)), cls_attention], dim=1)
-        return EncodedImages(features=list(features), seed_scores=list(cls_attention))
+            cls_attention = torch.cat([cls_attention.new_zeros((len(pixels), 1)), cls_attention], dim=1)
+        return features, cls_attention
 
     @torch.inference_mode()
     def embed_words(self, words: list[list[str]]) -> list[Tensor]:
@@ -102,7 +120,12 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], visual: list[Tensor], kept_indices: list[Tensor], gen: GenerationConfig
+        self,
+        prompts: list[str],
+        visual: list[Tensor],
+        kept_indices: list[Tensor],
+        layouts: list[list[int]],
+        gen: GenerationConfig,
     ) -> list[Generation]:
         rows = []
         for prompt, vis in zip(prompts, visual, strict=True):
@@ -113,30 +136,4 @@ class LlavaAdapter(VisionLanguageAdapter):
             p = int(where[0])
             emb = self.embed(ids)
             rows.append(torch.cat([emb[:p], vis.to(self.device, emb.dtype), emb[p + 1 :]]))
-        # Left padding: every row's last position is its own last prompt token.
-        width = max(len(r) for r in rows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        pad = self.embed(torch.tensor([pad_id], device=self.device))
-        embeds = torch.stack([torch.cat([pad.expand(width - len(r), -1), r]) for r in rows])
-        mask = torch.stack(
-            [torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows]
-        ).to(self.device)
-        if gen.do_sample:
-            torch.manual_seed(gen.seed)
-        sampling = {"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
-        new = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=gen.max_new_tokens,
-            do_sample=gen.do_sample,
-            pad_token_id=pad_id,
-            **sampling,
-        )
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        out = []
-        for row, seq in zip(rows, new.tolist(), strict=True):
-            n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
-            text = self.tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
-            out.append(Generation(text=text, prompt_tokens=len(row), generated_tokens=n, token_ids=seq[:n]))
-        return out
+        return generate_from_embeddings(self.model, self.tokenizer, self.embed, rows, gen)

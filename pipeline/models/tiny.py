@@ -20,11 +20,15 @@ Recipes (``RECIPES``; same classes, tokenizer, chat template and seed for all):
 
     python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
     model.path: "tiny:llava" in a config                          # resolves to the cached directory
+
+The other families' tiny checkpoints (``tiny:llava_next``, ``tiny:qwen2_5_vl``) are built by a
+builder beside each family (``FAMILY_BUILDERS``), cached the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import string
@@ -78,6 +82,12 @@ RECIPES: dict[str, dict[str, int]] = {
     },
 }
 TRAINED = {"llava-shapes"}  # committed checkpoints, never built with random weights
+# The other families' tiny checkpoints: recipe -> "module:function" returning a fresh, seeded
+# (model, processor); each builder lives beside its family (imported only when built).
+FAMILY_BUILDERS: dict[str, str] = {
+    "llava_next": "pipeline.models.tiny_llava_next:new_tiny_llava_next",
+    "qwen2_5_vl": "pipeline.models.tiny_qwen2_5_vl:new_tiny_qwen2_5_vl",
+}
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
@@ -90,8 +100,13 @@ def resolve_model_path(path: str) -> str:
     if not path.startswith(TINY_PREFIX):
         return path
     recipe = path[len(TINY_PREFIX) :]
+    if recipe in FAMILY_BUILDERS:
+        target = cache_root() / f"tiny-{recipe}-{_VERSION}"
+        if not (target / "config.json").exists():
+            build_family(recipe, target)
+        return str(target)
     if recipe not in RECIPES:
-        raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join(RECIPES)}")
+        raise ValueError(f"no tiny model recipe for {recipe!r}; known: {', '.join([*RECIPES, *FAMILY_BUILDERS])}")
     if recipe in TRAINED:
         trained = CHECKPOINTS / f"tiny-{recipe}"
         if not (trained / "config.json").exists():
@@ -103,12 +118,14 @@ def resolve_model_path(path: str) -> str:
     return str(target)
 
 
-def tiny_tokenizer() -> Any:
-    """The BPE tokenizer every recipe shares (trained here in well under a second)."""
+def tiny_tokenizer(extra_specials: tuple[str, ...] = (), **tokens: Any) -> Any:
+    """The BPE tokenizer every recipe shares (trained here in well under a second). A family
+    whose template needs more special tokens appends them (``extra_specials``) and names its
+    own (``tokens``: eos_token, pad_token, extra_special_tokens, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>", *extra_specials]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
     bpe.decoder = decoders.Metaspace()
@@ -117,15 +134,11 @@ def tiny_tokenizer() -> Any:
         vocab_size=400, special_tokens=specials, initial_alphabet=list(string.printable), show_progress=False
     )
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    named = {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "extra_special_tokens": {"image_token": "<image>"}, **tokens,
+    }
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **named)
 
 
 def recipe_config(recipe: str, tokenizer: Any | None = None) -> Any:
@@ -176,18 +189,26 @@ def new_tiny_llava(recipe: str = "llava") -> tuple[Any, Any]:
     config = recipe_config(recipe, tokenizer)
     torch.manual_seed(_SEED)
     model = LlavaForConditionalGeneration(config).eval()
-    # Every weight drawn from one seed: the checkpoint is identical across machines. Norms stay
-    # at 1. The projector is scaled so visual tokens dwarf text embeddings (norms ~17 vs ~0.8,
-    # as in real LLaVA-1.5) and answers depend on the image; the LLM's std keeps them varied.
-    # A recipe that is trained starts from transformers' own initialisation instead.
-    std = {"vision_tower": 0.02, "multi_modal_projector": 0.1}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and recipe not in TRAINED:
-                p.normal_(0.0, next((v for k, v in std.items() if k in name), 0.05))
+    if recipe not in TRAINED:  # a recipe that is trained starts from transformers' own initialisation
+        randomize_weights(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
+
+def randomize_weights(model: Any, std: dict[str, float] | None = None) -> None:
+    """Every weight drawn from the global torch seed (set it first): the checkpoint is identical
+    across machines. Norms stay at 1. The projector is scaled so visual tokens dwarf text
+    embeddings (norms ~17 vs ~0.8, as in real LLaVA-1.5) and answers depend on the image; the
+    LLM's std keeps them varied. ``std``: parameter-name part -> std, first match wins (the
+    default names LLaVA's modules); everything else 0.05."""
+    import torch
+
+    std = std or {"vision_tower": 0.02, "multi_modal_projector": 0.1}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, next((v for k, v in std.items() if k in name), 0.05))
 
 
 def _image_processor(pad_to_square: bool) -> Any:
@@ -209,11 +230,13 @@ def _image_processor(pad_to_square: bool) -> Any:
 
 
 def save_checkpoint(model: Any, processor: Any, out: Path) -> Path:
-    """``save_pretrained`` both into ``out`` atomically, so concurrent builders are safe."""
+    """``save_pretrained`` the model and its processor (or a tuple of processor parts) into
+    ``out`` atomically, so concurrent builders are safe."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    for part in processor if isinstance(processor, tuple) else (processor,):
+        part.save_pretrained(tmp)
     try:
         tmp.rename(out)
     except OSError:  # another process finished first: theirs is identical
@@ -227,12 +250,23 @@ def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
     return save_checkpoint(model, processor, out)
 
 
+def build_family(recipe: str, out: Path) -> Path:
+    """Build and save another family's tiny checkpoint (``FAMILY_BUILDERS``)."""
+    module, function = FAMILY_BUILDERS[recipe].split(":")
+    return save_checkpoint(*getattr(importlib.import_module(module), function)(), out)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny offline LLaVA checkpoint")
-    parser.add_argument("--recipe", choices=list(RECIPES), default="llava")
+    parser = argparse.ArgumentParser(description="Build a tiny offline checkpoint")
+    recipes = [r for r in [*RECIPES, *FAMILY_BUILDERS] if r not in TRAINED]
+    parser.add_argument("--recipe", choices=recipes, default="llava")
     parser.add_argument("--out", type=Path, default=None, help="directory (default: the cache)")
     args = parser.parse_args()
-    print(build_tiny_llava(args.out, args.recipe) if args.out else resolve_model_path(TINY_PREFIX + args.recipe))
+    if args.out is None:
+        print(resolve_model_path(TINY_PREFIX + args.recipe))
+    else:
+        build = build_family if args.recipe in FAMILY_BUILDERS else lambda r, o: build_tiny_llava(o, r)
+        print(build(args.recipe, args.out))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -51,6 +53,22 @@ def check_keep(keep: int) -> int:
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     return keep
+
+
+def budget(visual_tokens: int, *, keep: int | None = None, prune_ratio: float | None = None) -> int:
+    """Tokens to keep of an image's ``visual_tokens``: up to ``keep``, or ``visual_tokens`` less
+    ``prune_ratio`` of them rounded so that no more than that share is pruned (ceil), at least 1.
+    Exactly one of the two is given."""
+    if (keep is None) == (prune_ratio is None):
+        raise ValueError("give exactly one budget: keep (a count) or prune_ratio (a fraction)")
+    if visual_tokens < 1:
+        raise ValueError(f"an image has at least one visual token, got {visual_tokens}")
+    if keep is not None:
+        return min(check_keep(keep), visual_tokens)
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    # The 1e-9 absorbs float error: 2880 x (1 - 0.7777...) must give 640, not 641.
+    return max(1, min(visual_tokens, math.ceil(visual_tokens * (1.0 - prune_ratio) - 1e-9)))
 
 
 def keep_all(batch: int, n: int, device: torch.device) -> Tensor:

@@ -82,7 +82,7 @@ def cell_config(base: JobConfig, cell: Cell, input_path: str, output_path: str) 
     """The job config of one cell: the base config with input, output and pruning replaced."""
     pruning = {"method": cell.method}
     if cell.keep is not None:
-        pruning["keep"] = cell.keep
+        pruning |= {"keep": cell.keep, "prune_ratio": None}
     if cell.alpha is not None:
         pruning["alpha"] = cell.alpha
     raw = base.model_dump(mode="json")

@@ -12,7 +12,8 @@ from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_colum
 
 
 class DecodeStage:
-    """Drops ``visual_kept``; adds ``answer``, ``prompt_tokens``, ``generated_tokens``, ``decode_ms``."""
+    """Drops ``visual_kept`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
+    ``generated_tokens``, ``decode_ms``."""
 
     def __init__(self, model: ModelConfig, generation: GenerationConfig, stage: StageConfig) -> None:
         limit_torch_threads(stage.num_cpus)
@@ -27,7 +28,8 @@ class DecodeStage:
         items = [
             # np.array copies: Ray hands read-only views, which torch.from_numpy warns about on every row.
             (str(batch["prompt"][i]), torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32)),
-             torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long))
+             torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
+             [int(x) for x in batch["visual_layout"][i]])
             for i in rows
         ]
         results = map_with_row_fallback(self._generate, items, "decode")
@@ -38,6 +40,7 @@ class DecodeStage:
             else:
                 answers[i], prompt_tokens[i], generated[i] = res.text, res.prompt_tokens, res.generated_tokens
         batch.pop("visual_kept")
+        batch.pop("visual_layout")
         batch["nouns"] = list_column(batch["nouns"])
         batch["kept_indices"] = list_column(batch["kept_indices"])
         batch["answer"] = np.array(answers, dtype=object)
@@ -47,6 +50,6 @@ class DecodeStage:
         batch["decode_ms"] = watch.per_row_ms(errors)
         return batch
 
-    def _generate(self, items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[Generation]:
-        prompts, visual, kept = (list(x) for x in zip(*items, strict=True))
-        return self.adapter.generate(prompts, visual, kept, self.generation)
+    def _generate(self, items: list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]) -> list[Generation]:
+        prompts, visual, kept, layouts = (list(x) for x in zip(*items, strict=True))
+        return self.adapter.generate(prompts, visual, kept, layouts, self.generation)

@@ -21,6 +21,8 @@ class EncodedRow(NamedTuple):
     features: torch.Tensor  # [N, D] visual tokens
     seed_scores: torch.Tensor | None  # [N], e.g. CLS attention
     words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
+    layout: list[int]  # what the family's generate needs to place the tokens (Qwen2.5-VL: [t, h, w])
+    encoder_patches: int  # patches the vision encoder ran over, all views
 
 
 def decode_image(data: object, max_pixels: int) -> Image.Image | str:
@@ -39,14 +41,17 @@ def decode_image(data: object, max_pixels: int) -> Image.Image | str:
 
 class EncodeStage:
     """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``kept_indices``
-    (ascending), ``method``, ``keep``, ``visual_tokens_in/kept``, ``relevance_min/mean/max``
-    (null without nouns or for methods that ignore text), ``encode_ms`` and ``prune_ms``."""
+    (ascending), ``visual_layout`` (the family's token layout, for the decode stage), ``method``,
+    ``keep`` (the budget applied to the row), ``visual_tokens_in/kept``, ``encoder_patches``,
+    ``relevance_min/mean/max`` (null without nouns or for methods that ignore text),
+    ``encode_ms`` and ``prune_ms``."""
 
     def __init__(self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig) -> None:
         limit_torch_threads(stage.num_cpus)
         self.adapter = load_adapter(model, "vision")
         self.pruning = pruning
         self.select = get_method(pruning.method)
+        self.alpha = pruning.alpha_for(self.adapter.default_alpha)
         self.max_pixels = inputs.max_image_pixels
 
     def __call__(self, batch: Batch) -> Batch:
@@ -71,7 +76,7 @@ class EncodeStage:
         encode_ms = watch.per_row_ms(errors)
 
         watch = Stopwatch()
-        kept, rel_stats = self._prune(feats)
+        kept, budgets, rel_stats = self._prune(feats)
         prune_ms = watch.per_row_ms(errors)
 
         empty = np.zeros((0, 0), dtype=np.float32)
@@ -82,10 +87,13 @@ class EncodeStage:
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
         batch["kept_indices"] = [kept[i].tolist() if i in kept else [] for i in range(n)]
+        batch["visual_layout"] = [feats[i].layout if i in feats else [] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
-        batch["keep"] = np.full(n, self.pruning.keep, dtype=np.int64)
-        batch["visual_tokens_in"] = np.array([feats[i].features.shape[0] if i in feats else 0 for i in range(n)])
-        batch["visual_tokens_kept"] = np.array([len(kept[i]) if i in kept else 0 for i in range(n)])
+        tokens_in = [feats[i].features.shape[0] if i in feats else 0 for i in range(n)]
+        batch["keep"] = np.array([budgets.get(i, 0) for i in range(n)], dtype=np.int64)
+        batch["visual_tokens_in"] = np.array(tokens_in, dtype=np.int64)
+        batch["visual_tokens_kept"] = np.array([len(kept[i]) if i in kept else 0 for i in range(n)], dtype=np.int64)
+        batch["encoder_patches"] = np.array([feats[i].encoder_patches if i in feats else 0 for i in range(n)])
         for k, name in enumerate(("relevance_min", "relevance_mean", "relevance_max")):
             batch[name] = [rel_stats[i][k] if i in rel_stats else None for i in range(n)]
         batch["error"] = np.array(errors, dtype=object)
@@ -98,30 +106,37 @@ class EncodeStage:
         words = self.adapter.embed_words([nouns for _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
         return [
-            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu())
-            for f, s, t in zip(enc.features, scores, words, strict=True)
+            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), list(layout), int(patches))
+            for f, s, t, layout, patches in zip(
+                enc.features, scores, words, enc.layouts, enc.encoder_patches, strict=True
+            )
         ]
 
-    def _prune(self, feats: dict[int, EncodedRow]) -> tuple[dict[int, torch.Tensor], dict[int, tuple[float, float, float]]]:
-        """Select per row, batched over rows with the same token count. Returns ascending
-        (spatial-order) kept indices and relevance stats per row."""
+    def _prune(
+        self, feats: dict[int, EncodedRow]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, tuple[float, float, float]]]:
+        """Select per row, batched over rows with the same token count (and so the same budget).
+        Returns per row the ascending (spatial-order) kept indices, the budget applied (every
+        token for method ``none``) and relevance stats."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, row in feats.items():
             groups[row.features.shape[0]].append(i)
-        kept, stats = {}, {}
+        kept, budgets, stats = {}, {}, {}
         guided = self.pruning.method in TEXT_GUIDED
         for members in groups.values():
             visual = torch.stack([feats[i].features for i in members])
             has_scores = all(feats[i].seed_scores is not None for i in members)
             scores = torch.stack([feats[i].seed_scores for i in members]) if has_scores else None
             rel = relevance(visual, [feats[i].words for i in members]) if guided else None
+            n = visual.shape[1]
+            keep = n if self.pruning.method == "none" else self.pruning.keep_for(n)
             idx = self.select(
-                visual, self.pruning.keep, relevance=rel, scores=scores,
-                alpha=self.pruning.alpha, rng_seed=self.pruning.rng_seed,
+                visual, keep, relevance=rel, scores=scores, alpha=self.alpha, rng_seed=self.pruning.rng_seed
             )
             for row, i in enumerate(members):
                 kept[i] = idx[row].sort().values
+                budgets[i] = keep
                 if rel is not None and not torch.isnan(rel[row]).any():
                     r = rel[row]
                     stats[i] = (float(r.min()), float(r.mean()), float(r.max()))
-        return kept, stats
+        return kept, budgets, stats

@@ -1,0 +1,189 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): every transformers touchpoint of the family.
+
+Encode: dynamic resolution. The image processor resizes each image to a multiple of 28 px
+within ``[min_pixels, max_pixels]`` (``model.min_pixels`` / ``max_pixels``, else the
+checkpoint's processor settings) and cuts it into 14 px patches, ``image_grid_thw = (t, h, w)``;
+the vision tower (window attention, full attention in a few blocks) and the 2 x 2 patch merger
+give ``t * h * w / 4`` tokens, in the row-major order of the merged grid, which is what the LLM
+receives. No CLS token: no seed scores (ResPrune seeds on the largest-norm token).
+
+Decode keeps the true 3-D M-RoPE positions. The prompt is built as the stock model sees it,
+with all ``t * h * w / 4`` image placeholders; the model's own ``get_rope_index`` gives the
+(temporal, row, column) position of every token of that FULL sequence; the pruned sequence
+keeps the columns of its text tokens and of the kept visual tokens (gaps where tokens were
+pruned) and the kept features replace the placeholders that remain. The rows are left-padded
+into one batch (each row's rope index is computed on its own, unpadded; pad columns get
+position 0 and are masked out) and ``model.generate`` gets ``inputs_embeds``, the attention
+mask and these ``position_ids`` [3, B, L]; transformers keeps user position ids and feeds each
+new token at the row's last position + 1 (the model's cached ``rope_deltas`` are not consulted
+when position ids are given). The last prompt token is text and keeps its full-sequence
+position, so decoding continues exactly where the unpruned sequence would: max position + 1,
+i.e. a rope delta of max position + 1 - pruned length. Compacting positions to 1-D or to the
+pruned length, as a plain ``inputs_embeds`` call would, silently moves every token after the
+image.
+
+The adapter loads the tokenizer and image processor rather than ``Qwen2_5_VLProcessor``: the
+processor also wants a video processor, which needs torchvision, and the job never sees video.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.cost.flops import ModelShapes, VisionShape
+
+from .base import (
+    EncodedImages,
+    Generation,
+    Part,
+    VisionLanguageAdapter,
+    decoder_shape,
+    generate_from_embeddings,
+)
+
+
+class Qwen2_5_VLAdapter(VisionLanguageAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    default_alpha = 0.3  # the paper's setting: weaker text guidance for Qwen's denser tokens
+
+    def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
+        super().__init__(cfg, path, part)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = AutoImageProcessor.from_pretrained(path)
+        self.size = pixel_bounds(self.image_processor, cfg)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=self.dtype).eval()
+        self.image_token_id: int = model.config.image_token_id
+        self.merge: int = model.config.vision_config.spatial_merge_size
+        self.embed = model.get_input_embeddings().to(self.device)
+        if part == "vision":
+            del model.model.language_model  # encoding needs the vision tower and merger only
+            self.core = model.model.to(self.device)
+        else:
+            # Decoding runs on inputs_embeds (features come from the encode stage): the vision
+            # tower is never called (the model touches it only for pixel_values), so it is freed.
+            del model.model.visual
+            self.model = model.to(self.device)
+
+    @staticmethod
+    def shapes(config: object) -> ModelShapes:
+        """Vision: gated-MLP blocks over every patch, window attention (``window_size`` px
+        windows) except in the ``fullatt_block_indexes`` blocks, a Conv3d patch embedding over
+        ``temporal_patch_size`` frames, and the merger MLP over groups of merge^2 patches."""
+        vc, tc = config.vision_config, config.text_config
+        merged = vc.hidden_size * vc.spatial_merge_size**2
+        return ModelShapes(
+            family="qwen2_5_vl",
+            vision=VisionShape(
+                image_size=0, patch_size=vc.patch_size, channels=vc.in_channels, layers=vc.depth,
+                width=vc.hidden_size, mlp_width=vc.intermediate_size, mlp_matrices=3, class_tokens=0,
+                projector=(merged, merged, vc.out_hidden_size), temporal_patch=vc.temporal_patch_size,
+                spatial_merge=vc.spatial_merge_size, attention_window=(vc.window_size // vc.patch_size) ** 2,
+                full_attention_layers=len(vc.fullatt_block_indexes),
+            ),
+            language=decoder_shape(tc),
+        )
+
+    @staticmethod
+    def token_counts(path: str, cfg: ModelConfig, width: int, height: int) -> tuple[int, int]:
+        """The image processor's resize rule; a directory with only ``config.json`` uses the
+        processor class's defaults for the bounds ``model.min_pixels`` / ``max_pixels`` leave open."""
+        config = AutoConfig.from_pretrained(path)
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            from transformers import Qwen2VLImageProcessorPil
+
+            processor = Qwen2VLImageProcessorPil()
+        size = pixel_bounds(processor, cfg)
+        patch, merge = config.vision_config.patch_size, config.vision_config.spatial_merge_size
+        h, w = smart_resize(height, width, patch * merge, size["shortest_edge"], size["longest_edge"])
+        patches = (h // patch) * (w // patch)
+        return patches // merge**2, patches
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image]) -> EncodedImages:
+        inputs = self.image_processor(images=images, size=self.size, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        out = self.core.get_image_features(
+            pixel_values=inputs["pixel_values"].to(self.device, self.dtype), image_grid_thw=grid.to(self.device)
+        )
+        return EncodedImages(
+            features=[f.float() for f in out.pooler_output], seed_scores=None,
+            layouts=grid.tolist(), encoder_patches=grid.prod(dim=-1).tolist(),
+        )
+
+    @torch.inference_mode()
+    def embed_words(self, words: list[list[str]]) -> list[Tensor]:
+        out = []
+        for row in words:
+            ids = [i for w in row for i in self.tokenizer(w, add_special_tokens=False).input_ids]
+            out.append(self.embed(torch.tensor(ids, dtype=torch.long, device=self.device)).float())
+        return out
+
+    def chat_text(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def full_sequence(self, prompt: str, layout: list[int]) -> tuple[Tensor, int, int]:
+        """The prompt's ids with every image placeholder, as the stock processor builds them;
+        where the placeholders start and how many there are."""
+        ids = torch.tensor(self.tokenizer(self.chat_text(prompt)).input_ids, device=self.device)
+        where = (ids == self.image_token_id).nonzero().flatten()
+        if len(where) != 1:
+            raise ValueError(f"prompt must contain exactly one image placeholder after templating, found {len(where)}")
+        start, n = int(where[0]), layout[0] * layout[1] * layout[2] // self.merge**2
+        full = torch.cat([ids[:start], ids.new_full((n,), self.image_token_id), ids[start + 1 :]])
+        return full, start, n
+
+    @torch.inference_mode()
+    def prompt_inputs(
+        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """One row's pruned prompt: embeddings [L, D] and 3-D position ids [3, L], the columns of
+        the full sequence's positions at the text tokens and the kept visual tokens. ``generate``
+        left-pads these rows into one batch (``generate_from_embeddings``)."""
+        full, start, n = self.full_sequence(prompt, layout)
+        kept = kept_indices.to(self.device)
+        if len(kept) != len(visual) or (
+            len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= n or (kept.diff() <= 0).any())
+        ):
+            raise ValueError(f"kept_indices must be {len(visual)} ascending indices below {n}")
+        positions, _ = self.model.model.get_rope_index(
+            full[None], mm_token_type_ids=(full == self.image_token_id).int()[None],
+            image_grid_thw=torch.tensor([layout], device=self.device),
+        )
+        keep = torch.ones(len(full), dtype=torch.bool, device=self.device)
+        keep[start : start + n] = False
+        keep[start + kept] = True
+        emb = self.embed(full[keep])
+        emb[start : start + len(kept)] = visual.to(self.device, emb.dtype)
+        return emb, positions[:, 0, keep]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        visual: list[Tensor],
+        kept_indices: list[Tensor],
+        layouts: list[list[int]],
+        gen: GenerationConfig,
+    ) -> list[Generation]:
+        rows = [self.prompt_inputs(*args) for args in zip(prompts, visual, kept_indices, layouts, strict=True)]
+        return generate_from_embeddings(
+            self.model, self.tokenizer, self.embed, [e for e, _ in rows], gen, positions=[p for _, p in rows]
+        )
+
+
+def pixel_bounds(image_processor: object, cfg: ModelConfig) -> dict[str, int]:
+    """The resize bounds in pixels: the config's where set, else the processor's own."""
+    size = image_processor.size
+    return {
+        "shortest_edge": cfg.min_pixels or size["shortest_edge"],
+        "longest_edge": cfg.max_pixels or size["longest_edge"],
+    }
