@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,3 +30,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def block_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """A plain background with a few coloured blocks: tiles and windows of one image differ."""
+    rnd = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rnd.randrange(256) for _ in range(3)))
+    for _ in range(6):
+        x, y = rnd.randrange(size[0] - 40), rnd.randrange(size[1] - 40)
+        img.paste(tuple(rnd.randrange(256) for _ in range(3)), (x, y, x + 40, y + 40))
+    return img

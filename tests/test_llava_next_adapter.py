@@ -4,8 +4,6 @@ packing; pruned counts follow the budget rule and are what the LLM receives."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from PIL import Image
@@ -15,18 +13,12 @@ from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.models import detect_family, load_adapter, model_shapes, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
+from .conftest import block_image
+
 # Square, landscape, portrait, wide, small: different grids of tiles and different unpadding.
 SIZES = [(336, 336), (640, 360), (300, 800), (1000, 500), (200, 260)]
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it.", "Where is it?"]
 
-
-def _image(size: tuple[int, int], seed: int) -> Image.Image:
-    rnd = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rnd.randrange(256) for _ in range(3)))
-    for _ in range(6):  # a few blocks, so tiles differ from each other and from the base view
-        x, y = rnd.randrange(size[0] - 40), rnd.randrange(size[1] - 40)
-        img.paste(tuple(rnd.randrange(256) for _ in range(3)), (x, y, x + 40, y + 40))
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def path(tiny_cache) -> str:
 
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
-    return [_image(s, i) for i, s in enumerate(SIZES)]
+    return [block_image(s, i) for i, s in enumerate(SIZES)]
 
 
 @pytest.fixture(scope="module")

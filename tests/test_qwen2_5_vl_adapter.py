@@ -4,7 +4,6 @@ positions the LLM actually receives when pruned (observed with forward hooks, no
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -17,18 +16,12 @@ from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.models import detect_family, load_adapter, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
+from .conftest import block_image
+
 SIZES = [(224, 224), (448, 252), (200, 500), (640, 480)]  # square, wide, tall, 4:3 (resized down)
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it."]
 IMAGE_PAD = "<|image_pad|>"
 
-
-def _image(size: tuple[int, int], seed: int) -> Image.Image:
-    rnd = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rnd.randrange(256) for _ in range(3)))
-    for _ in range(6):
-        x, y = rnd.randrange(size[0] - 40), rnd.randrange(size[1] - 40)
-        img.paste(tuple(rnd.randrange(256) for _ in range(3)), (x, y, x + 40, y + 40))
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def path(tiny_cache) -> str:
 
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
-    return [_image(s, i) for i, s in enumerate(SIZES)]
+    return [block_image(s, i) for i, s in enumerate(SIZES)]
 
 
 @pytest.fixture(scope="module")
