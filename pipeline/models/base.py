@@ -170,3 +170,13 @@ def decoder_shape(text_config: object) -> LanguageShape:
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
         mlp_width=tc.intermediate_size, vocab=tc.vocab_size, mlp_matrices=3,
     )
+
+
+def word_embeddings(tokenizer: object, embed: torch.nn.Module, words: list[list[str]]) -> list[Tensor]:
+    """Each row's words through the tokenizer and the LLM's input embeddings, float32 [M_i, D]."""
+    device = embed.weight.device
+    out = []
+    for row in words:
+        ids = [i for w in row for i in tokenizer(w, add_special_tokens=False).input_ids]
+        out.append(embed(torch.tensor(ids, dtype=torch.long, device=device)).float())
+    return out

@@ -21,7 +21,15 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import EncodedImages, Generation, Part, VisionLanguageAdapter, decoder_shape, generate_from_embeddings
+from .base import (
+    EncodedImages,
+    Generation,
+    Part,
+    VisionLanguageAdapter,
+    decoder_shape,
+    generate_from_embeddings,
+    word_embeddings,
+)
 
 
 class LlavaAdapter(VisionLanguageAdapter):
@@ -107,12 +115,7 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     @torch.inference_mode()
     def embed_words(self, words: list[list[str]]) -> list[Tensor]:
-        out = []
-        for row in words:
-            ids = [i for w in row for i in self.tokenizer(w, add_special_tokens=False).input_ids]
-            t = torch.tensor(ids, dtype=torch.long, device=self.device)
-            out.append(self.embed(t).float())
-        return out
+        return word_embeddings(self.tokenizer, self.embed, words)
 
     def chat_text(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

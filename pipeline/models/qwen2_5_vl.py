@@ -44,6 +44,7 @@ from .base import (
     VisionLanguageAdapter,
     decoder_shape,
     generate_from_embeddings,
+    word_embeddings,
 )
 
 
@@ -120,11 +121,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
 
     @torch.inference_mode()
     def embed_words(self, words: list[list[str]]) -> list[Tensor]:
-        out = []
-        for row in words:
-            ids = [i for w in row for i in self.tokenizer(w, add_special_tokens=False).input_ids]
-            out.append(self.embed(torch.tensor(ids, dtype=torch.long, device=self.device)).float())
-        return out
+        return word_embeddings(self.tokenizer, self.embed, words)
 
     def chat_text(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
