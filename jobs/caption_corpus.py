@@ -1,8 +1,10 @@
 """Annotate an image corpus: `python jobs/caption_corpus.py --config configs/local.yaml`.
 
 Works the same under `ray job submit --working-dir . -- python jobs/caption_corpus.py ...`.
-Exit status: 0 when every input row reached the output (rows with an `error` included),
-1 when rows were lost, 2 on a configuration error.
+Exit status: 0 when every input row is in the output exactly once (rows with an `error`
+included), 1 when ids are missing or repeated there, 2 on a configuration or input error
+(nothing was run), 3 when the run stopped part-way (storage, workers): what it committed is
+kept, and the same command with `--resume` finishes it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.job import run_job  # noqa: E402
+from pipeline.io.inputs import InputError  # noqa: E402
+from pipeline.job import RunFailed, run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,22 +31,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=int, help="override the budget: keep up to this many visual tokens per image")
     p.add_argument("--prune-ratio", type=float, help="override the budget: prune this fraction of each image's tokens")
     p.add_argument("--alpha", type=float, help="override pruning.alpha")
+    p.add_argument("--resume", action="store_true",
+                   help="output.mode: resume: finish an earlier attempt of this run, every row exactly once")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
               "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha"}
     overrides = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
+    if args.resume:
+        overrides["output.mode"] = "resume"
     try:
         cfg = load_config(args.config, overrides)
         summary = run_job(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{'input' if isinstance(e, InputError) else 'config'} error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 3
     print("SUMMARY " + json.dumps(summary.as_dict(), sort_keys=True))
+    dropped = f", {sum(summary.dropped.values())} dropped by input.id_policy {summary.dropped}" if summary.dropped else ""
     print(
-        f"wrote {summary.output_rows}/{summary.input_rows} rows to {summary.output} "
-        f"({summary.ok_rows} answered, {summary.error_rows} with an error: {summary.errors_by_kind or 'none'})"
+        f"{summary.output_rows}/{summary.expected_rows} rows in {summary.output} "
+        f"({summary.ok_rows} answered, {summary.error_rows} with an error: {summary.errors_by_kind or 'none'}); "
+        f"{summary.input_rows} input rows{dropped}; this attempt wrote {summary.written_this_attempt}, "
+        f"{summary.skipped_already_done} were already done"
     )
+    if summary.missing_ids or summary.duplicate_ids:
+        print(f"NOT COMPLETE: {summary.missing_ids} ids missing, {summary.duplicate_ids} repeated", file=sys.stderr)
     print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept "
           f"({cfg.pruning.method}, {cfg.pruning.describe()})")
     mean = summary.cost_mean_per_image
@@ -61,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ex['id']}: {ex['prompt'].splitlines()[0] if ex['prompt'] else '<no prompt>'} -> {said}{label}")
     if summary.accuracy is not None:
         print(f"accuracy against `expected`: {100 * summary.accuracy:.1f} % of {summary.output_rows} rows")
-    return 0 if summary.output_rows == summary.input_rows else 1
+    return 0 if not summary.missing_ids and not summary.duplicate_ids else 1
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
     from pipeline.config import GenerationConfig, InputConfig, ModelConfig
     from pipeline.io.sample_corpus import make_rows
     from pipeline.models.llava import LlavaAdapter
-    from pipeline.stages.encode import decode_image
+    from pipeline.io.images import decode_image
 
     adapter = LlavaAdapter(ModelConfig(path=str(path)), str(path), "language")
     vision = LlavaAdapter(ModelConfig(path=str(path)), str(path), "vision")
@@ -272,7 +272,8 @@ def evaluate(path: Path, rows: int, seed: int) -> dict:
     gen = GenerationConfig(max_new_tokens=4)
     for start in range(0, rows, 16):
         chunk = data[start : start + 16]
-        imgs = [decode_image(r["image"], InputConfig(path="-").max_image_pixels) for r in chunk]
+        rules = InputConfig(path="-")
+        imgs = [decode_image(r["image"], rules.max_image_pixels, rules.min_image_side) for r in chunk]
         enc = vision.encode(imgs)
         kept = [torch.arange(f.shape[0]) for f in enc.features]
         answers = adapter.generate([r["prompt"] for r in chunk], enc.features, kept, enc.layouts, gen)

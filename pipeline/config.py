@@ -29,15 +29,35 @@ class InputConfig(_Strict):
         "of this many rows there first. Leave unset for real data.",
     )
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Images with more pixels become error rows (decompression-bomb guard)."
+        40_000_000, ge=1, description="Images with more pixels become error rows (`image too large`), decided from "
+        "the header before any pixel is decoded (decompression-bomb guard).",
+    )
+    min_image_side: int = Field(
+        8, ge=1, description="Images with a side shorter than this many pixels become error rows (`image too small`).",
+    )
+    id_policy: Literal["fail", "drop_duplicates"] = Field(
+        "fail", description="Null, empty or repeated ids, found before any model work: `fail` stops the job naming a "
+        "few of them and the count; `drop_duplicates` drops rows without an id and keeps only the first row of each "
+        "repeated id (files in path order, rows in file order), counted in the manifest.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Most tokens a prompt may take after the chat template (image placeholders not "
+        "counted). None: what the model can take, its context length less the row's kept visual tokens and "
+        "generation.max_new_tokens.",
+    )
+    long_prompt: Literal["reject", "truncate"] = Field(
+        "reject", description="A prompt over the limit: `reject` (an error row, `prompt too long`) or `truncate` (keep "
+        "its first tokens, answer, and set the row's `prompt_truncated`).",
     )
 
 
 class OutputConfig(_Strict):
     path: str = Field(description="Output directory of Parquet files: local path or URI.")
     max_rows_per_file: int | None = Field(10_000, ge=1, description="Upper bound on rows per output file.")
-    mode: Literal["error", "overwrite"] = Field(
-        "error", description="When the output directory already holds files: fail (never mixes runs) or replace them."
+    mode: Literal["error", "overwrite", "resume"] = Field(
+        "error", description="When the output directory already holds files: `error` fails (never mixes runs), "
+        "`overwrite` deletes them first, `resume` keeps the rows an earlier attempt of the same run committed and "
+        "writes only the rest (every input row exactly once; a missing output starts fresh).",
     )
 
 
@@ -156,6 +176,14 @@ class StageConfig(_Strict):
         return self
 
 
+class DecodeStageConfig(StageConfig):
+    max_batch_tokens: int = Field(
+        32_768, ge=1, description="Bound on one generate call: rows x (longest prompt + max_new_tokens) tokens. A "
+        "batch over it is split into calls of rows of similar length, so one long prompt cannot pad the whole batch "
+        "to its length. A row over it alone still runs (its length is bounded by input.max_prompt_tokens).",
+    )
+
+
 class TextStageConfig(StageConfig):
     spacy_model: str = Field("en_core_web_sm", description="spaCy package or pipeline dir; fallback if missing.")
 
@@ -169,6 +197,18 @@ class CostConfig(_Strict):
         "configs/prices.yaml", description="Price table (YAML, every figure with source and date). A relative path is "
         "looked up in the working directory, then in the repository root.",
     )
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for s3:// paths (MinIO, Ceph, ...). None: AWS_ENDPOINT_URL_S3 or "
+        "AWS_ENDPOINT_URL if set, else AWS. Credentials always come from the standard AWS chain, never from here.",
+    )
+    retry_attempts: int = Field(
+        8, ge=1, le=50, description="Attempts per storage call the driver makes (listing, footers, ids, manifest) on a "
+        "transient error, with exponential backoff; Ray Data's own reads and writes retry as Ray configures them.",
+    )
+    retry_max_backoff_s: float = Field(8.0, gt=0.0, le=300.0, description="Longest wait between two attempts.")
 
 
 class RayConfig(_Strict):
@@ -191,8 +231,9 @@ class JobConfig(_Strict):
     generation: GenerationConfig = GenerationConfig()
     text_stage: TextStageConfig = TextStageConfig(num_cpus=0.25, batch_size=64, max_pool_size=2)
     encode_stage: StageConfig = StageConfig(num_cpus=0.5)
-    decode_stage: StageConfig = StageConfig(num_cpus=0.5)
+    decode_stage: DecodeStageConfig = DecodeStageConfig(num_cpus=0.5)
     cost: CostConfig = CostConfig()
+    storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -12,37 +12,65 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import torch
 from ray.data import ActorPoolStrategy, SaveMode
+from ray.data.checkpoint import CheckpointConfig
 
-from pipeline.config import ConfigError, JobConfig, StageConfig
+from pipeline.config import ConfigError, JobConfig, StageConfig, StorageConfig
 from pipeline.cost.accounting import CostModel
-from pipeline.io.manifest import package_versions, write_manifest
+from pipeline.io.inputs import InputPlan, check_input, drop_rows, stage_first_rows
+from pipeline.io.manifest import MANIFEST_NAME, package_versions, read_manifest, write_manifest
 from pipeline.io.sample_corpus import write_corpus
-from pipeline.io.schema import COST_COLUMNS, INPUT_COLUMNS, STAGE_TIME_COLUMNS, to_output_table
-from pipeline.io.storage import filesystem_for, has_files, is_uri, parquet_dataset, ray_path
+from pipeline.io.schema import COST_COLUMNS, STAGE_TIME_COLUMNS, to_output_table
+from pipeline.io.storage import (
+    delete_dir,
+    filesystem_for,
+    fs_path,
+    has_files,
+    is_uri,
+    join,
+    local_or,
+    parquet_dataset,
+    ray_path,
+    retrying,
+)
 from pipeline.models import ADAPTERS, detect_family, model_shapes
 from pipeline.models.base import planned_dtype
 from pipeline.models.tiny import resolve_model_path
 from pipeline.quality.scoring import is_correct
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.faults import ENV as FAULTS_ENV
 from pipeline.stages.text import TextStage
 
 log = logging.getLogger(__name__)
 EXAMPLES = 5  # rows the summary shows
+CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committed ids
+# Ray Data's checkpoint filter runs as an actor pool of its own; its actors reserve 1 CPU each
+# (Ray's default for map actors; CheckpointConfig offers no knob) and 1 GiB of memory.
+CHECKPOINT_FILTER_CPUS = 1.0
 
 
 @dataclass
 class JobSummary:
-    input_rows: int
-    output_rows: int
+    input_rows: int  # rows in the input files
+    expected_rows: int  # rows the output must hold: input rows less those input.id_policy dropped
+    output_rows: int  # rows in the output, every attempt of the run included
     ok_rows: int
     error_rows: int
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # input rows dropped by id, by reason
+    skipped_already_done: int = 0  # rows an earlier attempt had committed (resume)
+    written_this_attempt: int = 0
+    missing_ids: int = 0  # expected ids absent from the output (0 for a complete run)
+    duplicate_ids: int = 0  # output rows beyond the first of their id (always 0, checked)
+    truncated_prompts: int = 0
     extractors: dict[str, int] = field(default_factory=dict)
     mean_visual_tokens_in: float = 0.0
     mean_visual_tokens_kept: float = 0.0
@@ -62,66 +90,187 @@ class JobSummary:
         return asdict(self)
 
 
+class RunFailed(RuntimeError):
+    """The run stopped part-way (storage, workers); what it committed stays, ``--resume`` goes on."""
+
+
 def run_job(cfg: JobConfig) -> JobSummary:
-    """Run the whole pipeline on ``cfg``; returns the summary of what was written."""
-    if cfg.output.mode == "error" and has_files(cfg.output.path):
-        raise ConfigError(
-            f"output.path {cfg.output.path!r} already holds files and output.mode is 'error': "
-            "choose a new output path or set output.mode: overwrite"
-        )
+    """Run the whole pipeline on ``cfg``; returns the summary of what was written.
+
+    Every run is checkpointed (Ray Data's ``CheckpointConfig`` keyed on ``id``, under
+    ``<output>/_checkpoint``): a write task records its rows' ids as pending, writes its file,
+    then commits the ids. ``output.mode: resume`` deletes the files of uncommitted writes, skips
+    committed ids and writes the rest, so a run killed at any point and resumed holds every
+    input row exactly once."""
+    storage, out = cfg.storage, cfg.output.path
+    previous = _prepare_output(cfg)
     _prepare_local_input(cfg)
-    # Schema and row count from the Parquet footers: cheap, and fails before any GPU work.
-    source = parquet_dataset(cfg.input.path)
-    missing = [c for c in INPUT_COLUMNS if c not in source.schema.names]
-    if missing:
-        raise ConfigError(f"input {cfg.input.path} lacks required column(s) {missing}; columns: {source.schema.names}")
-    input_rows = source.count_rows()
-    configured_model = cfg.model.path
+    plan = check_input(cfg.input.path, cfg.input.id_policy, storage)  # schema and ids, before any model work
+    identity = run_identity(cfg)
     cfg = _resolve_model(cfg)
     costs = cost_model(cfg)  # reads the price table: a bad accelerator or price file fails before Ray starts
     _init_ray(cfg)
+    checkpoint = join(out, CHECKPOINT_DIR)
+    already_done = committed_rows(checkpoint, storage)
     if cfg.ray.check_resources:
-        check_resources(cfg, ray.cluster_resources())
-    started_at, start = _utc_now(), time.perf_counter()
+        check_resources(cfg, ray.cluster_resources(), checkpoint_filter=already_done > 0)
+    attempts = list(previous.get("attempts", [])) if previous else []
+    attempt = {"attempt": len(attempts) + 1, "started_at": _utc_now(), "finished_at": None, "status": "running",
+               "rows_written": None, "error": None}
+    base = {
+        "attempt": attempt["attempt"],
+        "started_at": attempt["started_at"],
+        "run_identity": identity,
+        "config": cfg.model_dump(mode="json"),
+        "packages": package_versions(),
+        "input": {"files": len(plan.files), "rows": plan.rows, "dropped": plan.dropped},
+        "model": {"configured_path": identity["model"]["path"], "path": cfg.model.path, "family": cfg.model.family,
+                  "kv_bytes_per_element": costs.kv_bytes_per_element},
+    }
+    write_manifest(out, {**base, "status": "running", "attempts": [*attempts, attempt]}, storage)
+    start = time.perf_counter()
+    try:
+        _execute(cfg, costs, plan, checkpoint)
+    except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the caller
+        attempt |= {"finished_at": _utc_now(), "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+        try:
+            write_manifest(out, {**base, "status": "failed", "attempts": [*attempts, attempt]}, storage)
+        except Exception:  # noqa: BLE001 - storage may be what failed; the `running` manifest stays
+            log.warning("could not record the failed attempt in the manifest", exc_info=True)
+        raise RunFailed(
+            f"the run stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Rows already committed "
+            f"are kept in {out}: run the same command with --resume (output.mode: resume) to finish it"
+        ) from e
+    wall = time.perf_counter() - start
+    rows = read_output_rows(out, storage)
+    run_cost = costs.run_totals(rows, wall, cfg.ray.io_num_cpus)
+    summary = summarize(rows, plan, already_done, out, run_cost)
+    attempt |= {"finished_at": _utc_now(), "status": "completed", "rows_written": summary.written_this_attempt}
+    summary.manifest = write_manifest(
+        out,
+        {
+            **base,
+            "status": "completed",
+            "attempts": [*attempts, attempt],
+            "finished_at": attempt["finished_at"],
+            "rows": {
+                "input": summary.input_rows, "expected": summary.expected_rows, "output": summary.output_rows,
+                "ok": summary.ok_rows, "error": summary.error_rows, "errors_by_kind": summary.errors_by_kind,
+                "dropped": summary.dropped, "skipped_already_done": summary.skipped_already_done,
+                "written_this_attempt": summary.written_this_attempt, "missing_ids": summary.missing_ids,
+                "duplicate_ids": summary.duplicate_ids, "truncated_prompts": summary.truncated_prompts,
+            },
+            "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept},
+            "cost": run_cost,
+        },
+        storage,
+    )
+    return summary
 
+
+def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str) -> None:
+    """Read -> stages -> write, checkpointed on ``id``."""
+    storage, io_cpus = cfg.storage, cfg.ray.io_num_cpus
+    context = ray.data.DataContext.get_current()
     # Ray 2.60's DataSource V2 read adds a ListFiles task that always reserves 1 CPU, ignoring
     # num_cpus: with the pools sized to a 2-CPU machine that task never schedules and the job
     # hangs. The classic reader honours num_cpus.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(
-        ray_path(cfg.input.path),
-        filesystem=filesystem_for(cfg.input.path),
-        num_cpus=cfg.ray.io_num_cpus,
+    context.use_datasource_v2 = False
+    # Kept after success: a resume of a finished run then finds every id done and writes nothing.
+    context.checkpoint_config = CheckpointConfig(
+        id_column="id", checkpoint_path=ray_path(checkpoint), delete_checkpoint_on_success=False,
+        override_filesystem=filesystem_for(checkpoint, storage),
     )
+    in_fs = filesystem_for(cfg.input.path, storage)
+    ds = ray.data.read_parquet([_ray_file(cfg.input.path, f) for f in plan.files], filesystem=in_fs, num_cpus=io_cpus)
+    if plan.dropped:
+        ds = ds.map_batches(
+            drop_rows, fn_kwargs={"excluded": frozenset(plan.excluded_ids)},
+            batch_format="pyarrow", batch_size=None, num_cpus=io_cpus,
+        )
+    staged = stage_first_rows(plan, cfg.output.path, storage)
+    if staged:  # a second read, so the checkpoint filter covers both branches
+        out_fs = filesystem_for(cfg.output.path, storage)
+        ds = ds.union(ray.data.read_parquet(ray_path(staged), filesystem=out_fs, num_cpus=io_cpus))
     ds = build_pipeline(ds, cfg, costs)
     ds.write_parquet(
         ray_path(cfg.output.path),
-        filesystem=filesystem_for(cfg.output.path),
+        filesystem=filesystem_for(cfg.output.path, storage),
+        # A write task commits its rows' ids once its files are written: bundling up to
+        # max_rows_per_file rows per task makes that the most a crash can take back.
+        min_rows_per_file=cfg.output.max_rows_per_file,
         max_rows_per_file=cfg.output.max_rows_per_file,
-        mode=SaveMode.OVERWRITE if cfg.output.mode == "overwrite" else SaveMode.ERROR,
-        ray_remote_args={"num_cpus": cfg.ray.io_num_cpus},
+        mode=SaveMode.APPEND,  # _prepare_output already applied output.mode
+        ray_remote_args={"num_cpus": io_cpus},
     )
-    wall = time.perf_counter() - start
-    rows = read_output_rows(cfg.output.path)
-    run_cost = costs.run_totals(rows, wall, cfg.ray.io_num_cpus)
-    summary = summarize(rows, input_rows, cfg.output.path, run_cost)
-    summary.manifest = write_manifest(
-        cfg.output.path,
-        {
-            "started_at": started_at,
-            "finished_at": _utc_now(),
-            "config": cfg.model_dump(mode="json"),
-            "packages": package_versions(),
-            "rows": {
-                "input": summary.input_rows, "output": summary.output_rows, "ok": summary.ok_rows,
-                "error": summary.error_rows, "errors_by_kind": summary.errors_by_kind,
-            },
-            "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept},
-            "model": {"configured_path": configured_model, "path": cfg.model.path, "family": cfg.model.family, "kv_bytes_per_element": costs.kv_bytes_per_element},
-            "cost": run_cost,
-        },
-    )
-    return summary
+
+
+def _ray_file(root: str, fs_file: str) -> str:
+    """A file path as the filesystem lists it -> as Ray takes it (``s3://`` kept for URIs)."""
+    return f"{urlparse(root).scheme}://{fs_file}" if is_uri(root) else fs_file
+
+
+def _prepare_output(cfg: JobConfig) -> dict[str, Any] | None:
+    """Apply ``output.mode``; returns the previous attempt's manifest when resuming one."""
+    out, storage = cfg.output.path, cfg.storage
+    if cfg.output.mode == "overwrite":
+        delete_dir(out, storage)
+        return None
+    if not has_files(out, storage):
+        return None
+    if cfg.output.mode == "error":
+        raise ConfigError(
+            f"output.path {out!r} already holds files and output.mode is 'error': resume that run with --resume "
+            "(output.mode: resume), replace it with output.mode: overwrite, or choose a new output path"
+        )
+    previous = read_manifest(out, storage)
+    if previous is None:
+        raise ConfigError(
+            f"output.path {out!r} holds files but no {MANIFEST_NAME}: it is not a run of this job, so it cannot be "
+            "resumed; choose a new output path or set output.mode: overwrite"
+        )
+    differ = _differences(previous.get("run_identity") or {}, run_identity(cfg))
+    if differ:
+        raise ConfigError(
+            f"cannot resume {out!r}: the earlier attempt ran with different settings ({'; '.join(differ)}); "
+            "resume with the same config, or write to a new output path"
+        )
+    return previous
+
+
+def run_identity(cfg: JobConfig) -> dict[str, Any]:
+    """What decides each output row; a resume must match the earlier attempts on all of it."""
+    keep = ("path", "max_image_pixels", "min_image_side", "id_policy", "max_prompt_tokens", "long_prompt")
+    return {
+        "input": {k: v for k, v in cfg.input.model_dump(mode="json").items() if k in keep},
+        "model": cfg.model.model_dump(mode="json", exclude={"architecture"}),
+        "pruning": cfg.pruning.model_dump(mode="json"),
+        "generation": cfg.generation.model_dump(mode="json"),
+    }
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def committed_rows(checkpoint: str, storage: StorageConfig | None = None) -> int:
+    """Rows whose ids an earlier attempt committed (pending, uncommitted writes excluded)."""
+    fs, root = local_or(filesystem_for(checkpoint, storage)), fs_path(checkpoint)
+
+    def count() -> int:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                 and not i.path.endswith(".pending.parquet")]
+        return pads.dataset(files, filesystem=fs, format="parquet").count_rows() if files else 0
+
+    return retrying(count, f"reading the checkpoint {checkpoint}", storage)
 
 
 def cost_model(cfg: JobConfig) -> CostModel:
@@ -144,7 +293,9 @@ def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None
     )
     ds = ds.map_batches(
         DecodeStage,
-        fn_constructor_kwargs={"model": cfg.model, "generation": cfg.generation, "stage": cfg.decode_stage},
+        fn_constructor_kwargs={
+            "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
+        },
         **_pool(cfg.decode_stage),
     )
     return ds.map_batches(
@@ -174,16 +325,19 @@ def _pool(stage: StageConfig) -> dict:
     }
 
 
-def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
-    """Fail fast if the pools cannot all start next to a read/write task: Ray Data would wait forever."""
+def check_resources(cfg: JobConfig, cluster: dict[str, float], checkpoint_filter: bool = False) -> None:
+    """Fail fast if the pools cannot all start next to a read/write task: Ray Data would wait
+    forever. ``checkpoint_filter``: a resume, which adds Ray Data's checkpoint filter actor."""
     stages = cfg.stages()
-    cpus = cfg.ray.io_num_cpus + sum(s.pool_size * s.num_cpus for s in stages.values())
+    filter_cpus = CHECKPOINT_FILTER_CPUS if checkpoint_filter else 0.0
+    cpus = cfg.ray.io_num_cpus + filter_cpus + sum(s.pool_size * s.num_cpus for s in stages.values())
     have_cpus = cluster.get("CPU", 0.0)
     if cpus > have_cpus + 1e-9:
         parts = " + ".join(f"{n}.pool_size*num_cpus={s.pool_size * s.num_cpus:g}" for n, s in stages.items())
+        resume = f" + the resume's checkpoint filter actor {filter_cpus:g}" if filter_cpus else ""
         raise ConfigError(
-            f"the stages need {cpus:g} CPUs ({parts} + ray.io_num_cpus={cfg.ray.io_num_cpus:g}) but the cluster "
-            f"has {have_cpus:g}: lower num_cpus (fractions are fine) or pool_size"
+            f"the stages need {cpus:g} CPUs ({parts} + ray.io_num_cpus={cfg.ray.io_num_cpus:g}{resume}) but the "
+            f"cluster has {have_cpus:g}: lower num_cpus (fractions are fine) or pool_size"
         )
     gpus = sum(s.pool_size * s.num_gpus for s in stages.values())
     have_gpus = cluster.get("GPU", 0.0)
@@ -195,18 +349,21 @@ def check_resources(cfg: JobConfig, cluster: dict[str, float]) -> None:
         )
 
 
-def read_output_rows(output: str) -> list[dict[str, Any]]:
+def read_output_rows(output: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
     """The columns the summary and manifest need, read back from what was written."""
     time_columns = [c for cols in STAGE_TIME_COLUMNS.values() for c in cols]
     columns = ["id", "prompt", "answer", "error", "extractor", "visual_tokens_in", "visual_tokens_kept",
-               *time_columns, *COST_COLUMNS]
-    ds = parquet_dataset(output)
+               "prompt_truncated", *time_columns, *COST_COLUMNS]
+    ds = parquet_dataset(output, storage)
     columns += [c for c in ("expected",) if c in ds.schema.names]
-    return ds.to_table(columns=columns).to_pylist()
+    return retrying(lambda: ds.to_table(columns=columns).to_pylist(), f"reading back {output}", storage)
 
 
-def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost: dict[str, Any]) -> JobSummary:
+def summarize(
+    rows: list[dict[str, Any]], plan: InputPlan, already_done: int, output: str, run_cost: dict[str, Any]
+) -> JobSummary:
     ok = [r for r in rows if not r["error"]]
+    distinct = len({r["id"] for r in rows})
 
     def mean(key: str) -> float:
         return round(sum(r[key] for r in ok) / len(ok), 3) if ok else 0.0
@@ -214,11 +371,18 @@ def summarize(rows: list[dict[str, Any]], input_rows: int, output: str, run_cost
     labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
     first = heapq.nsmallest(EXAMPLES, rows, key=lambda r: r["id"])
     return JobSummary(
-        input_rows=input_rows,
+        input_rows=plan.rows,
+        expected_rows=plan.expected_rows,
         output_rows=len(rows),
         ok_rows=len(ok),
         error_rows=len(rows) - len(ok),
         errors_by_kind=dict(Counter(r["error"].split(":")[0] for r in rows if r["error"])),
+        dropped=dict(plan.dropped),
+        skipped_already_done=already_done,
+        written_this_attempt=len(rows) - already_done,
+        missing_ids=max(0, plan.expected_rows - distinct),
+        duplicate_ids=len(rows) - distinct,
+        truncated_prompts=sum(bool(r["prompt_truncated"]) for r in rows),
         extractors=dict(Counter(r["extractor"] for r in rows)),
         mean_visual_tokens_in=mean("visual_tokens_in"),
         mean_visual_tokens_kept=mean("visual_tokens_kept"),
@@ -267,10 +431,12 @@ def _utc_now() -> str:
 def _init_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
+    # Fault drills (pipeline/stages/faults.py) reach the workers on any cluster.
+    drill = {"runtime_env": {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}} if os.environ.get(FAULTS_ENV) else {}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
+        ray.init(address=cfg.ray.address, **drill)
     elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` and by users pointing at a cluster
-        ray.init()
+        ray.init(**drill)
     else:  # a fresh local instance; never silently join some other local cluster
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **drill)
 

@@ -83,14 +83,35 @@ def test_local_config_fits_two_cpus_and_oversized_requests_fail_fast() -> None:
     with pytest.raises(ConfigError, match=r"need 1 GPUs \(encode_stage.num_gpus=0.25, decode_stage.num_gpus=0.75\).*has 0"):
         check_resources(gpu, {"CPU": 64.0})
     check_resources(gpu, {"CPU": 64.0, "GPU": 1.0})
+    # A resume adds Ray Data's checkpoint filter actor (1 CPU): the local default asks Ray for 3.
+    with pytest.raises(ConfigError, match=r"need 2.5 CPUs .*checkpoint filter actor 1\) but the cluster has 2"):
+        check_resources(local, {"CPU": 2.0}, checkpoint_filter=True)
+    check_resources(local, {"CPU": float(local.ray.num_cpus)}, checkpoint_filter=True)
 
 
 def test_existing_output_fails_fast_unless_overwrite(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "part-0.parquet").write_bytes(b"x")
     cfg = validate_config({**BASE, "output": {"path": str(tmp_path / "out")}})
-    with pytest.raises(ConfigError, match=r"output.path .* already holds files and output.mode is 'error'"):
+    with pytest.raises(ConfigError, match=r"output.path .* already holds files and output.mode is 'error'.*--resume"):
         run_job(cfg)  # raises before Ray starts or any row is read
+    # Files without a manifest are not a run of this job: nothing to resume.
+    resume = validate_config({**BASE, "output": {"path": str(tmp_path / "out"), "mode": "resume"}})
+    with pytest.raises(ConfigError, match=r"holds files but no _manifest.json"):
+        run_job(resume)
+
+
+def test_reliability_fields_are_validated() -> None:
+    cfg = validate_config({**BASE, "input": {"path": "a", "id_policy": "drop_duplicates", "long_prompt": "truncate",
+                                             "max_prompt_tokens": 512}, "output": {"path": "b", "mode": "resume"},
+                           "decode_stage": {"max_batch_tokens": 4096}, "storage": {"retry_attempts": 3}})
+    assert (cfg.input.id_policy, cfg.output.mode, cfg.decode_stage.max_batch_tokens) == ("drop_duplicates", "resume", 4096)
+    for section, field, value in (("input", "id_policy", "keep_all"), ("output", "mode", "append"),
+                                  ("input", "long_prompt", "cut"), ("storage", "retry_attempts", 0)):
+        raw = {**BASE, "input": {"path": "a"}, "output": {"path": "b"}}
+        raw[section] = {**raw.get(section, {}), field: value}
+        with pytest.raises(ConfigError, match=rf"{section}.{field}: "):
+            validate_config(raw)
 
 
 def test_bad_model_path_fails_fast_naming_the_field(tmp_path: Path) -> None:
@@ -110,5 +131,5 @@ def test_input_without_required_columns_fails_fast(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a"], "picture": [b"x"]}), tmp_path / "in" / "p.parquet")
     cfg = validate_config({**BASE, "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "o")}})
-    with pytest.raises(ConfigError, match=r"lacks required column\(s\) \['image', 'prompt'\]"):
+    with pytest.raises(ConfigError, match=r"p.parquet: lacks required column 'image'"):
         run_job(cfg)

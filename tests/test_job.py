@@ -84,6 +84,7 @@ def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Pat
     assert summary["input_rows"] == summary["output_rows"] == 14
     assert summary["error_rows"] == 4 and summary["ok_rows"] == 10
     assert summary["errors_by_kind"] == {"missing prompt": 2, "image too large": 1, "corrupt image": 1}
+    assert summary["missing_ids"] == summary["duplicate_ids"] == 0
 
     files = sorted((tmp_path / "out").glob("*.parquet"))
     assert len(files) >= 3  # max_rows_per_file = 5
@@ -128,9 +129,12 @@ def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> 
         assert summary["cost_totals"][c] == pytest.approx(total) and cost["totals"][c] == pytest.approx(total)
         assert cost["mean_per_image"][c] == pytest.approx(total / len(ok))
     assert manifest["rows"] == {
-        "input": summary["input_rows"], "output": summary["output_rows"], "ok": len(ok),
-        "error": summary["error_rows"], "errors_by_kind": summary["errors_by_kind"],
+        "input": summary["input_rows"], "expected": summary["input_rows"], "output": summary["output_rows"],
+        "ok": len(ok), "error": summary["error_rows"], "errors_by_kind": summary["errors_by_kind"], "dropped": {},
+        "skipped_already_done": 0, "written_this_attempt": summary["output_rows"], "missing_ids": 0,
+        "duplicate_ids": 0, "truncated_prompts": 0,
     }
+    assert manifest["status"] == "completed" and manifest["attempt"] == 1 and len(manifest["attempts"]) == 1
     assert manifest["config"]["pruning"]["keep"] == keep and manifest["packages"]["torch"]
     assert manifest["started_at"] <= manifest["finished_at"] and cost["reserved"]["wall_seconds"] > 0
     from transformers import AutoConfig
@@ -169,7 +173,8 @@ def test_job_reads_and_writes_s3(
         )
         assert summary["output_rows"] == summary["ok_rows"] == 6
         listed = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
-        keys = [k for k in listed if not k.endswith("/") and not k.endswith("_manifest.json")]  # pyarrow leaves a dir marker
+        # The rows; not pyarrow's dir markers, the manifest or the checkpoint's files.
+        keys = [k for k in listed if not k.endswith("/") and not k.removeprefix("out/").startswith("_")]
         assert keys and all(k.endswith(".parquet") for k in keys)
         assert "out/_manifest.json" in listed
         local = tmp_path / "back"

@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import GenerationConfig, InputConfig, ModelConfig, PruningConfig, StageConfig, TextStageConfig
+from pipeline.config import (
+    DecodeStageConfig,
+    GenerationConfig,
+    InputConfig,
+    ModelConfig,
+    PruningConfig,
+    StageConfig,
+    TextStageConfig,
+)
 from pipeline.io.sample_corpus import make_rows
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.pruning import gate, relevance, resprune_select
-from pipeline.stages.common import map_with_row_fallback
+from pipeline.stages.common import map_splitting_failures
 from pipeline.stages.decode import DecodeStage
-from pipeline.stages.encode import EncodeStage, decode_image
+from pipeline.stages.encode import EncodeStage
+from pipeline.io.images import decode_image
 from pipeline.stages.text import TextStage
 
 MODEL = ModelConfig(path="tiny:llava")
@@ -65,7 +74,7 @@ def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_o
     assert errors[1] == "missing prompt"
     assert errors[2].startswith("corrupt image: ")
     assert errors[3] == "image too large: 1200x1000 = 1200000 pixels > input.max_image_pixels = 1000000"
-    assert errors[4] == "missing image"
+    assert errors[4] == "missing image: null"
     assert "image" not in encode_out
     assert list(encode_out["visual_tokens_in"]) == [576, 0, 0, 0, 0, 576]
     assert list(encode_out["visual_tokens_kept"]) == [32, 0, 0, 0, 0, 32]
@@ -94,7 +103,7 @@ def test_encode_stage_methods(tiny_llava: str, text_out: dict, method: str, kept
 
 
 def test_decode_stage_and_output_schema(tiny_llava: str, encode_out: dict) -> None:
-    stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=5), StageConfig())
+    stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=5), InputConfig(path="x"), DecodeStageConfig())
     out = stage({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in encode_out.items()})
     assert "visual_kept" not in out
     assert [bool(a) for a in out["answer"]] == [True, False, False, False, False, True]
@@ -121,12 +130,73 @@ def test_row_fallback_isolates_the_failing_row() -> None:
             raise RuntimeError("bad row")
         return [x * x for x in xs]
 
-    assert map_with_row_fallback(square, [1, 2, 4], "square") == [1, 4, 16]
-    out = map_with_row_fallback(square, [1, 3, 4], "square")
+    assert map_splitting_failures(square, [1, 2, 4], "square") == [1, 4, 16]
+    out = map_splitting_failures(square, [1, 3, 4], "square")
     assert out[0] == 1 and out[2] == 16 and out[1] == "square failed: RuntimeError: bad row"
 
 
 def test_decode_image_formats() -> None:
     rows = make_rows(3)  # JPEG, PNG, WebP
-    assert all(isinstance(decode_image(r["image"], 10**7), Image.Image) for r in rows)
-    assert decode_image(b"", 10**7) == "missing image"
+    assert all(isinstance(decode_image(r["image"], 10**7, 8), Image.Image) for r in rows)
+    assert decode_image(b"", 10**7, 8) == "missing image: 0 bytes"
+
+
+def _decode_batch(encode_out: dict, rows: list[int], prompts: list[str]) -> dict:
+    batch = {k: (v[rows].copy() if isinstance(v, np.ndarray) else [v[i] for i in rows]) for k, v in encode_out.items()}
+    batch["prompt"] = np.array(prompts, dtype=object)
+    return batch
+
+
+def test_decode_stage_rejects_or_truncates_long_prompts(tiny_llava: str, encode_out: dict) -> None:
+    long = "Describe the shapes and their colours in detail. " * 2000  # ~100k characters
+    gen = GenerationConfig(max_new_tokens=3)
+    reject = DecodeStage(MODEL, gen, InputConfig(path="x"), DecodeStageConfig())
+    context = reject.adapter.context_length
+    assert reject.adapter.text_tokens(long) > context
+    out = reject(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"]))
+    assert out["error"][0].startswith("prompt too long: ") and f"context of {context}" in out["error"][0]
+    assert out["answer"][0] == "" and out["answer"][1] and not out["prompt_truncated"].any()
+
+    limited = DecodeStage(MODEL, gen, InputConfig(path="x", max_prompt_tokens=40), DecodeStageConfig())
+    out = limited(_decode_batch(encode_out, [0], ["word " * 60]))
+    tokens = limited.adapter.text_tokens("word " * 60)
+    assert tokens > 60 and out["error"][0] == f"prompt too long: {tokens} tokens > input.max_prompt_tokens = 40"
+
+    cut = DecodeStage(MODEL, gen, InputConfig(path="x", max_prompt_tokens=40, long_prompt="truncate"), DecodeStageConfig())
+    out = cut(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"]))
+    assert list(out["error"]) == ["", ""] and out["answer"][0] and list(out["prompt_truncated"]) == [True, False]
+    assert out["prompt_tokens"][0] <= 40 + 32  # the cut prompt and the 32 kept visual tokens
+    fitted = cut.adapter.fit_prompt(long, 40)
+    assert long.startswith(fitted[:100]) and 30 < cut.adapter.text_tokens(fitted) <= 40
+
+
+def test_decode_stage_bounds_padded_tokens_per_call(tiny_llava: str, encode_out: dict) -> None:
+    stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=2), InputConfig(path="x"),
+                        DecodeStageConfig(max_batch_tokens=400))
+    prompts = ["Is it red?", "word " * 150, "What colour is the square?", "word " * 10]
+    batch = _decode_batch(encode_out, [0, 5, 0, 5], prompts)
+    calls = []
+    real = stage.adapter.generate
+    stage.adapter.generate = lambda p, *a: calls.append(len(p)) or real(p, *a)  # count the calls, run them for real
+    out = stage(batch)
+    assert all(out["answer"]) and not any(out["error"])
+    # The 190-token row runs alone; the three short ones (under 100 tokens with 32 visual) share a call.
+    assert sorted(calls) == [1, 3]
+
+
+def test_split_on_failure_retries_halves_and_isolates_bad_rows() -> None:
+    seen: list[int] = []
+    flaky = {"left": 1}
+
+    def fn(xs: list[int]) -> list[int]:
+        seen.append(len(xs))
+        if len(xs) == 8 and flaky["left"]:  # a transient fault on the whole batch
+            flaky["left"] -= 1
+            raise RuntimeError("transient")
+        if 6 in xs:
+            raise ValueError("poison")
+        return [-x for x in xs]
+
+    out = map_splitting_failures(fn, list(range(8)), "step")
+    assert out[:6] == [0, -1, -2, -3, -4, -5] and out[7] == -7 and out[6] == "step failed: ValueError: poison"
+    assert seen == [8, 4, 4, 2, 2, 1, 1]  # halves, then smaller only where the poison is: 7 calls, not 8 rows + 1

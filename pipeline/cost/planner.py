@@ -133,6 +133,8 @@ def parse_budgets(text: str) -> list[tuple[int | None, float | None]]:
 def measured(run: str, *, images: int, gpus: int) -> PlanRow:
     """A plan row from a finished run's manifest (its output's row count checked against it)."""
     m = read_manifest(run)
+    if m is None or m.get("status", "completed") != "completed":
+        raise ValueError(f"{run}: not a finished run ({'no manifest' if m is None else 'status ' + m['status']})")
     written = parquet_dataset(run).count_rows()
     if written != m["rows"]["output"]:
         raise ValueError(f"{run}: manifest says {m['rows']['output']} rows, the output holds {written}")

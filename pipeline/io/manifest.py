@@ -1,10 +1,16 @@
 """The per-run manifest: ``_manifest.json`` next to the output's Parquet files (local or object
 storage). One file per run, one schema, extended by later features rather than duplicated.
-Readers of the output ignore it: pyarrow and Ray skip files starting with ``_``.
+Readers of the output ignore it: pyarrow and Ray skip files starting with ``_``. It is written
+when an attempt starts (``status: running``) and again when it ends (``completed`` or
+``failed``), so a killed run leaves one saying which attempt died.
 
-Keys (version 1): ``manifest_version``, ``started_at`` / ``finished_at`` (UTC ISO 8601),
-``config`` (the validated job config), ``packages`` (versions), ``rows`` (input, output, ok,
-error, errors_by_kind), ``model`` (configured and resolved path, family, dtype), ``cost``
+Keys (version 2): ``manifest_version``, ``status``, ``attempt`` (1 for a fresh run, +1 per
+``--resume``), ``attempts`` (per attempt: number, started_at, finished_at, status, rows written
+by it, error), ``started_at`` / ``finished_at`` (this attempt, UTC ISO 8601), ``config`` (the
+validated job config), ``packages`` (versions), ``input`` (files, rows, ids dropped by
+``input.id_policy``), ``rows`` (input, expected, output, ok, error, errors_by_kind,
+skipped_already_done, written_this_attempt, missing_ids, duplicate_ids, truncated_prompts),
+``model`` (configured and resolved path, family, dtype), ``cost``
 (see ``pipeline.cost.accounting.CostModel.run_totals``: accelerator, prices with sources,
 FLOP convention, shapes, totals and mean per image of every cost column, per-stage busy time
 and images/s, the run's reservation and the share of it the rows account for).
@@ -19,10 +25,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .storage import filesystem_for, fs_path
+from pipeline.config import StorageConfig
+
+from .storage import filesystem_for, fs_path, local_or, retrying
 
 MANIFEST_NAME = "_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 PACKAGES = ("resprune-pipeline", "torch", "transformers", "ray", "pyarrow", "numpy", "spacy", "pydantic", "pillow")
 
 
@@ -36,19 +44,32 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _location(output: str) -> tuple[pafs.FileSystem, str]:
-    return filesystem_for(output) or pafs.LocalFileSystem(), f"{fs_path(output).rstrip('/')}/{MANIFEST_NAME}"
+def _location(output: str, storage: StorageConfig | None) -> tuple[pafs.FileSystem, str]:
+    return local_or(filesystem_for(output, storage)), f"{fs_path(output).rstrip('/')}/{MANIFEST_NAME}"
 
 
-def write_manifest(output: str, manifest: dict[str, Any]) -> str:
+def write_manifest(output: str, manifest: dict[str, Any], storage: StorageConfig | None = None) -> str:
     """Write ``manifest`` as ``<output>/_manifest.json``; returns where."""
-    fs, path = _location(output)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps({"manifest_version": MANIFEST_VERSION, **manifest}, indent=2, sort_keys=True).encode())
+    fs, path = _location(output, storage)
+    body = json.dumps({"manifest_version": MANIFEST_VERSION, **manifest}, indent=2, sort_keys=True).encode()
+
+    def write() -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(body)
+
+    retrying(write, f"writing {path}", storage)
     return path
 
 
-def read_manifest(output: str) -> dict[str, Any]:
-    fs, path = _location(output)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+def read_manifest(output: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The manifest under ``output``; None when there is none."""
+    fs, path = _location(output, storage)
+
+    def read() -> dict[str, Any] | None:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    return retrying(read, f"reading {path}", storage)

@@ -6,8 +6,9 @@ Input (Parquet; extra columns pass through to the output):
 Output (Parquet, one row per input row, never the image bytes):
     id, prompt          as read
     answer              generated text ("" when the row has an error)
-    error               "" when fine, else "<kind>: <detail>" (missing prompt, missing image,
-                        corrupt image, image too large, encode failed, decode failed)
+    error               "" when fine, else "<kind>: <detail>"; kinds: missing prompt, invalid prompt,
+                        prompt too long, missing image, corrupt image, image too large, image too
+                        small, unsupported image mode, encode failed, decode failed (ERROR_KINDS)
     method              pruning method
     keep                the budget applied to this row: pruning.keep capped at the row's
                         visual_tokens_in, or visual_tokens_in less pruning.prune_ratio of them
@@ -23,6 +24,8 @@ Output (Parquet, one row per input row, never the image bytes):
                         nouns, or when the method does not use text)
     prompt_tokens       sequence length prefilled (text + kept visual tokens)
     generated_tokens    tokens generated (up to and including EOS)
+    prompt_truncated    the prompt was over the limit and cut to its first tokens (input.long_prompt:
+                        truncate); `prompt` still holds it as read
     text_ms, encode_ms, prune_ms, decode_ms   stage wall time per row (batch time / rows)
 
 Cost columns (null on error rows; see pipeline/cost/flops.py for the FLOP convention):
@@ -46,7 +49,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .images import IMAGE_ERROR_KINDS
+
 INPUT_COLUMNS = ("id", "image", "prompt")
+ERROR_KINDS = (
+    "missing prompt", "invalid prompt", "prompt too long",  # text stage; prompt too long: decode stage
+    *IMAGE_ERROR_KINDS,  # pipeline/io/images.py
+    "encode failed", "decode failed",  # the model raised on this row alone
+)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -67,6 +77,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("relevance_max", pa.float32()),
         ("prompt_tokens", pa.int32()),
         ("generated_tokens", pa.int32()),
+        ("prompt_truncated", pa.bool_()),
         ("text_ms", pa.float32()),
         ("encode_ms", pa.float32()),
         ("prune_ms", pa.float32()),

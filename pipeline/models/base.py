@@ -79,6 +79,36 @@ class VisionLanguageAdapter(ABC):
     def encode(self, images: list[Image.Image]) -> EncodedImages: ...
 
     @abstractmethod
+    def chat_text(self, prompt: str) -> str:
+        """The prompt in the family's chat template, with one image placeholder."""
+
+    @property
+    def context_length(self) -> int:
+        """Positions the LLM was trained for (prompt, visual tokens and generated tokens together)."""
+        return int(self.model.config.get_text_config().max_position_embeddings)
+
+    def text_tokens(self, prompt: str) -> int:
+        """Tokens the templated prompt takes besides its image placeholder (language part)."""
+        ids = self.tokenizer(self.chat_text(prompt)).input_ids
+        return len(ids) - ids.count(self.image_token_id)
+
+    def fit_prompt(self, prompt: str, max_text_tokens: int) -> str | None:
+        """``prompt`` cut to its first tokens so that ``text_tokens`` of the result is at most
+        ``max_text_tokens``; None when not even an empty prompt fits."""
+        room = max_text_tokens - self.text_tokens("")  # what the template itself takes
+        if room < 1:
+            return None
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        # Tokens can merge across the cut and the template's edges: shave a few more if needed.
+        for cut in (room, room - 1, room - 2, room - 4, room - 8):
+            if cut < 1:
+                break
+            text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+            if self.text_tokens(text) <= max_text_tokens:
+                return text
+        return None
+
+    @abstractmethod
     def embed_words(self, words: list[list[str]]) -> list[Tensor]: ...
 
     @abstractmethod

@@ -32,24 +32,20 @@ def ok_rows(errors: Sequence[str]) -> list[int]:
     return [i for i, e in enumerate(errors) if not e]
 
 
-def map_with_row_fallback(
-    fn: Callable[[list[T]], list[R]], items: list[T], what: str
-) -> list[R | str]:
-    """``fn`` over the whole batch; if it raises, once more row by row, so one bad row costs
-    only itself. Rows that still fail come back as an error string."""
+def map_splitting_failures(fn: Callable[[list[T]], list[R]], items: list[T], what: str) -> list[R | str]:
+    """``fn`` over the whole batch; if it raises, over each half, and so on down to single rows,
+    so a transient failure costs a retry and a bad row costs only itself (at most 2n - 1 calls).
+    Rows that still fail alone come back as an error string."""
     if not items:
         return []
     try:
         return list(fn(items))
-    except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows, never lose the batch
-        log.warning("%s failed for a batch of %d (%s); retrying row by row", what, len(items), batch_error)
-    out: list[R | str] = []
-    for item in items:
-        try:
-            out.extend(fn([item]))
-        except Exception as e:  # noqa: BLE001
-            out.append(f"{what} failed: {type(e).__name__}: {e}")
-    return out
+    except Exception as e:  # noqa: BLE001 - isolate the failing rows, never lose the batch
+        if len(items) == 1:
+            return [f"{what} failed: {type(e).__name__}: {str(e)[:500]}"]
+        log.warning("%s failed for a batch of %d (%s: %s); splitting it", what, len(items), type(e).__name__, e)
+    half = len(items) // 2
+    return map_splitting_failures(fn, items[:half], what) + map_splitting_failures(fn, items[half:], what)
 
 
 class Stopwatch:

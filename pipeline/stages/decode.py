@@ -2,43 +2,72 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
-from pipeline.config import GenerationConfig, ModelConfig, StageConfig
+from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig
 from pipeline.models import Generation, load_adapter
 
-from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_with_row_fallback, ok_rows
+from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
+from .faults import crash_once, fail_if_poisoned
+
+
+class DecodeRow(NamedTuple):
+    id: str
+    prompt: str
+    visual: torch.Tensor  # [K, D] kept visual tokens
+    kept_indices: torch.Tensor
+    layout: list[int]
+    length: int  # prefill tokens: templated prompt + kept visual tokens
 
 
 class DecodeStage:
     """Drops ``visual_kept`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
-    ``generated_tokens``, ``decode_ms``."""
+    ``generated_tokens``, ``prompt_truncated``, ``decode_ms``.
 
-    def __init__(self, model: ModelConfig, generation: GenerationConfig, stage: StageConfig) -> None:
+    Prompts longer than the limit (``input.max_prompt_tokens``, else the model's context less the
+    row's kept visual tokens and ``max_new_tokens``) are rejected (``prompt too long``) or cut
+    (``input.long_prompt``). Rows go to the model in length order, in calls of at most
+    ``max_batch_tokens`` padded tokens, so one long prompt does not pad the whole batch."""
+
+    def __init__(
+        self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig
+    ) -> None:
         limit_torch_threads(stage.num_cpus)
         self.adapter = load_adapter(model, "language")
         self.generation = generation
+        self.inputs = inputs
+        self.max_batch_tokens = stage.max_batch_tokens
 
     def __call__(self, batch: Batch) -> Batch:
+        crash_once("decode")
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()
-        rows = ok_rows(errors)
-        items = [
+        truncated = np.zeros(n, dtype=bool)
+        rows: dict[int, DecodeRow] = {}
+        for i in ok_rows(errors):
             # np.array copies: Ray hands read-only views, which torch.from_numpy warns about on every row.
-            (str(batch["prompt"][i]), torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32)),
-             torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
-             [int(x) for x in batch["visual_layout"][i]])
-            for i in rows
-        ]
-        results = map_with_row_fallback(self._generate, items, "decode")
+            visual = torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32))
+            prompt, problem = self._fit(str(batch["prompt"][i]), len(visual))
+            if problem:
+                errors[i] = problem
+                continue
+            truncated[i] = prompt != batch["prompt"][i]
+            rows[i] = DecodeRow(
+                str(batch["id"][i]), prompt, visual, torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
+                [int(x) for x in batch["visual_layout"][i]], self.adapter.text_tokens(prompt) + len(visual),
+            )
         answers, prompt_tokens, generated = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        for i, res in zip(rows, results, strict=True):
-            if isinstance(res, str):
-                errors[i] = res
-            else:
-                answers[i], prompt_tokens[i], generated[i] = res.text, res.prompt_tokens, res.generated_tokens
+        for group in self._calls(rows):
+            results = map_splitting_failures(self._generate, [rows[i] for i in group], "decode")
+            for i, res in zip(group, results, strict=True):
+                if isinstance(res, str):
+                    errors[i] = res
+                else:
+                    answers[i], prompt_tokens[i], generated[i] = res.text, res.prompt_tokens, res.generated_tokens
         batch.pop("visual_kept")
         batch.pop("visual_layout")
         batch["nouns"] = list_column(batch["nouns"])
@@ -46,10 +75,43 @@ class DecodeStage:
         batch["answer"] = np.array(answers, dtype=object)
         batch["prompt_tokens"] = prompt_tokens
         batch["generated_tokens"] = generated
+        batch["prompt_truncated"] = truncated & np.array([not e for e in errors])
         batch["error"] = np.array(errors, dtype=object)
         batch["decode_ms"] = watch.per_row_ms(errors)
         return batch
 
-    def _generate(self, items: list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]) -> list[Generation]:
-        prompts, visual, kept, layouts = (list(x) for x in zip(*items, strict=True))
-        return self.adapter.generate(prompts, visual, kept, layouts, self.generation)
+    def _fit(self, prompt: str, kept: int) -> tuple[str, str]:
+        """The prompt to use (cut when over the limit and ``long_prompt: truncate``), or an error."""
+        room = self.adapter.context_length - kept - self.generation.max_new_tokens
+        limit = min(room, self.inputs.max_prompt_tokens or room)
+        tokens = self.adapter.text_tokens(prompt)
+        if tokens <= limit:
+            return prompt, ""
+        why = (f"input.max_prompt_tokens = {limit}" if limit == self.inputs.max_prompt_tokens else
+               f"the {limit} the model's context of {self.adapter.context_length} leaves beside {kept} visual tokens "
+               f"and {self.generation.max_new_tokens} new tokens")
+        if self.inputs.long_prompt == "truncate":
+            cut = self.adapter.fit_prompt(prompt, limit)
+            if cut is not None:
+                return cut, ""
+        return "", f"prompt too long: {tokens} tokens > {why}"
+
+    def _calls(self, rows: dict[int, DecodeRow]) -> list[list[int]]:
+        """Rows grouped for generate calls: by length, each call within max_batch_tokens padded
+        tokens (rows x (longest + max_new_tokens)); a row over it alone runs alone."""
+        order = sorted(rows, key=lambda i: rows[i].length)
+        calls: list[list[int]] = []
+        for i in order:
+            width = rows[i].length + self.generation.max_new_tokens  # the longest so far: sorted
+            if calls and (len(calls[-1]) + 1) * width <= self.max_batch_tokens:
+                calls[-1].append(i)
+            else:
+                calls.append([i])
+        return calls
+
+    def _generate(self, items: list[DecodeRow]) -> list[Generation]:
+        fail_if_poisoned("decode", [r.id for r in items])
+        return self.adapter.generate(
+            [r.prompt for r in items], [r.visual for r in items], [r.kept_indices for r in items],
+            [r.layout for r in items], self.generation,
+        )

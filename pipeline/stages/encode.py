@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -11,10 +10,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
+from pipeline.io.images import decode_image
 from pipeline.models import load_adapter
 from pipeline.pruning import TEXT_GUIDED, get_method, relevance
 
-from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_with_row_fallback, ok_rows
+from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
+from .faults import crash_once, fail_if_poisoned
 
 
 class EncodedRow(NamedTuple):
@@ -23,20 +24,6 @@ class EncodedRow(NamedTuple):
     words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
     layout: list[int]  # what the family's generate needs to place the tokens (Qwen2.5-VL: [t, h, w])
     encoder_patches: int  # patches the vision encoder ran over, all views
-
-
-def decode_image(data: object, max_pixels: int) -> Image.Image | str:
-    """An RGB image, or the reason it cannot be used (becomes the row's error)."""
-    if not isinstance(data, (bytes, bytearray)) or not data:
-        return "missing image"
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size  # read from the header, before any pixels are decoded
-        if w * h > max_pixels:
-            return f"image too large: {w}x{h} = {w * h} pixels > input.max_image_pixels = {max_pixels}"
-        return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        return f"corrupt image: {type(e).__name__}: {e}"
 
 
 class EncodeStage:
@@ -53,20 +40,23 @@ class EncodeStage:
         self.select = get_method(pruning.method)
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)
         self.max_pixels = inputs.max_image_pixels
+        self.min_side = inputs.min_image_side
 
     def __call__(self, batch: Batch) -> Batch:
+        crash_once("encode")
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()
         images: dict[int, Image.Image] = {}
         for i in ok_rows(errors):
-            decoded = decode_image(batch["image"][i], self.max_pixels)
+            decoded = decode_image(batch["image"][i], self.max_pixels, self.min_side)
             if isinstance(decoded, str):
                 errors[i] = decoded
             else:
                 images[i] = decoded
         rows = list(images)
-        encoded = map_with_row_fallback(self._encode, [(images[i], list(batch["nouns"][i])) for i in rows], "encode")
+        items = [(str(batch["id"][i]), images[i], list(batch["nouns"][i])) for i in rows]
+        encoded = map_splitting_failures(self._encode, items, "encode")
         feats: dict[int, EncodedRow] = {}
         for i, result in zip(rows, encoded, strict=True):
             if isinstance(result, str):
@@ -101,9 +91,10 @@ class EncodeStage:
         batch["prune_ms"] = prune_ms
         return batch
 
-    def _encode(self, items: list[tuple[Image.Image, list[str]]]) -> list[EncodedRow]:
-        enc = self.adapter.encode([img for img, _ in items])
-        words = self.adapter.embed_words([nouns for _, nouns in items])
+    def _encode(self, items: list[tuple[str, Image.Image, list[str]]]) -> list[EncodedRow]:
+        fail_if_poisoned("encode", [rid for rid, _, _ in items])
+        enc = self.adapter.encode([img for _, img, _ in items])
+        words = self.adapter.embed_words([nouns for _, _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
         return [
             EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), list(layout), int(patches))
