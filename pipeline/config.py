@@ -221,6 +221,11 @@ class RayConfig(_Strict):
         True, description="Fail fast when the stages ask for more CPUs/GPUs than the cluster has "
         "(a pipeline that cannot schedule hangs instead of failing). Disable on autoscaling clusters.",
     )
+    max_task_retries: int = Field(
+        3, ge=0, le=100, description="Times a stage's batch is retried after its actor died (a lost node, a crash): "
+        "dead actors are restarted, and a batch that kills its actor on every try stops the run (exit 3) instead of "
+        "looping forever (Ray Data's default).",
+    )
 
 
 class JobConfig(_Strict):

@@ -285,18 +285,19 @@ def cost_model(cfg: JobConfig) -> CostModel:
 
 
 def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None) -> ray.data.Dataset:
-    ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage))
+    retries = cfg.ray.max_task_retries
+    ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
     ds = ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs={"model": cfg.model, "pruning": cfg.pruning, "inputs": cfg.input, "stage": cfg.encode_stage},
-        **_pool(cfg.encode_stage),
+        **_pool(cfg.encode_stage, retries),
     )
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={
             "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
         },
-        **_pool(cfg.decode_stage),
+        **_pool(cfg.decode_stage, retries),
     )
     return ds.map_batches(
         finalize, fn_kwargs={"costs": costs or cost_model(cfg)},
@@ -310,7 +311,7 @@ def finalize(batch: dict[str, Any], costs: CostModel) -> Any:
     return to_output_table(costs(batch))
 
 
-def _pool(stage: StageConfig) -> dict:
+def _pool(stage: StageConfig, max_task_retries: int) -> dict:
     compute = (
         ActorPoolStrategy(min_size=stage.pool_size, max_size=stage.max_pool_size)
         if stage.max_pool_size
@@ -322,6 +323,10 @@ def _pool(stage: StageConfig) -> dict:
         "num_cpus": stage.num_cpus,
         "num_gpus": stage.num_gpus,
         "batch_format": "numpy",
+        # Dead actors restart without bound (a long run loses nodes); a batch is retried a bounded
+        # number of times, so a row that kills its actor every time cannot loop forever.
+        "max_restarts": -1,
+        "max_task_retries": max_task_retries,
     }
 
 

@@ -151,6 +151,26 @@ def test_hostile_input_and_injected_faults_lose_nothing(tmp_path: Path, tiny_lla
     assert rows[repeated]["prompt"] != "a later copy, dropped"  # the first row of a repeated id stays
 
 
+def test_a_row_that_kills_its_actor_every_time_stops_the_run_instead_of_looping(
+    tmp_path: Path, tiny_llava: str
+) -> None:
+    write_corpus(str(tmp_path / "in"), rows=12, shards=3, seed=12)
+    ids = sorted(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
+    cfg = _config(tmp_path, ray={"max_task_retries": 1}, text_stage={"batch_size": 4},
+                  encode_stage={"batch_size": 4}, decode_stage={"batch_size": 4})
+    start = time.perf_counter()
+    rc, summary, log = _cli(
+        ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+        _env(RESPRUNE_FAULTS=json.dumps([{"stage": "decode", "crash_ids": [ids[5]]}])),
+    )
+    assert rc == 3 and summary is None and "run failed: " in log and "--resume" in log, log
+    assert time.perf_counter() - start < JOB_TIMEOUT_S
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["status"] == "failed" and manifest["attempts"][0]["error"]
+    written = _output_ids(tmp_path / "out") if any((tmp_path / "out").glob("*.parquet")) else Counter()
+    assert ids[5] not in written and max(written.values(), default=1) == 1
+
+
 def test_repeated_ids_fail_before_any_model_work(tmp_path: Path) -> None:
     rows = make_rows(4, seed=1)
     rows[3]["id"] = rows[0]["id"]
@@ -162,6 +182,22 @@ def test_repeated_ids_fail_before_any_model_work(tmp_path: Path) -> None:
     assert rc == 2 and "input error" in log and "1 id(s) repeated over 2 rows" in log and repr(rows[0]["id"]) in log
     assert "drop_duplicates" in log and not (tmp_path / "out").exists()
     assert time.perf_counter() - start < 60  # no Ray, no model
+
+
+def _wait_until_quiet(folder: Path, quiet_s: float, limit_s: float) -> None:
+    """Until nothing under ``folder`` has changed for ``quiet_s`` seconds (at most ``limit_s``)."""
+    def state() -> list[tuple[str, int]]:
+        return sorted((p.name, p.stat().st_size) for p in folder.glob("*") if p.exists())
+
+    deadline, last, since = time.monotonic() + limit_s, state(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = state()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+    raise AssertionError(f"{folder} kept changing for {limit_s} s after the driver was killed")
 
 
 def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str) -> None:
@@ -189,6 +225,9 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # A write task already running may still commit for a moment (seen: 1.6 s after the kill);
+    # a resume starts once the old attempt is quiet, as it would after a real crash.
+    _wait_until_quiet(checkpoint, quiet_s=5, limit_s=60)
     before = _output_ids(tmp_path / "out")
     assert 0 < sum(before.values()) < len(want)
     assert read_manifest(str(tmp_path / "out"))["status"] == "running"

@@ -11,7 +11,7 @@ from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, Mo
 from pipeline.models import Generation, load_adapter
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
-from .faults import crash_once, fail_if_poisoned
+from .faults import crash, fail_if_poisoned
 
 
 class DecodeRow(NamedTuple):
@@ -42,7 +42,7 @@ class DecodeStage:
         self.max_batch_tokens = stage.max_batch_tokens
 
     def __call__(self, batch: Batch) -> Batch:
-        crash_once("decode")
+        crash("decode", [str(i) for i in batch["id"]])
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()

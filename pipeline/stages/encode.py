@@ -15,7 +15,7 @@ from pipeline.models import load_adapter
 from pipeline.pruning import TEXT_GUIDED, get_method, relevance
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
-from .faults import crash_once, fail_if_poisoned
+from .faults import crash, fail_if_poisoned
 
 
 class EncodedRow(NamedTuple):
@@ -43,7 +43,7 @@ class EncodeStage:
         self.min_side = inputs.min_image_side
 
     def __call__(self, batch: Batch) -> Batch:
-        crash_once("encode")
+        crash("encode", [str(i) for i in batch["id"]])
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()

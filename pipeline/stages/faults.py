@@ -7,7 +7,10 @@
   one of these ids, every time (a poisoned row: the batch is split until only it fails);
 - ``"crash_once": "<marker file>"``: the first batch the stage sees, anywhere, kills its actor's
   process (``os._exit``), once: the marker file, created atomically, records that it happened.
-  The marker's directory must be shared by the workers (one machine in the tests).
+  The marker's directory must be shared by the workers (one machine in the tests);
+- ``"crash_ids": [...]``: any batch holding one of these ids kills its actor's process, every
+  time (a row that segfaults or exhausts memory: retried ``ray.max_task_retries`` times, then
+  the run stops).
 
 Unset, nothing here runs. The driver forwards the variable to its workers (``runtime_env``).
 """
@@ -40,8 +43,11 @@ def fail_if_poisoned(stage: str, ids: Iterable[str]) -> None:
                 raise InjectedFault(f"injected fault in {stage} for id(s) {sorted(hit)}")
 
 
-def crash_once(stage: str) -> None:
+def crash(stage: str, ids: Iterable[str]) -> None:
+    """Kill this process if a ``crash_once`` or ``crash_ids`` fault for ``stage`` applies."""
     for fault in _faults():
+        if fault["stage"] == stage and set(fault.get("crash_ids", ())).intersection(ids):
+            os._exit(17)
         if fault["stage"] == stage and "crash_once" in fault:
             try:
                 os.close(os.open(fault["crash_once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -8,7 +8,7 @@ from pipeline.config import TextStageConfig
 from pipeline.text import NounExtractor, clean_prompt
 
 from .common import Batch, Stopwatch
-from .faults import crash_once
+from .faults import crash
 
 
 def read_prompt(value: object) -> tuple[str | None, str]:
@@ -33,7 +33,7 @@ class TextStage:
         self.extract = NounExtractor(cfg.spacy_model, batch_size=cfg.batch_size)
 
     def __call__(self, batch: Batch) -> Batch:
-        crash_once("text")
+        crash("text", [str(i) for i in batch["id"]])
         watch = Stopwatch()
         prompts, errors = zip(*(read_prompt(p) for p in batch["prompt"]), strict=True) if len(batch["prompt"]) else ((), ())
         batch["prompt"] = np.array(prompts, dtype=object)
