@@ -170,7 +170,6 @@ def run_job(cfg: JobConfig) -> JobSummary:
 
 def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str) -> None:
     """Read -> stages -> write, checkpointed on ``id``."""
-    storage, io_cpus = cfg.storage, cfg.ray.io_num_cpus
     context = ray.data.DataContext.get_current()
     # Ray 2.60's DataSource V2 read adds a ListFiles task that always reserves 1 CPU, ignoring
     # num_cpus: with the pools sized to a 2-CPU machine that task never schedules and the job
@@ -179,8 +178,16 @@ def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str)
     # Kept after success: a resume of a finished run then finds every id done and writes nothing.
     context.checkpoint_config = CheckpointConfig(
         id_column="id", checkpoint_path=ray_path(checkpoint), delete_checkpoint_on_success=False,
-        override_filesystem=filesystem_for(checkpoint, storage),
+        override_filesystem=filesystem_for(checkpoint, cfg.storage),
     )
+    try:
+        _read_process_write(cfg, costs, plan)
+    finally:  # the process may run more datasets (the evaluation grid): none inherits this run's checkpoint
+        context.checkpoint_config = None
+
+
+def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan) -> None:
+    storage, io_cpus = cfg.storage, cfg.ray.io_num_cpus
     in_fs = filesystem_for(cfg.input.path, storage)
     ds = ray.data.read_parquet([_ray_file(cfg.input.path, f) for f in plan.files], filesystem=in_fs, num_cpus=io_cpus)
     if plan.dropped:
