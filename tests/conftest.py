@@ -40,3 +40,12 @@ def block_image(size: tuple[int, int], seed: int) -> Image.Image:
         x, y = rnd.randrange(size[0] - 40), rnd.randrange(size[1] - 40)
         img.paste(tuple(rnd.randrange(256) for _ in range(3)), (x, y, x + 40, y + 40))
     return img
+
+
+def tiny_adapters(recipe: str) -> tuple:
+    """The vision and language parts of ``tiny:<recipe>`` on CPU, loaded as the stages load them."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_adapter
+
+    cfg = ModelConfig(path=f"tiny:{recipe}", device="cpu")
+    return load_adapter(cfg, "vision"), load_adapter(cfg, "language")

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.models import detect_family, load_adapter, model_shapes, token_counts
+from pipeline.config import GenerationConfig
+from pipeline.models import detect_family, model_shapes, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
-from .conftest import block_image
+from .conftest import block_image, tiny_adapters
 
 # Square, landscape, portrait, wide, small: different grids of tiles and different unpadding.
 SIZES = [(336, 336), (640, 360), (300, 800), (1000, 500), (200, 260)]
@@ -35,8 +35,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def adapters(path: str):
-    cfg = ModelConfig(path="tiny:llava_next", device="cpu")
-    return load_adapter(cfg, "vision"), load_adapter(cfg, "language")
+    return tiny_adapters("llava_next")
 
 
 @pytest.fixture(scope="module")

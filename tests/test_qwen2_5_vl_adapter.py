@@ -16,7 +16,7 @@ from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.models import detect_family, load_adapter, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
-from .conftest import block_image
+from .conftest import block_image, tiny_adapters
 
 SIZES = [(224, 224), (448, 252), (200, 500), (640, 480)]  # square, wide, tall, 4:3 (resized down)
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it."]
@@ -38,8 +38,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def adapters(path: str):
-    cfg = ModelConfig(path="tiny:qwen2_5_vl", device="cpu")
-    return load_adapter(cfg, "vision"), load_adapter(cfg, "language")
+    return tiny_adapters("qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ from pipeline.io.sample_corpus import SCHEMA, make_rows, write_corpus
 from pipeline.io.schema import ERROR_KINDS
 
 from .conftest import REPO
-
-JOB_TIMEOUT_S = 300
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(extra)
-    return env
+from .test_job import JOB_TIMEOUT_S, _env
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, dict | None, str]:

@@ -51,14 +51,14 @@ class DecodeStage:
         for i in ok_rows(errors):
             # np.array copies: Ray hands read-only views, which torch.from_numpy warns about on every row.
             visual = torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32))
-            prompt, problem = self._fit(str(batch["prompt"][i]), len(visual))
+            prompt, tokens, problem = self._fit(str(batch["prompt"][i]), len(visual))
             if problem:
                 errors[i] = problem
                 continue
             truncated[i] = prompt != batch["prompt"][i]
             rows[i] = DecodeRow(
                 str(batch["id"][i]), prompt, visual, torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
-                [int(x) for x in batch["visual_layout"][i]], self.adapter.text_tokens(prompt) + len(visual),
+                [int(x) for x in batch["visual_layout"][i]], tokens + len(visual),
             )
         answers, prompt_tokens, generated = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         for group in self._calls(rows):
@@ -80,21 +80,22 @@ class DecodeStage:
         batch["decode_ms"] = watch.per_row_ms(errors)
         return batch
 
-    def _fit(self, prompt: str, kept: int) -> tuple[str, str]:
-        """The prompt to use (cut when over the limit and ``long_prompt: truncate``), or an error."""
+    def _fit(self, prompt: str, kept: int) -> tuple[str, int, str]:
+        """``(prompt, its text tokens, "")``: the prompt to use, cut when over the limit and
+        ``long_prompt: truncate``; or ``("", 0, error)``."""
         room = self.adapter.context_length - kept - self.generation.max_new_tokens
         limit = min(room, self.inputs.max_prompt_tokens or room)
         tokens = self.adapter.text_tokens(prompt)
         if tokens <= limit:
-            return prompt, ""
+            return prompt, tokens, ""
         why = (f"input.max_prompt_tokens = {limit}" if limit == self.inputs.max_prompt_tokens else
                f"the {limit} the model's context of {self.adapter.context_length} leaves beside {kept} visual tokens "
                f"and {self.generation.max_new_tokens} new tokens")
         if self.inputs.long_prompt == "truncate":
             cut = self.adapter.fit_prompt(prompt, limit)
             if cut is not None:
-                return cut, ""
-        return "", f"prompt too long: {tokens} tokens > {why}"
+                return cut, self.adapter.text_tokens(cut), ""
+        return "", 0, f"prompt too long: {tokens} tokens > {why}"
 
     def _calls(self, rows: dict[int, DecodeRow]) -> list[list[int]]:
         """Rows grouped for generate calls: by length, each call within max_batch_tokens padded
