@@ -22,7 +22,7 @@ from pipeline.io.inputs import InputError  # noqa: E402
 from pipeline.job import RunFailed, run_job  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config (see configs/ and pipeline/config.py)")
     p.add_argument("--input", help="override input.path (local path or s3:// URI)")
@@ -33,13 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, help="override pruning.alpha")
     p.add_argument("--resume", action="store_true",
                    help="output.mode: resume: finish an earlier attempt of this run, every row exactly once")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p.add_argument("--incremental", action="store_true",
+                   help="output.incremental: output is a root of runs; annotate only the input shards no earlier run "
+                   "under it took (finishing an unfinished run first)")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields the command line sets, as dotted keys for ``load_config``."""
     fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
               "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha"}
-    overrides = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
+    overrides: dict[str, object] = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
     if args.resume:
         overrides["output.mode"] = "resume"
+    if args.incremental:
+        overrides["output.incremental"] = True
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = overrides_from(args)
     try:
         cfg = load_config(args.config, overrides)
         summary = run_job(cfg)

@@ -59,6 +59,19 @@ class OutputConfig(_Strict):
         "`overwrite` deletes them first, `resume` keeps the rows an earlier attempt of the same run committed and "
         "writes only the rest (every input row exactly once; a missing output starts fresh).",
     )
+    incremental: bool = Field(
+        False, description="Scheduled runs over a growing corpus: `path` is a root of runs. Each run writes to "
+        "`<path>/run-<UTC time>/` the input shards (files) that no earlier run under the root took, and records them "
+        "in its manifest; a run that did not complete is resumed first (its own shards, `mode: resume`), so a retry "
+        "never takes new shards or redoes old ones. No new shard: nothing runs (exit 0). `mode` must not be "
+        "`overwrite`.",
+    )
+
+    @model_validator(mode="after")
+    def _incremental_mode(self) -> OutputConfig:
+        if self.incremental and self.mode == "overwrite":
+            raise ValueError("incremental runs never delete earlier runs: use mode error or resume, not overwrite")
+        return self
 
 
 class ModelConfig(_Strict):
