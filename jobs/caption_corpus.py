@@ -4,7 +4,9 @@ Works the same under `ray job submit --working-dir . -- python jobs/caption_corp
 Exit status: 0 when every input row is in the output exactly once (rows with an `error`
 included), 1 when ids are missing or repeated there, 2 on a configuration or input error
 (nothing was run), 3 when the run stopped part-way (storage, workers): what it committed is
-kept, and the same command with `--resume` finishes it.
+kept, and the same command with `--resume` finishes it; 4 when another driver on the Ray
+cluster is writing the same output (nothing was run). With `--incremental` and no new input
+shard it prints so and exits 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.io.inputs import InputError  # noqa: E402
-from pipeline.job import RunFailed, run_job  # noqa: E402
+from pipeline.io.runs import NothingToRun  # noqa: E402
+from pipeline.job import OutputBusy, RunFailed, run_job  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 3
+    except OutputBusy as e:
+        print(f"output busy: {e}", file=sys.stderr)
+        return 4
+    except NothingToRun as e:  # a scheduled run with no new shard: done, nothing to do
+        print(f"nothing to run: {e}")
+        return 0
     print("SUMMARY " + json.dumps(summary.as_dict(), sort_keys=True))
     dropped = f", {sum(summary.dropped.values())} dropped by input.id_policy {summary.dropped}" if summary.dropped else ""
     print(

@@ -28,7 +28,7 @@ from pipeline.cost.accounting import accelerator_price  # noqa: E402
 from pipeline.cost.prices import load_accelerators, load_prices  # noqa: E402
 from pipeline.models import model_shapes, token_counts  # noqa: E402
 from pipeline.pruning import budget  # noqa: E402
-from pipeline.models.tiny import resolve_model_path  # noqa: E402
+from pipeline.models.sources import resolve_model_path  # noqa: E402
 
 
 # Estimate assumptions that can be overridden per plan (defaults: configs/accelerators.yaml).

@@ -70,7 +70,7 @@ class OutputConfig(_Strict):
     @model_validator(mode="after")
     def _incremental_mode(self) -> OutputConfig:
         if self.incremental and self.mode == "overwrite":
-            raise ValueError("incremental runs never delete earlier runs: use mode error or resume, not overwrite")
+            raise ValueError("mode overwrite with incremental: incremental runs never delete earlier runs (use mode error or resume)")
         return self
 
 

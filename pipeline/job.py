@@ -26,6 +26,7 @@ from pipeline.config import ConfigError, JobConfig, StageConfig, StorageConfig
 from pipeline.cost.accounting import CostModel
 from pipeline.io.inputs import InputPlan, check_input, drop_rows, stage_first_rows
 from pipeline.io.manifest import MANIFEST_NAME, package_versions, read_manifest, write_manifest
+from pipeline.io.runs import plan_incremental
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.io.schema import COST_COLUMNS, STAGE_TIME_COLUMNS, to_output_table
 from pipeline.io.storage import (
@@ -42,7 +43,7 @@ from pipeline.io.storage import (
 )
 from pipeline.models import ADAPTERS, detect_family, model_shapes
 from pipeline.models.base import planned_dtype
-from pipeline.models.tiny import resolve_model_path
+from pipeline.models.sources import resolve_model_path
 from pipeline.quality.scoring import is_correct
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -55,6 +56,7 @@ CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committ
 # Ray Data's checkpoint filter runs as an actor pool of its own; its actors reserve 1 CPU each
 # (Ray's default for map actors; CheckpointConfig offers no knob) and 1 GiB of memory.
 CHECKPOINT_FILTER_CPUS = 1.0
+CLAIM_NAMESPACE = "resprune-pipeline"  # named actors are per namespace; every job's driver must see the same
 
 
 @dataclass
@@ -94,6 +96,10 @@ class RunFailed(RuntimeError):
     """The run stopped part-way (storage, workers); what it committed stays, ``--resume`` goes on."""
 
 
+class OutputBusy(RuntimeError):
+    """Another driver on this Ray cluster is writing the same output: nothing was run."""
+
+
 def run_job(cfg: JobConfig) -> JobSummary:
     """Run the whole pipeline on ``cfg``; returns the summary of what was written.
 
@@ -101,15 +107,28 @@ def run_job(cfg: JobConfig) -> JobSummary:
     ``<output>/_checkpoint``): a write task records its rows' ids as pending, writes its file,
     then commits the ids. ``output.mode: resume`` deletes the files of uncommitted writes, skips
     committed ids and writes the rest, so a run killed at any point and resumed holds every
-    input row exactly once."""
+    input row exactly once. ``output.incremental``: see ``pipeline.io.runs`` (raises
+    ``NothingToRun`` when no shard is new)."""
+    claims = []  # held until this function returns: see _claim_output
+    run = None
+    if cfg.output.incremental:
+        _init_ray(cfg)
+        root = cfg.output.path
+        claims.append(_claim_output(root))  # before planning: two schedulers never split the shards
+        run = plan_incremental(cfg.input.path, root, cfg.storage)
+        output = cfg.output.model_copy(update={"path": run.output, "mode": "resume", "incremental": False})
+        cfg = cfg.model_copy(update={"output": output})
     storage, out = cfg.storage, cfg.output.path
-    previous = _prepare_output(cfg)
-    _prepare_local_input(cfg)
-    plan = check_input(cfg.input.path, cfg.input.id_policy, storage)  # schema and ids, before any model work
     identity = run_identity(cfg)
-    cfg = _resolve_model(cfg)
+    previous = _check_output(cfg, identity)
+    _prepare_local_input(cfg)
+    plan = check_input(cfg.input.path, cfg.input.id_policy, storage, run.shards if run else None)
+    cfg, model_path = _resolve_model(cfg)
     costs = cost_model(cfg)  # reads the price table: a bad accelerator or price file fails before Ray starts
     _init_ray(cfg)
+    claims.append(_claim_output(out))  # before anything is deleted or written
+    if cfg.output.mode == "overwrite":
+        delete_dir(out, storage)
     checkpoint = join(out, CHECKPOINT_DIR)
     already_done = committed_rows(checkpoint, storage)
     if cfg.ray.check_resources:
@@ -123,8 +142,11 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "run_identity": identity,
         "config": cfg.model_dump(mode="json"),
         "packages": package_versions(),
-        "input": {"files": len(plan.files), "rows": plan.rows, "dropped": plan.dropped},
-        "model": {"configured_path": identity["model"]["path"], "path": cfg.model.path, "family": cfg.model.family,
+        "input": {"files": len(plan.files), "rows": plan.rows, "dropped": plan.dropped,
+                  **({"shards": run.shards} if run else {})},
+        **({"incremental": {"root": root, "resumed": run.resumed, "earlier_runs": run.earlier_runs,
+                            "shards_taken_before": run.shards_taken_before}} if run else {}),
+        "model": {"configured_path": cfg.model.path, "path": model_path, "family": cfg.model.family,
                   "kv_bytes_per_element": costs.kv_bytes_per_element},
     }
     write_manifest(out, {**base, "status": "running", "attempts": [*attempts, attempt]}, storage)
@@ -207,7 +229,7 @@ def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan) -> No
         # max_rows_per_file rows per task makes that the most a crash can take back.
         min_rows_per_file=cfg.output.max_rows_per_file,
         max_rows_per_file=cfg.output.max_rows_per_file,
-        mode=SaveMode.APPEND,  # _prepare_output already applied output.mode
+        mode=SaveMode.APPEND,  # output.mode was applied before (run_job)
         ray_remote_args={"num_cpus": io_cpus},
     )
 
@@ -217,13 +239,11 @@ def _ray_file(root: str, fs_file: str) -> str:
     return f"{urlparse(root).scheme}://{fs_file}" if is_uri(root) else fs_file
 
 
-def _prepare_output(cfg: JobConfig) -> dict[str, Any] | None:
-    """Apply ``output.mode``; returns the previous attempt's manifest when resuming one."""
+def _check_output(cfg: JobConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Check ``output.mode`` against what the output holds, reading only (``overwrite`` deletes
+    later, once the output is claimed); returns the previous attempt's manifest when resuming."""
     out, storage = cfg.output.path, cfg.storage
-    if cfg.output.mode == "overwrite":
-        delete_dir(out, storage)
-        return None
-    if not has_files(out, storage):
+    if cfg.output.mode == "overwrite" or not has_files(out, storage):
         return None
     if cfg.output.mode == "error":
         raise ConfigError(
@@ -236,7 +256,7 @@ def _prepare_output(cfg: JobConfig) -> dict[str, Any] | None:
             f"output.path {out!r} holds files but no {MANIFEST_NAME}: it is not a run of this job, so it cannot be "
             "resumed; choose a new output path or set output.mode: overwrite"
         )
-    differ = _differences(previous.get("run_identity") or {}, run_identity(cfg))
+    differ = _differences(previous.get("run_identity") or {}, identity)
     if differ:
         raise ConfigError(
             f"cannot resume {out!r}: the earlier attempt ran with different settings ({'; '.join(differ)}); "
@@ -282,9 +302,9 @@ def committed_rows(checkpoint: str, storage: StorageConfig | None = None) -> int
 
 def cost_model(cfg: JobConfig) -> CostModel:
     """FLOP/KV shapes from the checkpoint's own config, prices from the table, the LLM's dtype as
-    the decode actors will resolve it. ``cfg.model.path`` must already be resolved (``tiny:``)."""
+    the decode actors will resolve it."""
     try:
-        shapes = model_shapes(cfg.model.path, cfg.model.family)
+        shapes = model_shapes(resolve_model_path(cfg.model.path, cfg.storage, metadata_only=True), cfg.model.family)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {cfg.model.path!r}: cannot read its config for cost accounting: {e}") from e
     kv_bytes = torch.empty(0, dtype=planned_dtype(cfg.model, cfg.decode_stage.num_gpus)).element_size()
@@ -296,13 +316,17 @@ def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs={"model": cfg.model, "pruning": cfg.pruning, "inputs": cfg.input, "stage": cfg.encode_stage},
+        fn_constructor_kwargs={
+            "model": cfg.model, "pruning": cfg.pruning, "inputs": cfg.input, "stage": cfg.encode_stage,
+            "storage": cfg.storage,
+        },
         **_pool(cfg.encode_stage, retries),
     )
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={
             "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
+            "storage": cfg.storage,
         },
         **_pool(cfg.decode_stage, retries),
     )
@@ -421,19 +445,44 @@ def _prepare_local_input(cfg: JobConfig) -> None:
     write_corpus(path, rows=cfg.input.create_sample_rows)
 
 
-def _resolve_model(cfg: JobConfig) -> JobConfig:
-    """Build or locate the checkpoint and pick its adapter once, in the driver: a bad path fails
-    here with the field named, not as failing actors, and tiny builds do not race."""
+def _resolve_model(cfg: JobConfig) -> tuple[JobConfig, str]:
+    """Locate the checkpoint (for an S3 prefix, its JSON files only) and pick its adapter once, in
+    the driver, so a bad path fails here with the field named, not as failing actors. Returns the
+    config with the family and alpha filled in, and the driver's local path. ``model.path`` stays
+    as configured: every actor resolves it on its own node (``pipeline.models.sources``)."""
     try:
-        path = resolve_model_path(cfg.model.path)
+        path = resolve_model_path(cfg.model.path, cfg.storage, metadata_only=True)
         family = detect_family(path) if cfg.model.family == "auto" else cfg.model.family
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from e
     # The family's default alpha is written into the config, so the manifest records what was applied.
     pruning = cfg.pruning.model_copy(update={"alpha": cfg.pruning.alpha_for(ADAPTERS[family].default_alpha)})
-    return cfg.model_copy(
-        update={"model": cfg.model.model_copy(update={"path": path, "family": family}), "pruning": pruning}
-    )
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": family}), "pruning": pruning}), path
+
+
+@ray.remote(num_cpus=0)
+class _OutputClaim:
+    """A named actor, named after an output, held by the driver writing it. Ray refuses a second
+    actor of the same name, so a second driver on the cluster (a scheduled run that overlaps the
+    last one, a manual --resume) cannot write the same output; the actor dies with its driver,
+    so a killed run leaves no stale claim."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def _claim_output(output: str) -> Any:
+    """Claim ``output`` on this Ray cluster for as long as the returned handle is held."""
+    key = output.rstrip("/") if is_uri(output) else os.path.abspath(output)
+    try:
+        claim = _OutputClaim.options(name=f"output:{key}", namespace=CLAIM_NAMESPACE).remote()
+    except ValueError as e:  # "The name ... is already taken"
+        raise OutputBusy(
+            f"another driver on this Ray cluster is writing {output}: wait for it to end (or stop it: "
+            "`ray job list`, `ray job stop`), then run again with --resume"
+        ) from e
+    ray.get(claim.ready.remote(), timeout=120)
+    return claim
 
 
 def _utc_now() -> str:

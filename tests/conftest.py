@@ -21,7 +21,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llava(tiny_cache: Path) -> str:
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     return resolve_model_path("tiny:llava")
 

@@ -221,7 +221,7 @@ def test_gpu_stages_need_a_priced_accelerator(tmp_path: Path) -> None:
     local["cost"] = {"accelerator": "tpu-v9"}
     path.write_text(yaml.safe_dump(local))
     job = load_config(path)
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     job = job.model_copy(update={"model": job.model.model_copy(update={"path": resolve_model_path("tiny:llava")})})
     with pytest.raises(ConfigError, match=r"cost\.accelerator: 'tpu-v9' is not in the price table; known: a100-80gb"):

@@ -18,7 +18,7 @@ from pipeline.cost.flops import vision_flops
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.models import ADAPTERS, model_shapes, token_counts
-from pipeline.models.tiny import resolve_model_path
+from pipeline.models.sources import resolve_model_path
 from pipeline.pruning import budget
 
 from .conftest import REPO

@@ -139,7 +139,7 @@ def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> 
     assert manifest["started_at"] <= manifest["finished_at"] and cost["reserved"]["wall_seconds"] > 0
     from transformers import AutoConfig
 
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     llm = AutoConfig.from_pretrained(resolve_model_path(manifest["config"]["model"]["path"])).text_config
     assert cost["prices"]["cpu_core"]["source"] and cost["shapes"]["language"]["layers"] == llm.num_hidden_layers
@@ -167,11 +167,26 @@ def test_job_reads_and_writes_s3(
         _write_shards(rows, tmp_path / "in")
         for f in (tmp_path / "in").iterdir():
             s3.upload_file(str(f), "corpus", f"in/{f.name}")
+        # The weights from an S3 prefix too, copied to each node's cache (pipeline.models.sources).
+        for f in Path(tiny_llava).iterdir():
+            s3.upload_file(str(f), "corpus", f"models/tiny-llava/{f.name}")
+        cfg = yaml.safe_load(test_config.read_text())
+        cfg["model"]["path"] = "s3://corpus/models/tiny-llava/"
+        (tmp_path / "s3.yaml").write_text(yaml.safe_dump(cfg))
+        cache = tmp_path / "cache"
         proc, summary = _run_cli(
-            ["--config", str(test_config), "--input", "s3://corpus/in/", "--output", "s3://corpus/out/", "--method", "divprune"],
-            _env(AWS_ENDPOINT_URL=endpoint, **creds),
+            ["--config", str(tmp_path / "s3.yaml"), "--input", "s3://corpus/in/", "--output", "s3://corpus/out/",
+             "--method", "divprune"],
+            _env(AWS_ENDPOINT_URL=endpoint, RESPRUNE_CACHE=str(cache), **creds),
         )
         assert summary["output_rows"] == summary["ok_rows"] == 6
+        weights = sorted(f.name for f in Path(tiny_llava).iterdir())
+        assert sorted(f.name for f in (cache / "s3/corpus/models/tiny-llava").iterdir()) == weights  # the actors' copy
+        # The driver copied only the JSON files it reads; no half-written copy is left behind.
+        assert sorted(f.name for f in (cache / "s3-metadata/corpus/models/tiny-llava").iterdir()) == [
+            w for w in weights if w.endswith(".json")
+        ]
+        assert not [f for f in (cache / "s3/corpus/models").iterdir() if f.name.startswith(".")]
         listed = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
         # The rows; not pyarrow's dir markers, the manifest or the checkpoint's files.
         keys = [k for k in listed if not k.endswith("/") and not k.removeprefix("out/").startswith("_")]
@@ -190,6 +205,7 @@ def test_job_reads_and_writes_s3(
         assert has_files("s3://corpus/out/") and not has_files("s3://corpus/elsewhere/")
         manifest = read_manifest("s3://corpus/out/")
         assert manifest["rows"]["ok"] == 6 and manifest["config"]["pruning"]["method"] == "divprune"
+        assert manifest["model"]["configured_path"] == "s3://corpus/models/tiny-llava/"
         assert key_id not in json.dumps(manifest) and secret not in json.dumps(manifest)  # nor stored
     finally:
         server.stop()

@@ -23,7 +23,7 @@ PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shap
 
 @pytest.fixture(scope="module")
 def path(tiny_cache) -> str:
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     return resolve_model_path("tiny:llava_next")
 

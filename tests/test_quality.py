@@ -245,7 +245,7 @@ def test_keep_all_answers_equal_stock_generate(evaluation: Path) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from pipeline.config import load_config
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     cfg = load_config(REPO / "configs" / "local.yaml")
     path = resolve_model_path(cfg.model.path)

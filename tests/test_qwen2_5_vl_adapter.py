@@ -26,7 +26,7 @@ IMAGE_PAD = "<|image_pad|>"
 
 @pytest.fixture(scope="module")
 def path(tiny_cache) -> str:
-    from pipeline.models.tiny import resolve_model_path
+    from pipeline.models.sources import resolve_model_path
 
     return resolve_model_path("tiny:qwen2_5_vl")
 

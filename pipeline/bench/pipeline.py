@@ -51,7 +51,7 @@ from pipeline.bench.prefill import cpu_seconds, descendants, process_cpu
 from pipeline.config import JobConfig, load_config
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.job import build_pipeline, check_resources
-from pipeline.models.tiny import resolve_model_path
+from pipeline.models.sources import resolve_model_path
 from pipeline.stages.common import Batch, limit_torch_threads
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage

@@ -38,7 +38,7 @@ from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import prefill_flops, vision_flops
 from pipeline.io.sample_corpus import make_rows
 from pipeline.models import detect_family, load_adapter, model_shapes
-from pipeline.models.tiny import resolve_model_path
+from pipeline.models.sources import resolve_model_path
 
 REFERENCE = Path(__file__).resolve().parents[2] / "configs" / "checkpoints" / "llava-1.5-7b-hf"
 KEEPS = (192, 128, 64)  # timed besides keep-all (the encoder's token count)

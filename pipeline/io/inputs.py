@@ -53,9 +53,12 @@ class InputPlan:
         return self.rows - sum(self.dropped.values())
 
 
-def check_input(path: str, policy: str, storage: StorageConfig | None = None) -> InputPlan:
-    """Validate every shard's schema and the ids of ``path``; the plan for ``policy``."""
-    dataset = parquet_dataset(path, storage)
+def check_input(
+    path: str, policy: str, storage: StorageConfig | None = None, files: list[str] | None = None
+) -> InputPlan:
+    """Validate every shard's schema and the ids of ``path`` (or of its ``files`` only, relative
+    to it: an incremental run's shards); the plan for ``policy``."""
+    dataset = parquet_dataset(path, storage, files)
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     if not fragments:
         raise InputError(f"input {path}: no Parquet files found")

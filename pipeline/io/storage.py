@@ -128,11 +128,12 @@ def delete_dir(path: str, storage: StorageConfig | None = None) -> None:
     retrying(delete, f"deleting {path}", storage)
 
 
-def parquet_dataset(path: str, storage: StorageConfig | None = None) -> pads.Dataset:
+def parquet_dataset(path: str, storage: StorageConfig | None = None, files: list[str] | None = None) -> pads.Dataset:
     """A pyarrow view of the Parquet files under ``path`` (files and folders starting with ``_``
-    or ``.`` are skipped: the manifest, the checkpoint): schema and row counts come from the file
-    footers, without reading the data."""
+    or ``.`` are skipped: the manifest, the checkpoint), or of ``files`` (relative to ``path``)
+    only: schema and row counts come from the file footers, without reading the data."""
+    source = [join(fs_path(path), f) for f in files] if files is not None else fs_path(path)
     return retrying(
-        lambda: pads.dataset(fs_path(path), filesystem=filesystem_for(path, storage), format="parquet"),
+        lambda: pads.dataset(source, filesystem=filesystem_for(path, storage), format="parquet"),
         f"listing {path}", storage,
     )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, StorageConfig
 from pipeline.cost.flops import ModelShapes
 
 from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
-from .tiny import resolve_model_path
+from .sources import resolve_model_path
 
 ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {
     a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
@@ -41,13 +41,14 @@ def token_counts(path: str, cfg: ModelConfig, width: int, height: int, family: s
     return ADAPTERS[family].token_counts(path, cfg, width, height)
 
 
-def load_adapter(cfg: ModelConfig, part: Part) -> VisionLanguageAdapter:
-    path = resolve_model_path(cfg.path)
+def load_adapter(cfg: ModelConfig, part: Part, storage: StorageConfig | None = None) -> VisionLanguageAdapter:
+    """The family adapter for ``part`` of ``cfg.path``, resolved on this node (``sources``)."""
+    path = resolve_model_path(cfg.path, storage)
     family = detect_family(path) if cfg.family == "auto" else cfg.family
     return ADAPTERS[family](cfg, path, part)
 
 
 __all__ = [
     "ADAPTERS", "EncodedImages", "Generation", "VisionLanguageAdapter", "detect_family", "load_adapter", "model_shapes",
-    "token_counts",
+    "resolve_model_path", "token_counts",
 ]

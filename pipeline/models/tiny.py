@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_PREFIX = "tiny:"
+from .sources import cache_root, materialize
+
 _VERSION = "v2"  # bump when the recipe changes so caches rebuild
 _SEED = 1234
 
@@ -91,15 +89,9 @@ FAMILY_BUILDERS: dict[str, str] = {
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RESPRUNE_CACHE", Path.home() / ".cache" / "resprune-pipeline"))
-
-
-def resolve_model_path(path: str) -> str:
-    """``tiny:<recipe>`` -> the cached tiny checkpoint (built if missing); anything else unchanged."""
-    if not path.startswith(TINY_PREFIX):
-        return path
-    recipe = path[len(TINY_PREFIX) :]
+def tiny_checkpoint(recipe: str) -> str:
+    """The directory of tiny checkpoint ``recipe``: committed (trained), or built into the cache
+    if missing."""
     if recipe in FAMILY_BUILDERS:
         target = cache_root() / f"tiny-{recipe}-{_VERSION}"
         if not (target / "config.json").exists():
@@ -231,17 +223,14 @@ def _image_processor(pad_to_square: bool) -> Any:
 
 def save_checkpoint(model: Any, processor: Any, out: Path) -> Path:
     """``save_pretrained`` the model and its processor (or a tuple of processor parts) into
-    ``out`` atomically, so concurrent builders are safe."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    model.save_pretrained(tmp)
-    for part in processor if isinstance(processor, tuple) else (processor,):
-        part.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    ``out`` atomically, so concurrent builders are safe (an existing ``out`` is kept)."""
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        for part in processor if isinstance(processor, tuple) else (processor,):
+            part.save_pretrained(tmp)
+
+    return materialize(out, save)
 
 
 def build_tiny_llava(out: Path, recipe: str = "llava") -> Path:
@@ -263,7 +252,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="directory (default: the cache)")
     args = parser.parse_args()
     if args.out is None:
-        print(resolve_model_path(TINY_PREFIX + args.recipe))
+        print(tiny_checkpoint(args.recipe))
     else:
         build = build_family if args.recipe in FAMILY_BUILDERS else lambda r, o: build_tiny_llava(o, r)
         print(build(args.recipe, args.out))

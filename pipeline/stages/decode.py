@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig
+from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig, StorageConfig
 from pipeline.models import Generation, load_adapter
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
@@ -33,10 +33,11 @@ class DecodeStage:
     ``max_batch_tokens`` padded tokens, so one long prompt does not pad the whole batch."""
 
     def __init__(
-        self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig
+        self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig,
+        storage: StorageConfig | None = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
-        self.adapter = load_adapter(model, "language")
+        self.adapter = load_adapter(model, "language", storage)
         self.generation = generation
         self.inputs = inputs
         self.max_batch_tokens = stage.max_batch_tokens

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
+from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig, StorageConfig
 from pipeline.io.images import decode_image
 from pipeline.models import load_adapter
 from pipeline.pruning import TEXT_GUIDED, get_method, relevance
@@ -33,9 +33,12 @@ class EncodeStage:
     ``relevance_min/mean/max`` (null without nouns or for methods that ignore text),
     ``encode_ms`` and ``prune_ms``."""
 
-    def __init__(self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig) -> None:
+    def __init__(
+        self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig,
+        storage: StorageConfig | None = None,
+    ) -> None:
         limit_torch_threads(stage.num_cpus)
-        self.adapter = load_adapter(model, "vision")
+        self.adapter = load_adapter(model, "vision", storage)
         self.pruning = pruning
         self.select = get_method(pruning.method)
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)

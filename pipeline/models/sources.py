@@ -1,0 +1,86 @@
+"""Where a checkpoint comes from, resolved on the node that loads it (``model.path``).
+
+- ``tiny:<recipe>``: a tiny checkpoint built here (``pipeline.models.tiny``), cached under
+  ``$RESPRUNE_CACHE``.
+- ``s3://bucket/prefix/``: copied once per node to ``$RESPRUNE_CACHE/s3/bucket/prefix`` (local
+  disk) and loaded from there; the driver copies only the JSON files (config, processor and
+  tokenizer configs), which is all it reads. Use a versioned prefix per checkpoint: a copy is
+  never refreshed.
+- Anything else (a hub id, a local directory): as is; the hub caches under ``$HF_HOME``.
+
+The job resolves ``model.path`` in the driver for its own reads and again in every actor, so
+each node builds or downloads to its own disk. Builds and downloads go to a temporary sibling
+directory renamed into place when complete: actors starting together on a node never load a
+half-written checkpoint, and an interrupted copy is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.config import StorageConfig
+from pipeline.io.storage import filesystem_for, fs_path, retrying, strip_scheme
+
+TINY_PREFIX = "tiny:"
+S3_PREFIXES = ("s3://", "s3a://")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESPRUNE_CACHE", Path.home() / ".cache" / "resprune-pipeline"))
+
+
+def materialize(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built by ``build(tmp)`` into a temporary sibling and renamed into place,
+    unless a complete one (with ``config.json``) is already there."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: theirs is as good
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(path: str, storage: StorageConfig | None = None, metadata_only: bool = False) -> str:
+    """A local directory or hub id that ``from_pretrained`` takes, for ``model.path``.
+    ``metadata_only``: for an S3 prefix, copy only the JSON files (the driver's needs)."""
+    if path.startswith(TINY_PREFIX):
+        from .tiny import tiny_checkpoint
+
+        return tiny_checkpoint(path[len(TINY_PREFIX) :])
+    if path.startswith(S3_PREFIXES):
+        return str(_s3_copy(path, storage, metadata_only))
+    return path
+
+
+def _s3_copy(uri: str, storage: StorageConfig | None, metadata_only: bool) -> Path:
+    key = strip_scheme(uri).strip("/")
+    target = cache_root() / ("s3-metadata" if metadata_only else "s3") / key
+    fs, prefix = filesystem_for(uri, storage), fs_path(uri).rstrip("/")
+
+    def copy(tmp: Path) -> None:
+        infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(prefix, recursive=True)), f"listing {uri}", storage)
+        files = [i for i in infos if i.type == pafs.FileType.File and (not metadata_only or i.path.endswith(".json"))]
+        if not any(i.path == f"{prefix}/config.json" for i in files):
+            raise FileNotFoundError(f"{uri} holds no config.json: not a checkpoint prefix")
+        for info in files:
+            dest = tmp / info.path[len(prefix) + 1 :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            retrying(lambda i=info, d=dest: pafs.copy_files(i.path, str(d), source_filesystem=fs,
+                                                            destination_filesystem=pafs.LocalFileSystem()),
+                     f"copying {info.path}", storage)
+
+    return materialize(target, copy)
