@@ -73,3 +73,21 @@ def check_job_command(command: str):
         raise AssertionError(f"{command!r}: jobs/caption_corpus.py rejects these arguments") from e
     config = repo_path(args.config)
     return load_config(config, cli.overrides_from(args))
+
+
+DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
+# What a credential looks like in a manifest: AWS keys, a Ray token or Hugging Face token written out,
+# a private key.
+CREDENTIAL = re.compile(
+    r"AKIA[0-9A-Z]{16}|aws_secret_access_key|aws_access_key_id|auth_token:\s*\S|hf_[A-Za-z0-9]{30,}"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY",
+    re.IGNORECASE,
+)
+
+
+def image_ray_version() -> str:
+    """The one ``ray[...]==X`` pin of the image (infra/docker/Dockerfile)."""
+    assert DOCKERFILE.exists(), f"{DOCKERFILE.relative_to(REPO)} is missing"
+    pins = set(re.findall(r"\bray\[[^\]]*\]==([0-9][\w.]*)", DOCKERFILE.read_text()))
+    assert len(pins) == 1, f"{DOCKERFILE.relative_to(REPO)} must pin ray[...]==X exactly once, has {sorted(pins)}"
+    return pins.pop()
