@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, help="override the budget: keep up to this many visual tokens per image")
     p.add_argument("--prune-ratio", type=float, help="override the budget: prune this fraction of each image's tokens")
     p.add_argument("--alpha", type=float, help="override pruning.alpha")
+    p.add_argument("--engine", choices=("hf", "vllm"), help="override decode_stage.engine (see the README's Engines)")
     p.add_argument("--resume", action="store_true",
                    help="output.mode: resume: finish an earlier attempt of this run, every row exactly once")
     p.add_argument("--incremental", action="store_true",
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     """The config fields the command line sets, as dotted keys for ``load_config``."""
     fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
-              "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha"}
+              "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha", "engine": "decode_stage.engine"}
     overrides: dict[str, object] = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
     if args.resume:
         overrides["output.mode"] = "resume"
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if summary.missing_ids or summary.duplicate_ids:
         print(f"NOT COMPLETE: {summary.missing_ids} ids missing, {summary.duplicate_ids} repeated", file=sys.stderr)
+    engine = summary.engine
+    print(f"decode engine: {engine['name']} ({engine['package']} {engine['version']})")
     print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept "
           f"({cfg.pruning.method}, {cfg.pruning.describe()})")
     mean = summary.cost_mean_per_image

@@ -189,11 +189,49 @@ class StageConfig(_Strict):
         return self
 
 
+class VLLMConfig(_Strict):
+    """The vLLM engine (``decode_stage.engine: vllm``): one ``vllm.LLM`` per decode actor, for the
+    actor's life, fed only the kept visual tokens as embeddings (the vision tower is never loaded)."""
+
+    python: str | None = Field(
+        None, description="Interpreter of the environment vLLM is installed in; the decode actors run in it "
+        "(Ray runtime_env py_executable), the rest of the job in the driver's. It must hold this package and the "
+        "driver's Ray version. None: RESPRUNE_VLLM_PYTHON if set, else `.venv-vllm/bin/python` in the repository "
+        "when present (`make test` builds it), else the driver's own interpreter.",
+    )
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences the engine runs at once.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Most tokens per sequence (prompt, kept visual tokens, new tokens); None: the "
+        "model's context length. Smaller leaves more KV cache per sequence.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of the GPU's memory the engine may take for weights, activations "
+        "and KV cache (GPU actors). With encode and decode actors on one GPU, leave the encoder its share.",
+    )
+    cpu_kv_cache_gib: int = Field(
+        1, ge=1, le=1024, description="KV cache on CPU actors (num_gpus: 0), in GiB (VLLM_CPU_KVCACHE_SPACE).",
+    )
+    enforce_eager: bool | None = Field(
+        None, description="Skip graph capture and compilation. None: eager on CPU (compiling takes minutes there), "
+        "CUDA graphs on GPUs.",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (the chat template's). Benchmarks turn it "
+        "off: a repeated corpus would reuse whole earlier prefills.",
+    )
+
+
 class DecodeStageConfig(StageConfig):
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="`hf`: Hugging Face `generate` in padded, length-sorted batches (the reference engine). "
+        "`vllm`: vLLM with continuous batching and a paged KV cache (production; see `vllm`).",
+    )
+    vllm: VLLMConfig = Field(VLLMConfig(), description="The vLLM engine's settings (engine: vllm only).")
     max_batch_tokens: int = Field(
         32_768, ge=1, description="Bound on one generate call: rows x (longest prompt + max_new_tokens) tokens. A "
         "batch over it is split into calls of rows of similar length, so one long prompt cannot pad the whole batch "
-        "to its length. A row over it alone still runs (its length is bounded by input.max_prompt_tokens).",
+        "to its length. A row over it alone still runs (its length is bounded by input.max_prompt_tokens). engine: hf "
+        "only: vLLM schedules each Ray batch itself.",
     )
 
 

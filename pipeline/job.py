@@ -24,6 +24,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from pipeline.config import ConfigError, JobConfig, StageConfig, StorageConfig
 from pipeline.cost.accounting import CostModel
+from pipeline.engines import EngineEnvironment, engine_environment
 from pipeline.io.inputs import InputPlan, check_input, drop_rows, stage_first_rows
 from pipeline.io.manifest import MANIFEST_NAME, package_versions, read_manifest, write_manifest
 from pipeline.io.runs import plan_incremental
@@ -87,6 +88,7 @@ class JobSummary:
     accuracy: float | None = None  # when the input has `expected`: normalised exact match over all rows
     examples: list[dict[str, str]] = field(default_factory=list)  # a few rows, for a person to check
     manifest: str = ""
+    engine: dict[str, str] = field(default_factory=dict)  # decode engine: name, package, version, interpreter
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +127,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     plan = check_input(cfg.input.path, cfg.input.id_policy, storage, run.shards if run else None)
     cfg, model_path = _resolve_model(cfg)
     costs = cost_model(cfg)  # reads the price table: a bad accelerator or price file fails before Ray starts
+    engine = engine_environment(cfg.decode_stage)  # a missing vLLM environment fails here, naming the field
     _init_ray(cfg)
     claims.append(_claim_output(out))  # before anything is deleted or written
     if cfg.output.mode == "overwrite":
@@ -148,11 +151,12 @@ def run_job(cfg: JobConfig) -> JobSummary:
                             "shards_taken_before": run.shards_taken_before}} if run else {}),
         "model": {"configured_path": cfg.model.path, "path": model_path, "family": cfg.model.family,
                   "kv_bytes_per_element": costs.kv_bytes_per_element},
+        "engine": engine.as_dict(),
     }
     write_manifest(out, {**base, "status": "running", "attempts": [*attempts, attempt]}, storage)
     start = time.perf_counter()
     try:
-        _execute(cfg, costs, plan, checkpoint)
+        _execute(cfg, costs, plan, checkpoint, engine)
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the caller
         attempt |= {"finished_at": _utc_now(), "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
         try:
@@ -167,6 +171,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     rows = read_output_rows(out, storage)
     run_cost = costs.run_totals(rows, wall, cfg.ray.io_num_cpus)
     summary = summarize(rows, plan, already_done, out, run_cost)
+    summary.engine = engine.as_dict()
     attempt |= {"finished_at": _utc_now(), "status": "completed", "rows_written": summary.written_this_attempt}
     summary.manifest = write_manifest(
         out,
@@ -190,7 +195,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     return summary
 
 
-def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str) -> None:
+def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str, engine: EngineEnvironment) -> None:
     """Read -> stages -> write, checkpointed on ``id``."""
     context = ray.data.DataContext.get_current()
     # Ray 2.60's DataSource V2 read adds a ListFiles task that always reserves 1 CPU, ignoring
@@ -203,12 +208,12 @@ def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str)
         override_filesystem=filesystem_for(checkpoint, cfg.storage),
     )
     try:
-        _read_process_write(cfg, costs, plan)
+        _read_process_write(cfg, costs, plan, engine)
     finally:  # the process may run more datasets (the evaluation grid): none inherits this run's checkpoint
         context.checkpoint_config = None
 
 
-def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan) -> None:
+def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan, engine: EngineEnvironment) -> None:
     storage, io_cpus = cfg.storage, cfg.ray.io_num_cpus
     in_fs = filesystem_for(cfg.input.path, storage)
     ds = ray.data.read_parquet([_ray_file(cfg.input.path, f) for f in plan.files], filesystem=in_fs, num_cpus=io_cpus)
@@ -221,7 +226,7 @@ def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan) -> No
     if staged:  # a second read, so the checkpoint filter covers both branches
         out_fs = filesystem_for(cfg.output.path, storage)
         ds = ds.union(ray.data.read_parquet(ray_path(staged), filesystem=out_fs, num_cpus=io_cpus))
-    ds = build_pipeline(ds, cfg, costs)
+    ds = build_pipeline(ds, cfg, costs, engine)
     ds.write_parquet(
         ray_path(cfg.output.path),
         filesystem=filesystem_for(cfg.output.path, storage),
@@ -273,6 +278,7 @@ def run_identity(cfg: JobConfig) -> dict[str, Any]:
         "model": cfg.model.model_dump(mode="json", exclude={"architecture"}),
         "pruning": cfg.pruning.model_dump(mode="json"),
         "generation": cfg.generation.model_dump(mode="json"),
+        "engine": cfg.decode_stage.engine,  # engines agree on greedy answers, but numerics may differ
     }
 
 
@@ -311,8 +317,13 @@ def cost_model(cfg: JobConfig) -> CostModel:
     return CostModel.for_job(cfg, shapes, kv_bytes)
 
 
-def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None) -> ray.data.Dataset:
+def build_pipeline(
+    ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None, engine: EngineEnvironment | None = None
+) -> ray.data.Dataset:
+    """The three stages and the cost/schema step on ``ds``. The decode actors run in the engine's
+    interpreter (``engine``: resolved from ``cfg.decode_stage`` when not given)."""
     retries = cfg.ray.max_task_retries
+    engine = engine or engine_environment(cfg.decode_stage)
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
     ds = ds.map_batches(
         EncodeStage,
@@ -328,7 +339,7 @@ def build_pipeline(ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None
             "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
             "storage": cfg.storage,
         },
-        **_pool(cfg.decode_stage, retries),
+        **_pool(cfg.decode_stage, retries, engine.runtime_env()),
     )
     return ds.map_batches(
         finalize, fn_kwargs={"costs": costs or cost_model(cfg)},
@@ -342,7 +353,7 @@ def finalize(batch: dict[str, Any], costs: CostModel) -> Any:
     return to_output_table(costs(batch))
 
 
-def _pool(stage: StageConfig, max_task_retries: int) -> dict:
+def _pool(stage: StageConfig, max_task_retries: int, runtime_env: dict[str, Any] | None = None) -> dict:
     compute = (
         ActorPoolStrategy(min_size=stage.pool_size, max_size=stage.max_pool_size)
         if stage.max_pool_size
@@ -358,6 +369,7 @@ def _pool(stage: StageConfig, max_task_retries: int) -> dict:
         # number of times, so a row that kills its actor every time cannot loop forever.
         "max_restarts": -1,
         "max_task_retries": max_task_retries,
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     }
 
 

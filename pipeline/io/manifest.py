@@ -10,7 +10,8 @@ by it, error), ``started_at`` / ``finished_at`` (this attempt, UTC ISO 8601), ``
 validated job config), ``packages`` (versions), ``input`` (files, rows, ids dropped by
 ``input.id_policy``), ``rows`` (input, expected, output, ok, error, errors_by_kind,
 skipped_already_done, written_this_attempt, missing_ids, duplicate_ids, truncated_prompts),
-``model`` (configured and resolved path, family, dtype), ``cost``
+``model`` (configured and resolved path, family, dtype), ``engine`` (the decode engine: name,
+package, version, the interpreter its actors ran in), ``cost``
 (see ``pipeline.cost.accounting.CostModel.run_totals``: accelerator, prices with sources,
 FLOP convention, shapes, totals and mean per image of every cost column, per-stage busy time
 and images/s, the run's reservation and the share of it the rows account for).

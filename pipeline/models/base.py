@@ -27,7 +27,9 @@ from torch import Tensor
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import LanguageShape, ModelShapes
 
-Part = Literal["vision", "language"]
+# "vision": encoder + projector; "language": the LLM for HF decoding; "prompt": tokenizer, chat
+# template and config only (no weights), for engines that load the LLM themselves (vLLM).
+Part = Literal["vision", "language", "prompt"]
 
 
 @dataclass
@@ -54,10 +56,15 @@ class VisionLanguageAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # checkpoint `model_type`s this adapter serves
     default_alpha: ClassVar[float] = 0.75  # ResPrune text-guidance strength the paper uses for the family
+    # The vLLM model class (pipeline.engines.vllm_models) that decodes this family from kept tokens.
+    vllm_architecture: ClassVar[str]
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
-        """Load what ``part`` needs from ``path``: "vision" for encoding, "language" for decoding."""
+        """Load what ``part`` needs from ``path``: "vision" for encoding, "language" for decoding
+        with HF, "prompt" for the prompt side alone. Subclasses set ``config``, ``tokenizer`` and
+        ``image_token_id``."""
         self.cfg = cfg
+        self.path = path
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
 
@@ -85,7 +92,7 @@ class VisionLanguageAdapter(ABC):
     @property
     def context_length(self) -> int:
         """Positions the LLM was trained for (prompt, visual tokens and generated tokens together)."""
-        return int(self.model.config.get_text_config().max_position_embeddings)
+        return int(self.config.get_text_config().max_position_embeddings)
 
     def text_tokens(self, prompt: str) -> int:
         """Tokens the templated prompt takes besides its image placeholder (language part)."""
@@ -107,6 +114,21 @@ class VisionLanguageAdapter(ABC):
             if self.text_tokens(text) <= max_text_tokens:
                 return text
         return None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The templated prompt's token ids, with its single image placeholder."""
+        ids = self.tokenizer(self.chat_text(prompt)).input_ids
+        if ids.count(self.image_token_id) != 1:
+            raise ValueError(
+                f"prompt must contain exactly one image placeholder after templating, found {ids.count(self.image_token_id)}"
+            )
+        return ids
+
+    def vllm_request(self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]) -> dict:
+        """One row as a vLLM request for ``vllm_architecture``: the templated prompt's ids with one
+        placeholder, which vLLM expands to the K kept tokens given as embeddings. Families whose
+        positions depend on the token grid also send the grid and the kept indices."""
+        return {"prompt_token_ids": self.prompt_ids(prompt), "multi_modal_data": {"image": {"image_embeds": visual[None]}}}
 
     @abstractmethod
     def embed_words(self, words: list[list[str]]) -> list[Tensor]: ...

@@ -37,15 +37,20 @@ class LlavaAdapter(VisionLanguageAdapter):
     model_types = ("llava",)
     model_class: ClassVar[type] = LlavaForConditionalGeneration
 
+    vllm_architecture = "ResPruneLlavaForCausalLM"  # contiguous positions, as in the stock model
+
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
+        self.config = AutoConfig.from_pretrained(path)
+        self.image_token_id: int = self.config.image_token_id
+        if part == "prompt":
+            return
         model = self.model_class.from_pretrained(
             path, dtype=self.dtype, attn_implementation={"vision_config": "eager"}
         ).eval()
         config = model.config
-        self.image_token_id: int = config.image_token_id
         self.feature_layer: int | list[int] = config.vision_feature_layer
         self.select_strategy: str = config.vision_feature_select_strategy
         self.embed = model.get_input_embeddings().to(self.device)
@@ -132,11 +137,8 @@ class LlavaAdapter(VisionLanguageAdapter):
     ) -> list[Generation]:
         rows = []
         for prompt, vis in zip(prompts, visual, strict=True):
-            ids = torch.tensor(self.tokenizer(self.chat_text(prompt)).input_ids, device=self.device)
-            where = (ids == self.image_token_id).nonzero().flatten()
-            if len(where) != 1:
-                raise ValueError(f"prompt must contain exactly one image placeholder after templating, found {len(where)}")
-            p = int(where[0])
+            ids = torch.tensor(self.prompt_ids(prompt), device=self.device)
+            p = int((ids == self.image_token_id).nonzero()[0])
             emb = self.embed(ids)
             rows.append(torch.cat([emb[:p], vis.to(self.device, emb.dtype), emb[p + 1 :]]))
         return generate_from_embeddings(self.model, self.tokenizer, self.embed, rows, gen)

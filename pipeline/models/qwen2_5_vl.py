@@ -53,14 +53,20 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     model_types = ("qwen2_5_vl",)
     default_alpha = 0.3  # the paper's setting: weaker text guidance for Qwen's denser tokens
 
+    # Kept tokens at their full-grid 3-D positions, text after the image shifted as in the full sequence.
+    vllm_architecture = "ResPruneQwen2_5_VLForCausalLM"
+
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.config = AutoConfig.from_pretrained(path)
+        self.image_token_id: int = self.config.image_token_id
+        self.merge: int = self.config.vision_config.spatial_merge_size
+        if part == "prompt":
+            return
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         self.size = pixel_bounds(self.image_processor, cfg)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=self.dtype).eval()
-        self.image_token_id: int = model.config.image_token_id
-        self.merge: int = model.config.vision_config.spatial_merge_size
         self.embed = model.get_input_embeddings().to(self.device)
         if part == "vision":
             del model.model.language_model  # encoding needs the vision tower and merger only
@@ -130,11 +136,8 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     def full_sequence(self, prompt: str, layout: list[int]) -> tuple[Tensor, int, int]:
         """The prompt's ids with every image placeholder, as the stock processor builds them;
         where the placeholders start and how many there are."""
-        ids = torch.tensor(self.tokenizer(self.chat_text(prompt)).input_ids, device=self.device)
-        where = (ids == self.image_token_id).nonzero().flatten()
-        if len(where) != 1:
-            raise ValueError(f"prompt must contain exactly one image placeholder after templating, found {len(where)}")
-        start, n = int(where[0]), layout[0] * layout[1] * layout[2] // self.merge**2
+        ids = torch.tensor(self.prompt_ids(prompt), device=self.device)
+        start, n = int((ids == self.image_token_id).nonzero()[0]), layout[0] * layout[1] * layout[2] // self.merge**2
         full = torch.cat([ids[:start], ids.new_full((n,), self.image_token_id), ids[start + 1 :]])
         return full, start, n
 
@@ -175,6 +178,42 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         return generate_from_embeddings(
             self.model, self.tokenizer, self.embed, [e for e, _ in rows], gen, positions=[p for _, p in rows]
         )
+
+    def vllm_request(self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]) -> dict:
+        """The kept tokens with the grid and their indices in it, from which the vLLM model class
+        places them (``kept_mrope_positions``)."""
+        image = {"image_embeds": visual[None], "image_grid_thw": torch.tensor([layout]),
+                 "kept_indices": kept_indices.to(torch.long)[None]}
+        return {"prompt_token_ids": self.prompt_ids(prompt), "multi_modal_data": {"image": image}}
+
+
+def kept_mrope_positions(
+    length: int, images: list[tuple[int, list[int], Tensor]], merge: int
+) -> tuple[Tensor, int]:
+    """3-D M-RoPE positions [3, length] of a pruned sequence and its rope delta (max position + 1
+    - length), as the stock model gives the FULL sequence at the tokens that remain.
+
+    ``images``: per image, ``(offset, [t, h, w], kept)``: where its kept tokens start in the
+    sequence, its patch grid and the ascending indices of the kept tokens in its merged grid.
+    Text runs on from the previous position; an image's tokens sit at ``start + (t, row, col)``
+    of the merged grid; the text after it continues at the full grid's largest position + 1,
+    whichever tokens were kept (the Qwen2-VL rule, ``get_rope_index``; equality with it is tested).
+    This is the rule the vLLM engine needs; the HF path takes it from transformers directly."""
+    parts, cursor, next_pos = [], 0, 0
+    for offset, (t, h, w), kept in sorted(images, key=lambda x: x[0]):
+        text = offset - cursor
+        parts.append(torch.arange(text).expand(3, text) + next_pos)
+        start = next_pos + text
+        hm, wm = h // merge, w // merge
+        kept = kept.to(torch.long).cpu()
+        grid = torch.stack([kept // (hm * wm), (kept % (hm * wm)) // wm, kept % wm])
+        parts.append(grid + start)
+        next_pos = start + max(t, hm, wm)
+        cursor = offset + len(kept)
+    tail = length - cursor
+    parts.append(torch.arange(tail).expand(3, tail) + next_pos)
+    positions = torch.cat(parts, dim=1)
+    return positions, int(positions.max()) + 1 - length
 
 
 def pixel_bounds(image_processor: object, cfg: ModelConfig) -> dict[str, int]:

@@ -8,18 +8,15 @@ import numpy as np
 import torch
 
 from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig, StorageConfig
-from pipeline.models import Generation, load_adapter
+from pipeline.engines import DecodeRequest, load_engine
+from pipeline.models import Generation
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
 from .faults import crash, fail_if_poisoned
 
 
 class DecodeRow(NamedTuple):
-    id: str
-    prompt: str
-    visual: torch.Tensor  # [K, D] kept visual tokens
-    kept_indices: torch.Tensor
-    layout: list[int]
+    request: DecodeRequest
     length: int  # prefill tokens: templated prompt + kept visual tokens
 
 
@@ -27,17 +24,21 @@ class DecodeStage:
     """Drops ``visual_kept`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
     ``generated_tokens``, ``prompt_truncated``, ``decode_ms``.
 
-    Prompts longer than the limit (``input.max_prompt_tokens``, else the model's context less the
-    row's kept visual tokens and ``max_new_tokens``) are rejected (``prompt too long``) or cut
-    (``input.long_prompt``). Rows go to the model in length order, in calls of at most
-    ``max_batch_tokens`` padded tokens, so one long prompt does not pad the whole batch."""
+    The engine (``decode_stage.engine``, ``pipeline.engines``) is built once per actor. Prompts
+    longer than the limit (``input.max_prompt_tokens``, else the engine's context less the row's
+    kept visual tokens and ``max_new_tokens``) are rejected (``prompt too long``) or cut
+    (``input.long_prompt``), the same for every engine. An engine that schedules rows itself
+    (vLLM) gets the whole batch in one call; otherwise (HF) rows go in length order, in calls of
+    at most ``max_batch_tokens`` padded tokens, so one long prompt does not pad the whole batch.
+    A call that fails is split down to the row that fails (``decode failed: ...``)."""
 
     def __init__(
         self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig,
         storage: StorageConfig | None = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
-        self.adapter = load_adapter(model, "language", storage)
+        self.engine = load_engine(model, stage, storage)
+        self.adapter = self.engine.adapter
         self.generation = generation
         self.inputs = inputs
         self.max_batch_tokens = stage.max_batch_tokens
@@ -57,12 +58,13 @@ class DecodeStage:
                 errors[i] = problem
                 continue
             truncated[i] = prompt != batch["prompt"][i]
-            rows[i] = DecodeRow(
+            request = DecodeRequest(
                 str(batch["id"][i]), prompt, visual, torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
-                [int(x) for x in batch["visual_layout"][i]], tokens + len(visual),
+                [int(x) for x in batch["visual_layout"][i]],
             )
+            rows[i] = DecodeRow(request, tokens + len(visual))
         answers, prompt_tokens, generated = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        for group in self._calls(rows):
+        for group in [sorted(rows)] if self.engine.schedules_batches else self._calls(rows):
             results = map_splitting_failures(self._generate, [rows[i] for i in group], "decode")
             for i, res in zip(group, results, strict=True):
                 if isinstance(res, str):
@@ -84,13 +86,13 @@ class DecodeStage:
     def _fit(self, prompt: str, kept: int) -> tuple[str, int, str]:
         """``(prompt, its text tokens, "")``: the prompt to use, cut when over the limit and
         ``long_prompt: truncate``; or ``("", 0, error)``."""
-        room = self.adapter.context_length - kept - self.generation.max_new_tokens
+        room = self.engine.context_length - kept - self.generation.max_new_tokens
         limit = min(room, self.inputs.max_prompt_tokens or room)
         tokens = self.adapter.text_tokens(prompt)
         if tokens <= limit:
             return prompt, tokens, ""
         why = (f"input.max_prompt_tokens = {limit}" if limit == self.inputs.max_prompt_tokens else
-               f"the {limit} the model's context of {self.adapter.context_length} leaves beside {kept} visual tokens "
+               f"the {limit} the engine's context of {self.engine.context_length} leaves beside {kept} visual tokens "
                f"and {self.generation.max_new_tokens} new tokens")
         if self.inputs.long_prompt == "truncate":
             cut = self.adapter.fit_prompt(prompt, limit)
@@ -112,8 +114,5 @@ class DecodeStage:
         return calls
 
     def _generate(self, items: list[DecodeRow]) -> list[Generation]:
-        fail_if_poisoned("decode", [r.id for r in items])
-        return self.adapter.generate(
-            [r.prompt for r in items], [r.visual for r in items], [r.kept_indices for r in items],
-            [r.layout for r in items], self.generation,
-        )
+        fail_if_poisoned("decode", [r.request.id for r in items])
+        return self.engine.generate([r.request for r in items], self.generation)

@@ -1,0 +1,46 @@
+"""The decode-engine interface the decode stage calls; one implementation per engine.
+
+An engine turns rows of kept visual tokens plus a prompt into answers. It owns its model for
+the actor's life and the engine-specific code; family specifics (chat template, placeholder
+token, where each kept token sits) come from the family adapter (``pipeline.models``), so a
+new family touches its adapter, not the engines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
+
+from torch import Tensor
+
+from pipeline.config import GenerationConfig
+from pipeline.models import Generation, VisionLanguageAdapter
+
+
+class DecodeRequest(NamedTuple):
+    id: str
+    prompt: str  # the user's prompt, untemplated (already cut to fit when long_prompt: truncate)
+    visual: Tensor  # [K, D] kept visual tokens, float32, in the LLM's input-embedding space
+    kept_indices: Tensor  # [K] ascending indices into the image's N visual tokens
+    layout: list[int]  # the family's token layout from the encode stage (Qwen2.5-VL: [t, h, w])
+
+
+class DecodeEngine(ABC):
+    """``generate`` answers a list of requests, in order, or raises; the stage then splits the
+    call down to the request that fails and writes it as that row's ``decode failed: ...``."""
+
+    name: ClassVar[str]
+    # True: the stage hands the engine a whole Ray batch per call (it schedules rows itself);
+    # False: the stage groups rows into padded calls of at most max_batch_tokens.
+    schedules_batches: ClassVar[bool]
+
+    def __init__(self, adapter: VisionLanguageAdapter) -> None:
+        self.adapter = adapter  # prompt side: template, tokenizer, context length
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a sequence may take in this engine: prompt, kept visual tokens and new tokens."""
+        return self.adapter.context_length
+
+    @abstractmethod
+    def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]: ...

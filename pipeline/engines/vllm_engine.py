@@ -1,0 +1,86 @@
+"""The production engine: vLLM (continuous batching, paged KV cache, CUDA graphs on GPUs), fed
+only the kept visual tokens as embeddings; the vision tower is never loaded.
+
+One ``vllm.LLM`` per decode actor for the actor's life (start-up takes tens of seconds), sized
+from ``decode_stage.vllm``; each Ray batch goes to it as one ``generate`` call so vLLM schedules
+the rows itself. Family specifics come from the adapter (``vllm_architecture``, ``vllm_request``);
+the model classes are in ``vllm_models``. This module imports vLLM: only the vLLM environment
+loads it (``pipeline.engines.environment``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.config import DecodeStageConfig, GenerationConfig
+from pipeline.models import Generation, VisionLanguageAdapter
+
+from .base import DecodeEngine, DecodeRequest
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(DecodeEngine):
+    name = "vllm"
+    schedules_batches = True
+
+    def __init__(self, adapter: VisionLanguageAdapter, stage: DecodeStageConfig) -> None:
+        super().__init__(adapter)
+        cfg = stage.vllm
+        on_gpu = adapter.device.type == "cuda"
+        if not on_gpu:
+            # The CPU build sizes its KV cache from this variable, and binds its OpenMP threads to
+            # cores unless told not to: a fractional-CPU actor shares its cores with other pools.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kv_cache_gib)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        from .vllm_models import register
+
+        register()  # in this process too (the plugin entry point covers vLLM's own processes)
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
+        self.max_model_len = cfg.max_model_len or adapter.context_length
+        options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if on_gpu else {}
+        self.llm = LLM(
+            model=adapter.path,
+            tokenizer=adapter.path,
+            dtype=str(adapter.dtype).removeprefix("torch."),
+            hf_overrides={"architectures": [adapter.vllm_architecture]},
+            enable_mm_embeds=True,  # kept tokens come as embeddings...
+            limit_mm_per_prompt={"image": 0},  # ...so no vision tower and no image budget of its own
+            max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=0,
+            **options,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.max_model_len
+
+    def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]:
+        from vllm import SamplingParams
+
+        prompts = [
+            self.adapter.vllm_request(r.prompt, r.visual.to(self.adapter.dtype), r.kept_indices, r.layout)
+            for r in requests
+        ]
+        params = SamplingParams(
+            max_tokens=gen.max_new_tokens,
+            temperature=gen.temperature if gen.do_sample else 0.0,
+            top_p=gen.top_p if gen.do_sample else 1.0,
+            seed=gen.seed if gen.do_sample else None,
+        )
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            results.append(Generation(
+                text=completion.text.strip(), prompt_tokens=len(out.prompt_token_ids),
+                generated_tokens=len(ids), token_ids=ids,
+            ))
+        return results

@@ -1,0 +1,206 @@
+"""vLLM model classes that decode from the kept visual tokens alone, registered out of tree.
+
+vLLM's stock LLaVA and Qwen2.5-VL classes cannot serve this pipeline as they are: their modules
+import torchvision (which has no build beside the CPU torch wheel), and Qwen2.5-VL's public
+embedding input (``image_embeds`` + ``image_grid_thw``) sizes and places a dense grid, so a pruned
+subset would lose its 3-D positions. These classes hold only the LLM (vLLM's own Llama / Qwen2
+implementation, weights mapped from the stock checkpoint; the vision tower and projector are never
+loaded) and take each row's kept tokens as one image item:
+
+    {"image_embeds": [1, K, D], "image_grid_thw": [1, 3] (optional), "kept_indices": [1, K] (optional)}
+
+The single image placeholder in the prompt's ids is expanded to K placeholders, whose embeddings
+are the kept tokens. ``ResPruneLlavaForCausalLM`` (LLaVA-1.5, LLaVA-NeXT) gives them contiguous
+positions, as the stock models do; ``ResPruneQwen2_5_VLForCausalLM`` gives them their full-grid
+M-RoPE positions and shifts the text after them as the unpruned sequence would
+(``pipeline.models.qwen2_5_vl.kept_mrope_positions``), as vLLM's own EVS does for video.
+
+Registered through vLLM's plugin entry point (``vllm.general_plugins`` in pyproject.toml), so
+every vLLM process (the engine core runs in its own) has them; an engine selects one with
+``hf_overrides={"architectures": [name]}``: the checkpoint stays the stock one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+
+from pipeline.models.qwen2_5_vl import kept_mrope_positions
+
+FIELDS = {"image_embeds": False, "image_grid_thw": True, "kept_indices": True}  # name -> kept on CPU
+
+
+def _field_config(data: Mapping[str, torch.Tensor]) -> dict[str, MultiModalFieldConfig]:
+    # One item per row: every field's leading dimension is the item.
+    return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=cpu) for name, cpu in FIELDS.items()}
+
+
+def placeholder_id(config: object) -> int:
+    return int(getattr(config, "image_token_id", None) or config.image_token_index)
+
+
+class KeptTokensParser(MultiModalDataParser):
+    def _parse_image_data(self, data: object):  # noqa: ANN202 - vLLM's own return type
+        if isinstance(data, dict):
+            return DictEmbeddingItems(
+                data, modality="image", required_fields={"image_embeds"},
+                optional_fields={"image_grid_thw", "kept_indices"}, fields_factory=_field_config,
+            )
+        raise ValueError("this model takes the kept visual tokens only, as {'image_embeds': [1, K, D], ...}")
+
+
+class KeptTokensProcessingInfo(BaseProcessingInfo):
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": 1}
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return KeptTokensParser(expected_hidden_size=self._get_expected_hidden_size())
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # A row's kept tokens are at most its whole sequence: sizes vLLM's cache for embeddings.
+        return {"image": seq_len}
+
+
+class KeptTokensDummyInputs(BaseDummyInputsBuilder[KeptTokensProcessingInfo]):
+    """Profiling runs text only: the engine is built with no image budget of its own
+    (``limit_mm_per_prompt={"image": 0}``), the kept tokens arriving as embeddings."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return ""
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: object = None) -> dict:
+        return {}
+
+
+class KeptTokensProcessor(BaseMultiModalProcessor[KeptTokensProcessingInfo]):
+    """No HF processor runs: the prompt comes as token ids, the image as its kept embeddings."""
+
+    def _get_mm_fields_config(self, hf_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object]):
+        return _field_config(hf_inputs)
+
+    def _get_prompt_updates(
+        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        token = placeholder_id(self.info.get_hf_config())
+
+        def kept_tokens(i: int) -> list[int]:
+            return [token] * int(mm_items.get_items("image", DictEmbeddingItems).get(i)["image_embeds"].shape[0])
+
+        return [PromptReplacement(modality="image", target=[token], replacement=kept_tokens)]
+
+
+class _KeptTokensLM(nn.Module, SupportsMultiModal):
+    """The LLM of a VLM checkpoint, fed kept visual tokens as embeddings."""
+
+    # Checkpoint names (transformers 5.x) -> this module's; the vision side is mapped to be skipped.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "model.language_model.": "language_model.model.",
+        "lm_head.": "language_model.lm_head.",
+        "model.vision_tower.": "vision_tower.",
+        "model.multi_modal_projector.": "multi_modal_projector.",
+        "model.image_newline": "image_newline",
+    })
+    skipped = ["vision_tower.", "multi_modal_projector.", "image_newline", "visual."]
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return None  # requests come as token ids with the placeholder in them
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.configure_mm_token_handling(
+            vocab_size=config.get_text_config().vocab_size, mm_token_ids=[placeholder_id(config)]
+        )
+        with self._mark_language_model(vllm_config):
+            self.language_model = self._build_language_model(vllm_config, maybe_prefix(prefix, "language_model"))
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def _build_language_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        return init_vllm_registered_model(vllm_config=vllm_config, hf_config=self.config.text_config, prefix=prefix)
+
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        embeds = kwargs.get("image_embeds")
+        if embeds is None:
+            return []
+        return list(embeds)  # per item [K_i, D], in prompt order
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: object = None,
+        inputs_embeds: torch.Tensor | None = None, **kwargs: object,
+    ) -> torch.Tensor:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=self.skipped)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    KeptTokensProcessor, info=KeptTokensProcessingInfo, dummy_inputs=KeptTokensDummyInputs
+)
+class ResPruneLlavaForCausalLM(_KeptTokensLM):
+    """LLaVA-1.5 and LLaVA-NeXT: the kept tokens at contiguous positions, as in the stock model."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    KeptTokensProcessor, info=KeptTokensProcessingInfo, dummy_inputs=KeptTokensDummyInputs
+)
+class ResPruneQwen2_5_VLForCausalLM(_KeptTokensLM, SupportsMRoPE):
+    """Qwen2.5-VL: the kept tokens at their full-grid 3-D positions."""
+
+    # Qwen2.5-VL checkpoints come in two layouts: transformers 5.x (model.language_model.*,
+    # model.visual.*) and the original one (model.*, visual.*), which the hub's still uses.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "model.language_model.": "language_model.model.",
+        "model.visual.": "visual.",
+        "lm_head.": "language_model.lm_head.",
+        "model.": "language_model.model.",
+    })
+
+    def _build_language_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        # As the stock class does: the Qwen2 decoder reads its M-RoPE sections from the full config.
+        return init_vllm_registered_model(vllm_config=vllm_config, prefix=prefix, architectures=["Qwen2ForCausalLM"])
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        images = []
+        for feature in mm_features:
+            data = feature.data
+            if data is None or "image_grid_thw" not in data or "kept_indices" not in data:
+                raise ValueError("Qwen2.5-VL kept tokens need image_grid_thw and kept_indices to be placed")
+            images.append((feature.mm_position.offset, data["image_grid_thw"].data.tolist(), data["kept_indices"].data))
+        return kept_mrope_positions(len(input_tokens), images, self.config.vision_config.spatial_merge_size)
+
+
+ARCHITECTURES = {cls.__name__: cls for cls in (ResPruneLlavaForCausalLM, ResPruneQwen2_5_VLForCausalLM)}
+
+
+def register() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins``): runs in every vLLM process."""
+    from vllm import ModelRegistry
+
+    for name, cls in ARCHITECTURES.items():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, cls)
