@@ -2,15 +2,18 @@
 GPU, wall time and total cost on G accelerators, and the saving against keeping every token.
 
     python jobs/plan_cost.py --model configs/llava-1.5-7b.yaml --accelerator h100-sxm \\
-        --images 10000000 [--gpus 8] [--runs OUT_DIR ...] --out plans/llava-7b
+        --images 10000000 [--gpus 8] [--engine vllm|hf] [--runs OUT_DIR ...] --out plans/llava-7b
 
 Without --runs: estimates from the checkpoint's shapes (model.architecture, else model.path)
 and configs/accelerators.yaml, for one --image-size image (what it costs in visual tokens and
 encoder patches follows the family: fixed for LLaVA-1.5, tiles for LLaVA-NeXT, pixels for
 Qwen2.5-VL within model.min_pixels / max_pixels), at each of --budgets (counts, or prune ratios
 such as 77.8%, by the job's own budget rule), for keep-all (method `none`) and the config's
-pruning method. With --runs: measured rows from finished runs (their output
-and _manifest.json) too. Writes plan.csv, plan.md and plan.png under --out and prints the table.
+pruning method, decoded by --engine (default vllm, what the cluster configs run: continuous
+batching, an image pays for its own generated tokens; hf: static batches that run until their
+longest row stops, generation.max_new_tokens). With --runs: measured rows from finished runs
+(their output and _manifest.json) too, each with the engine its run used. Every row states its
+decode engine. Writes plan.csv, plan.md and plan.png under --out and prints the table.
 Exit status 2 on a configuration error.
 """
 
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="WIDTHxHEIGHT of a typical corpus image, for families whose token count follows it "
                    "(default 640x480)")
     p.add_argument("--accelerators", default="configs/accelerators.yaml", help="accelerator table (YAML)")
+    p.add_argument("--engine", choices=planner.ENGINES, default=planner.DEFAULT_ENGINE,
+                   help="decode engine the estimates assume (default %(default)s: continuous batching, an image pays "
+                   "for its own tokens; hf: static batches run to their longest row, generation.max_new_tokens); "
+                   "measured rows always show their run's engine")
     p.add_argument("--no-estimates", action="store_true", help="measured rows only")
     for name, kind in ASSUMPTION_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override assumptions.{name} ({args_source})")
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     shapes, model=name, method=method, keep=keep, visual_tokens_in=n_visual, encoder_patches=patches,
                     accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
                     assume=assume, images=args.images, gpus=args.gpus,
+                    engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens,
                 ))
         for run in args.runs:
             try:
@@ -110,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     planner.add_savings(rows)
-    notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price)
+    notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price,
+                                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens)
     notes += [image_note] if image_note else []
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
-          f"(estimates are labelled; assumptions in {args.out / 'plan.md'})")
+          f"(estimates are labelled and assume decode engine {args.engine}; assumptions in {args.out / 'plan.md'})")
     print(planner.table(rows))
     print(f"wrote {args.out / 'plan.csv'}, {args.out / 'plan.md'}, {args.out / 'plan.png'}")
     return 0

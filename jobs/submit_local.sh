@@ -27,6 +27,11 @@ export PATH="$ROOT/$VENV/bin:$PATH"
 # "Authentication required". The head, the worker, the CLI and the job share the token;
 # generated once if missing; never printed.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# The vLLM engine's interpreter (make vllm-env), for the head this script starts: a submitted job's
+# working dir is a copy without the (git-ignored) .venv-vllm, so the job is told where it is.
+if [ -z "${RESPRUNE_VLLM_PYTHON:-}" ] && [ -x "$ROOT/.venv-vllm/bin/python" ]; then
+  export RESPRUNE_VLLM_PYTHON="$ROOT/.venv-vllm/bin/python"
+fi
 if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
   ray get-auth-token --generate >/dev/null 2>&1
 fi

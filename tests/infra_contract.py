@@ -2,7 +2,8 @@
 
 The container image (infra/docker/Dockerfile) holds the repository at ``APP_ROOT``; manifests
 name the image ``IMAGE`` (a registry prefix and a tag may be added) and run the job as
-``python /app/jobs/<script>.py --config /app/configs/<name>.yaml ...``.
+``python /app/jobs/<script>.py --config /app/configs/<name>.yaml ...``. The configs they submit
+decode on vLLM, in the image's second environment ``VLLM_ENV`` (``check_vllm_decode``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[1]
 APP_ROOT = "/app"
 IMAGE = "resprune-pipeline"
+MAIN_ENV = "/opt/venv"  # the image's environment of the driver and the other stages
+VLLM_ENV = "/opt/vllm"  # the image's vLLM environment: the decode actors' interpreter
+# The real-checkpoint configs, the ones a cluster runs (configs/local*.yaml are the tiny ones, on hf).
+CLUSTER_CONFIGS = ("configs/llava-1.5-7b.yaml", "configs/llava-next-7b.yaml", "configs/qwen2.5-vl-7b.yaml")
 
 
 def project_version() -> str:
@@ -86,8 +91,53 @@ CREDENTIAL = re.compile(
 
 
 def image_ray_version() -> str:
-    """The one ``ray[...]==X`` pin of the image (infra/docker/Dockerfile)."""
+    """The image's Ray version: its ``ray[...]==X`` pins (one per environment) must agree, as Ray
+    needs the same version in the driver and every worker, the vLLM decode actors' included."""
     assert DOCKERFILE.exists(), f"{DOCKERFILE.relative_to(REPO)} is missing"
     pins = set(re.findall(r"\bray\[[^\]]*\]==([0-9][\w.]*)", DOCKERFILE.read_text()))
-    assert len(pins) == 1, f"{DOCKERFILE.relative_to(REPO)} must pin ray[...]==X exactly once, has {sorted(pins)}"
+    assert len(pins) == 1, f"{DOCKERFILE.relative_to(REPO)} must pin one ray[...]==X version, has {sorted(pins)}"
     return pins.pop()
+
+
+def _max_visual_tokens(cfg) -> int:
+    """The most visual tokens an image can bring (every token kept: method none), over a few shapes."""
+    from pipeline.models import token_counts
+
+    arch = str(REPO / cfg.model.architecture)
+    sizes = [(336, 336), (672, 672), (4032, 3024), (3024, 4032), (8000, 1000), (1000, 8000)]
+    return max(token_counts(arch, cfg.model, w, h, cfg.model.family)[0] for w, h in sizes)
+
+
+def check_vllm_decode(cfg, where: str) -> None:
+    """A cluster config decodes on vLLM in the image's vLLM environment, sized within the decode
+    actor's share of the GPU, and every row it accepts fits vLLM's max_model_len."""
+    import json
+
+    stage = cfg.decode_stage
+    assert stage.engine == "vllm", f"{where}: decode_stage.engine must be vllm on the cluster (infra/README.md)"
+    assert stage.vllm.python is None, (
+        f"{where}: leave decode_stage.vllm.python unset: the image's RESPRUNE_VLLM_PYTHON names {VLLM_ENV}"
+    )
+    assert 0 < stage.num_gpus < 1 and stage.vllm.gpu_memory_utilization <= stage.num_gpus, (
+        f"{where}: vllm.gpu_memory_utilization {stage.vllm.gpu_memory_utilization} over the decode actor's "
+        f"num_gpus {stage.num_gpus}: the encode actor on the same GPU would run out of memory"
+    )
+    assert stage.vllm.max_num_seqs <= stage.batch_size, (
+        f"{where}: vllm.max_num_seqs {stage.vllm.max_num_seqs} > decode_stage.batch_size {stage.batch_size}: one "
+        "Ray batch is one generate call, so the extra sequences never run"
+    )
+    assert cfg.model.architecture, f"{where}: model.architecture (its config.json) is needed to size the engine"
+    text = json.loads((REPO / cfg.model.architecture / "config.json").read_text())
+    context = text.get("text_config", text)["max_position_embeddings"]
+    max_len = stage.vllm.max_model_len or context
+    assert max_len <= context, f"{where}: vllm.max_model_len {max_len} over the checkpoint's context {context}"
+    if max_len < context:
+        # The decode stage bounds prompts by the context (input.max_prompt_tokens when set): without
+        # the bound, a prompt between the two limits would fail in vLLM (decode failed), not as
+        # `prompt too long`. Room for the template's image markers: 16 tokens.
+        prompt = cfg.input.max_prompt_tokens
+        need = None if prompt is None else prompt + _max_visual_tokens(cfg) + cfg.generation.max_new_tokens + 16
+        assert need is not None and need <= max_len, (
+            f"{where}: vllm.max_model_len {max_len} < the context {context} needs input.max_prompt_tokens with "
+            f"prompt + visual tokens + max_new_tokens within it (needs {need})"
+        )

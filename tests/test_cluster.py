@@ -40,6 +40,9 @@ def _rehearsal_config(tmp: Path) -> Path:
     cfg["text_stage"].update(num_cpus=0.25, max_pool_size=1, batch_size=16)
     for stage in ("encode_stage", "decode_stage"):  # one replica per logical GPU, as on a GPU node
         cfg[stage].update(num_cpus=0.5, max_pool_size=2, batch_size=4)
+    # Scheduling is what this rehearses; the vLLM engine (sized for the 7B model's 4096-token
+    # context, not the tiny one's 2048) is exercised by tests/test_vllm_engine.py.
+    cfg["decode_stage"]["engine"] = "hf"
     assert {k: sorted(v) if isinstance(v, dict) else v for k, v in cfg.items()} == shape  # no key added or lost
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))

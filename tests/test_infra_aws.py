@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -20,9 +21,12 @@ from .infra_contract import (
     APP_ROOT,
     CREDENTIAL,
     DOCKERFILE,
+    MAIN_ENV,
     REPO,
+    VLLM_ENV,
     check_image,
     check_job_command,
+    check_vllm_decode,
     image_ray_version,
     requirement,
 )
@@ -73,6 +77,7 @@ def test_launcher_agrees_with_the_code() -> None:
     [line] = [ln for ln in LAUNCHER.read_text().splitlines() if ln.startswith("# job: ")]
     cfg = check_job_command(line.removeprefix("# job: "))
     assert cfg.output.incremental
+    check_vllm_decode(cfg, "aws/cluster.yaml job")
 
     nodes = config["available_node_types"]
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}, "the head runs only the driver"
@@ -144,8 +149,16 @@ def test_image_copies_what_exists_and_is_not_ignored() -> None:
         assert needed in copied, f"the image lacks {needed}"
 
 
+def env_runs(env: str) -> str:
+    """The RUN steps that install into ``env``: the vLLM environment's name its pip, the main one's do not."""
+    steps = [arg for op, arg in instructions() if op == "RUN"]
+    if env == VLLM_ENV:
+        return " ".join(arg for arg in steps if VLLM_ENV in arg)
+    return " ".join(arg for arg in steps if VLLM_ENV not in arg)
+
+
 def test_image_pins_the_tested_versions() -> None:
-    runs = " ".join(arg for op, arg in instructions() if op == "RUN")
+    runs = env_runs(MAIN_ENV)
     torch_pin = re.search(r"torch==([\w.]+)", runs)
     make_pin = re.search(r"^TORCH_SPEC \?= torch==([\w.]+)", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert torch_pin and make_pin and torch_pin[1] == make_pin[1], "torch: the version the Makefile tests"
@@ -154,3 +167,35 @@ def test_image_pins_the_tested_versions() -> None:
     assert Version(ray_version) in requirement("ray").specifier, f"ray {ray_version} outside pyproject's range"
     assert ray_version == metadata.version("ray"), f"the image pins ray {ray_version}, the tests ran {metadata.version('ray')}"
     assert re.search(r"pip install \S*\[spacy-model\]", runs), "en_core_web_sm: the package's spacy-model extra"
+
+
+# Runtime dependencies the decode actors import that neither vLLM nor Ray is sure to bring, with
+# pyproject's ranges (the package itself goes in with --no-deps).
+VLLM_ENV_RUNTIME_DEPS = ("pydantic", "pyyaml", "pyarrow", "boto3", "pillow", "numpy")
+
+
+def test_image_has_the_vllm_environment() -> None:
+    """The second environment the cluster configs decode in: vLLM pinned, the driver's Ray and Python, this package
+    without its dependencies (they would replace vLLM's transformers pin), and the variable the driver reads."""
+    from pipeline.engines.environment import VLLM_PYTHON_ENV
+
+    steps = instructions()
+    env = " ".join(arg for op, arg in steps if op == "ENV")
+    assert f"{VLLM_PYTHON_ENV}={VLLM_ENV}/bin/python" in env, f"ENV {VLLM_PYTHON_ENV}={VLLM_ENV}/bin/python"
+    runs, main = env_runs(VLLM_ENV), env_runs(MAIN_ENV)
+    # The same interpreter builds both: Ray needs the driver's Python version in every worker.
+    assert f"python3 -m venv {MAIN_ENV}" in main and f"python3 -m venv {VLLM_ENV}" in runs
+    assert f"PATH={MAIN_ENV}/bin:" in env, "the main environment is the one on PATH (the driver, `ray`)"
+    pins = re.findall(r"\bvllm==([\w.]+)", runs)
+    assert len(pins) == 1, f"pin vllm==X exactly once in {VLLM_ENV}, found {pins}"
+    assert f"vllm=={pins[0]}" in (REPO / "infra" / "README.md").read_text(), "infra/README.md names the vLLM pin"
+    assert "vllm" not in re.sub(r"/opt/vllm|vllm==", "", main), f"vLLM only in {VLLM_ENV}"
+    assert re.findall(r"\bray\[[^\]]*\]==([\w.]+)", runs) == [image_ray_version()], f"{VLLM_ENV}: the image's Ray pin"
+    assert re.search(r"\btorch==[\w.]+", runs), f"{VLLM_ENV}: torch pinned (vLLM's own pin)"
+    assert "--index-url" not in runs, f"{VLLM_ENV}: torch from where vLLM's wheel comes from, built against it"
+    assert re.search(rf"{VLLM_ENV}/bin/pip install --no-deps {APP_ROOT}(\s|$)", runs), "this package with --no-deps"
+    assert "transformers" not in runs, f"{VLLM_ENV}: transformers is vLLM's to pin"
+    for name in VLLM_ENV_RUNTIME_DEPS:
+        found = [Requirement(r) for r in re.findall(r'"([^"]+)"', runs) if Requirement(r).name == name]
+        assert len(found) == 1, f"{VLLM_ENV}: install {name} once"
+        assert found[0].specifier == requirement(name).specifier, f"{VLLM_ENV}: {name}{found[0].specifier} != pyproject"

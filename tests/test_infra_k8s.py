@@ -28,11 +28,13 @@ from referencing import Registry, Resource
 from pipeline.config import JobConfig
 
 from .infra_contract import (
+    CLUSTER_CONFIGS,
     CREDENTIAL,
     IMAGE,
     REPO,
     check_image,
     check_job_command,
+    check_vllm_decode,
     image_ray_version,
     project_version,
     requirement,
@@ -394,6 +396,44 @@ def test_entrypoints_run_the_job() -> None:
     assert job_config(backfill["entrypoint"]).output.mode == "resume"
     assert "--incremental" in shlex.split(nightly["entrypoint"])
     assert job_config(nightly["entrypoint"]).output.incremental
+
+
+def test_submitted_configs_decode_on_vllm() -> None:
+    # The image's vLLM environment is what the GPU pods decode with; every config a manifest submits uses it.
+    for where, job in job_specs():
+        config = shlex.split(job["entrypoint"])[3].removeprefix("/app/")
+        assert config in CLUSTER_CONFIGS, f"{where}: submits {config}, not one of the cluster configs"
+        check_vllm_decode(job_config(job["entrypoint"]), where)
+
+
+@pytest.mark.parametrize("config", CLUSTER_CONFIGS)
+def test_cluster_configs_decode_on_vllm_within_their_gpu_share(config: str) -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / config)
+    check_vllm_decode(cfg, config)
+    assert cfg.encode_stage.num_gpus + cfg.decode_stage.num_gpus == 1, f"{config}: a replica fills one GPU"
+
+
+def test_vllm_sizing_check_bites() -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(JOB_CONFIG)
+    stage = cfg.decode_stage
+    bad = [
+        cfg.model_copy(update={"decode_stage": stage.model_copy(update={"engine": "hf"})}),
+        cfg.model_copy(update={"decode_stage": stage.model_copy(
+            update={"vllm": stage.vllm.model_copy(update={"gpu_memory_utilization": 0.9})})}),
+        cfg.model_copy(update={"decode_stage": stage.model_copy(
+            update={"vllm": stage.vllm.model_copy(update={"max_num_seqs": stage.batch_size + 1})})}),
+        cfg.model_copy(update={"decode_stage": stage.model_copy(
+            update={"vllm": stage.vllm.model_copy(update={"python": "/usr/bin/python3"})})}),
+        cfg.model_copy(update={"decode_stage": stage.model_copy(
+            update={"vllm": stage.vllm.model_copy(update={"max_model_len": 1024})})}),  # no prompt bound
+    ]
+    for config in bad:
+        with pytest.raises(AssertionError):
+            check_vllm_decode(config, "mutated")
 
 
 def test_jobs_select_the_cluster() -> None:

@@ -1,5 +1,7 @@
 """jobs/plan_cost.py: the plan's contract (plan.csv / plan.md / plan.png), estimates from the
-LLaVA-1.5-7B shapes, and measured rows from two real runs of the job (keep-all and pruned)."""
+LLaVA-1.5-7B shapes and the decode engine they assume, measured rows from two real runs of the job
+(keep-all and pruned), and the engine of measured runs from their manifests (vLLM runs read like
+HF ones)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .conftest import REPO
 from .test_job import _env, _run_cli
 
 REQUIRED = {
-    "method", "keep", "estimated", "flops_vision_per_image", "flops_prefill_per_image", "flops_per_image",
+    "method", "keep", "estimated", "engine", "flops_vision_per_image", "flops_prefill_per_image", "flops_per_image",
     "images_per_second_per_gpu", "usd_per_1k_images", "wall_hours", "total_usd", "saving_vs_keep_all",
 }
 IMAGES = 10_000_000
@@ -46,6 +48,7 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
     assert REQUIRED <= set(CSV_COLUMNS) == set(rows[0])
     assert [(r["method"], int(r["keep"]), r["estimated"]) for r in rows] == [
         ("none", 576, "True"), ("resprune", 192, "True"), ("resprune", 128, "True"), ("resprune", 64, "True")]
+    assert {r["engine"] for r in rows} == {"vllm"}  # the default: what the cluster configs decode with
     shapes = model_shapes(str(REPO / "configs/checkpoints/llava-1.5-7b-hf"))
     text_tokens = yaml.safe_load((REPO / "configs/accelerators.yaml").read_text())["assumptions"]["text_tokens"]
     for r in rows:
@@ -61,7 +64,8 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
     assert float(rows[0]["flops_prefill_per_image"]) / float(rows[2]["flops_prefill_per_image"]) > 3
     md = (tmp_path / "plan.md").read_text()
     assert "estimate" in md and "Lambda" in md and "50%" in md  # labelled, priced with a source, assumptions stated
-    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | estimate |" in proc.stdout
+    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | estimate | vllm |" in proc.stdout
+    assert "decode_stage.engine: vllm" in md and "estimate (decode engine vllm)" in md
     with Image.open(tmp_path / "plan.png") as png:
         assert png.format == "PNG" and png.width >= 800 and png.height >= 300
 
@@ -132,6 +136,7 @@ def test_plan_from_measured_runs(tmp_path: Path, finished_runs: dict[str, Path])
     for method, r in measured.items():
         m = read_manifest(str(finished_runs[method]))
         assert r["model"] == local_model and r["accelerator"] == "cpu" and r["source"] == str(finished_runs[method])
+        assert r["engine"] == "hf" == m["config"]["decode_stage"]["engine"]  # configs/local.yaml decodes with hf
         assert float(r["usd_per_1k_images"]) == pytest.approx(1000 * m["cost"]["mean_per_image"]["cost_usd"])
         assert float(r["flops_per_image"]) == pytest.approx(m["cost"]["mean_per_image"]["flops_total"])
         assert float(r["llm_images_per_second"]) == pytest.approx(m["cost"]["stages"]["decode_stage"]["images_per_second"])
@@ -149,3 +154,120 @@ def test_planner_fails_clearly_on_bad_input(tmp_path: Path) -> None:
     proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "tpu-v9", "--images", "10",
                   "--out", str(tmp_path / "plan")])
     assert proc.returncode == 2 and "--accelerator 'tpu-v9'" in proc.stderr and "h100-sxm" in proc.stderr
+
+
+def test_estimates_label_the_engine_they_assume(tmp_path: Path) -> None:
+    """--engine hf: the same FLOPs, but a static batch runs until its longest row stops (the config's
+    max_new_tokens), so each image pays for more decode steps than under continuous batching."""
+    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                  "--budgets", "0%,128", "--engine", "hf", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path)
+    assert [(r["method"], int(r["keep"]), r["engine"]) for r in rows] == [("none", 576, "hf"), ("resprune", 128, "hf")]
+    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | estimate | hf |" in proc.stdout
+    md = (tmp_path / "plan.md").read_text()
+    max_new = load_config(REPO / "configs/llava-1.5-7b.yaml").generation.max_new_tokens
+    assert "decode_stage.engine: hf" in md and f"generation.max_new_tokens = {max_new}" in md
+    assert "decode_stage.engine: vllm" not in md
+    bad = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", "10",
+                 "--engine", "tgi", "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--engine" in bad.stderr
+
+
+def test_engine_decode_models() -> None:
+    """vllm: an image pays for its own tokens; hf: for the static batch's longest row. Equal when every row
+    runs to the cap; FLOPs and KV cache (the useful work) never depend on the engine."""
+    from pipeline.cost import planner
+    from pipeline.cost.prices import load_accelerators, load_prices
+
+    table = load_accelerators(REPO / "configs/accelerators.yaml")
+    price = load_prices(REPO / "configs/prices.yaml").accelerators["h100-sxm"]
+    shapes = model_shapes(str(REPO / "configs/checkpoints/llava-1.5-7b-hf"))
+    assume = table.assumptions
+
+    def est(engine: str, max_new_tokens: int | None, keep: int = 128) -> planner.PlanRow:
+        return planner.estimate(shapes, model="m", method="resprune", keep=keep, visual_tokens_in=576,
+                                encoder_patches=576, accelerator_name="h100-sxm",
+                                accelerator=table.accelerators["h100-sxm"], price=price, assume=assume,
+                                images=1000, gpus=1, engine=engine, max_new_tokens=max_new_tokens)
+
+    gen = assume.generated_tokens
+    vllm, hf = est("vllm", 2 * gen), est("hf", 2 * gen)
+    assert (vllm.engine, hf.engine) == ("vllm", "hf")
+    assert hf.gpu_seconds_per_image > vllm.gpu_seconds_per_image
+    assert hf.vision_images_per_second == vllm.vision_images_per_second
+    assert (hf.flops_per_image, hf.kv_cache_bytes_per_image) == (vllm.flops_per_image, vllm.kv_cache_bytes_per_image)
+    assert est("vllm", 2 * gen).gpu_seconds_per_image == est("vllm", gen).gpu_seconds_per_image  # the cap is moot
+    assert est("hf", gen).gpu_seconds_per_image == pytest.approx(vllm.gpu_seconds_per_image)  # every row at the cap
+    assert "decode_stage.engine: vllm" in " ".join(planner.assumption_notes(assume, "h100-sxm",
+                                                   table.accelerators["h100-sxm"], price, engine="vllm"))
+    with pytest.raises(ValueError, match="engine"):
+        est("tgi", None)
+
+
+def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | None,
+              config_engine: str | None = "vllm", rows: int = 4) -> Path:
+    """A finished GPU run's output written by hand: ``rows`` Parquet rows and a manifest with the keys
+    the planner reads. ``engine``: the manifest's top-level engine.name (None: a manifest from before the
+    engine was recorded); ``config_engine``: its config's decode_stage.engine (None: from before the field)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io.manifest import write_manifest
+
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "answer": ["a"] * rows}), out / "part-0.parquet")
+    config = load_config(REPO / "configs/llava-1.5-7b.yaml").model_dump(mode="json")
+    config["pruning"].update(method=method, keep=keep)
+    if config_engine is None:
+        for key in ("engine", "vllm"):
+            config["decode_stage"].pop(key, None)
+    else:
+        config["decode_stage"]["engine"] = config_engine
+    manifest = {
+        "status": "completed", "config": config,
+        "rows": {"input": rows, "output": rows, "ok": rows, "error": 0},
+        "model": {"configured_path": "llava-hf/llava-1.5-7b-hf"},
+        "visual_tokens": {"mean_kept": keep},
+        "cost": {
+            "accelerator": "h100-sxm",
+            "mean_per_image": {"gpu_seconds": usd * 3600 / 3.78, "cost_usd": usd, "flops_vision": 7e11,
+                               "flops_prefill": keep * 1e10, "flops_total": 7e11 + keep * 1.1e10,
+                               "kv_cache_bytes": keep * 5e5},
+            "stages": {s: {"pool_size": 1, "images_per_second": 40.0}
+                       for s in ("text_stage", "encode_stage", "decode_stage")},
+        },
+    }
+    if engine is not None:
+        package = {"vllm": "vllm", "hf": "transformers"}[engine]
+        manifest["engine"] = {"name": engine, "package": package, "version": "0.33.0", "python": "/opt/vllm/bin/python"}
+    write_manifest(str(out), manifest)
+    return out
+
+
+def test_measured_runs_state_their_engine(tmp_path: Path) -> None:
+    """A vLLM run's manifest is read like an HF one; its engine is the manifest's engine.name, or for older
+    manifests the config's decode_stage.engine, else hf. Savings compare runs of one engine only."""
+    from pipeline.cost import planner
+
+    v_none = _hand_run(tmp_path / "vllm-none", method="none", keep=576, usd=4e-5, engine="vllm")
+    v_pruned = _hand_run(tmp_path / "vllm-128", method="resprune", keep=128, usd=2e-5, engine="vllm")
+    old_hf = _hand_run(tmp_path / "old-128", method="resprune", keep=128, usd=3e-5, engine=None, config_engine=None)
+    old_vllm = _hand_run(tmp_path / "cfg-vllm", method="resprune", keep=128, usd=2e-5, engine=None)
+    assert planner.measured(str(old_vllm), images=10, gpus=1).engine == "vllm"
+    assert planner.measured(str(v_pruned), images=10, gpus=1).engine == "vllm"
+
+    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                  "--no-estimates", "--runs", str(v_none), str(v_pruned), str(old_hf), "--out", str(tmp_path / "plan")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {Path(r["source"]).name: r for r in _rows(tmp_path / "plan")}
+    assert {k: (r["engine"], r["estimated"]) for k, r in rows.items()} == {
+        "vllm-none": ("vllm", "False"), "vllm-128": ("vllm", "False"), "old-128": ("hf", "False")}
+    assert float(rows["vllm-128"]["saving_vs_keep_all"]) == pytest.approx(0.5)
+    assert rows["old-128"]["saving_vs_keep_all"] == ""  # no hf keep-all run: not compared with the vLLM one
+    assert float(rows["vllm-128"]["usd_per_1k_images"]) == pytest.approx(0.02)
+    assert float(rows["vllm-128"]["images_per_second_per_gpu"]) == pytest.approx(3.78 / 3600 / 2e-5)
+    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | measured | vllm |" in proc.stdout
+    assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | measured | hf |" in proc.stdout
+    md = (tmp_path / "plan" / "plan.md").read_text()
+    assert "measured (decode engine hf)" in md and "measured (decode engine vllm)" in md

@@ -193,12 +193,13 @@ def _wait_until_quiet(folder: Path, quiet_s: float, limit_s: float) -> None:
     raise AssertionError(f"{folder} kept changing for {limit_s} s after the driver was killed")
 
 
-def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str) -> None:
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str, engine: str) -> None:
     # Ten shards and small batches: blocks of a few rows flow through, so writes commit one by one.
     write_corpus(str(tmp_path / "in"), rows=40, shards=10, seed=8)
     want = set(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
     cfg = _config(tmp_path, text_stage={"batch_size": 4}, encode_stage={"batch_size": 4},
-                  decode_stage={"batch_size": 4})
+                  decode_stage={"batch_size": 4, "engine": engine})
     args = ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
     proc = subprocess.Popen([sys.executable, "jobs/caption_corpus.py", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -231,7 +232,7 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     assert rc == 2 and "pruning.keep: 128 then, 64 now" in log
 
     rc, summary, log = _cli([*args, "--resume"])
-    assert rc == 0 and summary, log
+    assert rc == 0 and summary and summary["engine"]["name"] == engine, log
     ids = _output_ids(tmp_path / "out")
     assert set(ids) == want and max(ids.values()) == 1  # every row exactly once
     assert summary["skipped_already_done"] >= sum(before.values()) - 8  # an uncommitted file may be dropped

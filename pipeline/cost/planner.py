@@ -4,15 +4,27 @@ shapes and an accelerator table, and a corpus plan (wall time, total cost, savin
 Estimate model (labelled ``estimated=True`` everywhere it appears), per image on one GPU:
     vision  = flops_vision  / (bf16_flops x vision_mfu)             compute-bound
     prefill = flops_prefill / (bf16_flops x prefill_mfu)            compute-bound
-    decode  = (generated - 1) steps; a step of the decode batch reads the LLM weights once plus
+    decode  = S steps paid per image; a step of the decode batch reads the LLM weights once plus
               each row's KV cache: max(bytes / (bandwidth x decode_bandwidth),
               flops / (bf16_flops x prefill_mfu)) / decode_batch per image
 GPU-seconds per image = vision + prefill + decode (one GPU does all of an image's work; the
 encode and decode actors share it). CPU-only stages (the text stage, ~0.05 ms/row measured) and
 ResPrune's selection (an N x N Gram GEMM, <1 % of the vision FLOPs) are left out.
 
+The steps an image pays for depend on the decode engine the estimate assumes (``engine``, a
+column of every row):
+    vllm  continuous batching: a finished row's slot goes to the next row at once, so the batch
+          stays full and an image pays for its own steps, S = generated - 1.
+    hf    Hugging Face ``generate`` in static batches: a batch decodes until its longest row
+          stops, taken as the cap (generation.max_new_tokens), and finished rows keep their slot
+          (and their growing KV cache) until then, so S = max_new_tokens - 1 for every image.
+          Prompt padding is left out: the decode stage groups rows of similar length.
+FLOPs and KV cache per image are the useful work in both (what the job's rows count).
+
 Measured rows come from a run's ``_manifest.json``: GPU-seconds and dollars per image are the
-means of the per-row columns; a stage's images/s is answered rows / that stage's busy time.
+means of the per-row columns; a stage's images/s is answered rows / that stage's busy time; the
+engine is the one the run's decode stage used (``engine.name``; older manifests: the config's
+``decode_stage.engine``, ``hf`` when absent).
 Wall time on G GPUs assumes G / (GPUs a run replica reserves) replicas scale linearly; for a
 CPU-only run, G counts replicas of the run's whole resource set.
 """
@@ -39,6 +51,7 @@ class PlanRow:
     estimated: bool
     source: str  # "estimate" or the run directory
     accelerator: str
+    engine: str  # decode engine: what a measured run used, what an estimate assumes ("vllm" / "hf")
     flops_vision_per_image: float
     flops_prefill_per_image: float
     flops_per_image: float
@@ -54,6 +67,8 @@ class PlanRow:
 
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
+ENGINES = ("vllm", "hf")  # decode_stage.engine values an estimate can assume
+DEFAULT_ENGINE = "vllm"  # what the cluster configs run (configs/llava-1.5-7b.yaml and siblings)
 
 
 def model_label(path: str) -> str:
@@ -70,10 +85,13 @@ def llm_weight_bytes(shapes: ModelShapes, bytes_per_element: int) -> int:
 def estimate(
     shapes: ModelShapes, *, model: str, method: str, keep: int, visual_tokens_in: int, encoder_patches: int,
     accelerator_name: str, accelerator: Accelerator, price: Price, assume: Utilisation, images: int, gpus: int,
-    bytes_per_element: int = 2,
+    engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None, bytes_per_element: int = 2,
 ) -> PlanRow:
     """One image of ``visual_tokens_in`` visual tokens (``encoder_patches`` through the vision
-    encoder) with ``keep`` of them kept."""
+    encoder) with ``keep`` of them kept, decoded by ``engine`` (see the module's docstring);
+    ``max_new_tokens`` (generation.max_new_tokens) is the static batch's length for ``hf``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
     lang = shapes.language
     kept = min(keep, visual_tokens_in)
     seq = kept + assume.text_tokens
@@ -83,11 +101,12 @@ def estimate(
     f_decode = decode_flops(lang, seq, gen)
     t_vision = f_vision / (accelerator.bf16_flops * assume.vision_mfu)
     t_prefill = f_prefill / (accelerator.bf16_flops * assume.prefill_mfu)
-    steps = max(0, gen - 1)
+    paid = paid_tokens(engine, gen, max_new_tokens)
+    steps = max(0, paid - 1)
     if steps:
         mean_kv = kv_cache_bytes(lang, seq, 1 + steps // 2, bytes_per_element)  # cache midway through decoding
         step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * mean_kv
-        step_flops = assume.decode_batch * f_decode / steps
+        step_flops = assume.decode_batch * decode_flops(lang, seq, paid) / steps
         t_step = max(step_bytes / (accelerator.memory_bandwidth * assume.decode_bandwidth),
                      step_flops / (accelerator.bf16_flops * assume.prefill_mfu))
         t_decode = steps * t_step / assume.decode_batch
@@ -97,6 +116,7 @@ def estimate(
     usd_per_image = gpu_s * price.usd_per_hour / 3600
     return PlanRow(
         model=model, method=method, keep=kept, estimated=True, source="estimate", accelerator=accelerator_name,
+        engine=engine,
         flops_vision_per_image=f_vision, flops_prefill_per_image=f_prefill,
         flops_per_image=f_vision + f_prefill + f_decode,
         kv_cache_bytes_per_image=kv_cache_bytes(lang, seq, gen, bytes_per_element),
@@ -105,6 +125,21 @@ def estimate(
         usd_per_1k_images=1000 * usd_per_image,
         wall_hours=images * gpu_s / gpus / 3600, total_usd=images * usd_per_image,
     )
+
+
+def paid_tokens(engine: str, generated: int, max_new_tokens: int | None) -> int:
+    """Tokens' worth of decode steps one image occupies a batch slot for: its own under
+    continuous batching (vllm), the static batch's longest row under hf (the cap)."""
+    if engine == "hf":
+        return max(generated, max_new_tokens or generated)
+    return generated
+
+
+def run_engine(manifest: dict) -> str:
+    """The decode engine a run used: the manifest's ``engine.name``; older manifests, from before
+    the engine was recorded, by their config (``decode_stage.engine``, else ``hf``, then the only one)."""
+    name = (manifest.get("engine") or {}).get("name")
+    return name or manifest["config"].get("decode_stage", {}).get("engine", "hf")
 
 
 def parse_budgets(text: str) -> list[tuple[int | None, float | None]]:
@@ -151,7 +186,7 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
     return PlanRow(
         model=model_label(m["model"]["configured_path"]), method=cfg["pruning"]["method"],
         keep=round(m["visual_tokens"]["mean_kept"]), estimated=False, source=run,
-        accelerator=cost["accelerator"] or "cpu",
+        accelerator=cost["accelerator"] or "cpu", engine=run_engine(m),
         flops_vision_per_image=mean["flops_vision"], flops_prefill_per_image=mean["flops_prefill"],
         flops_per_image=mean["flops_total"], kv_cache_bytes_per_image=mean["kv_cache_bytes"],
         gpu_seconds_per_image=gpu_s, images_per_second_per_gpu=1 / gpu_s if gpu_s else None,
@@ -163,11 +198,14 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
 
 
 def add_savings(rows: list[PlanRow]) -> None:
-    """saving_vs_keep_all against the keep-all row of the same model, accelerator and kind
-    (estimate / measured); null when there is none."""
+    """saving_vs_keep_all against the keep-all row of the same model, accelerator, kind (estimate /
+    measured) and decode engine; null when there is none."""
+
+    def key(r: PlanRow) -> tuple:
+        return r.model, r.accelerator, r.estimated, r.engine
+
     for row in rows:
-        base = [r for r in rows if (r.model, r.accelerator, r.estimated) == (row.model, row.accelerator, row.estimated)
-                and r.method == "none"]
+        base = [r for r in rows if key(r) == key(row) and r.method == "none"]
         if base:
             row.saving_vs_keep_all = 1 - row.total_usd / base[0].total_usd
 
@@ -184,12 +222,12 @@ def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes:
 
 
 def table(rows: list[PlanRow]) -> str:
-    head = ["model", "accelerator", "method", "keep", "kind", "TFLOP/img", "prefill TFLOP", "img/s/GPU",
+    head = ["model", "accelerator", "method", "keep", "kind", "engine", "TFLOP/img", "prefill TFLOP", "img/s/GPU",
             "$/1k img", "wall h", "total $", "saving"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r.model, r.accelerator, r.method, str(r.keep), "estimate" if r.estimated else "measured",
+            r.model, r.accelerator, r.method, str(r.keep), "estimate" if r.estimated else "measured", r.engine,
             f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
             _fmt(r.images_per_second_per_gpu), f"{r.usd_per_1k_images:.4g}", f"{r.wall_hours:.4g}",
             f"{r.total_usd:,.0f}" if r.total_usd >= 100 else f"{r.total_usd:.4g}",
@@ -200,7 +238,7 @@ def table(rows: list[PlanRow]) -> str:
 
 
 def markdown(rows: list[PlanRow], *, images: int, gpus: int, notes: list[str]) -> str:
-    kinds = {"estimate" if r.estimated else "measured" for r in rows}
+    kinds = {f"{'estimate' if r.estimated else 'measured'} (decode engine {r.engine})" for r in rows}
     title = f"# Cost plan: {images:,} images on {gpus} accelerator(s)"
     body = [title, "", f"Rows: {', '.join(sorted(kinds))}. Estimates are estimates: see the assumptions below.", "",
             table(rows), "", "## Assumptions and sources", ""]
@@ -224,8 +262,8 @@ def chart(rows: list[PlanRow], path: Path, *, images: int) -> None:
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
     for row_axes, ((model, acc), members) in zip(axes, groups.items(), strict=True):
         ax_cost, ax_speed = row_axes
-        for (method, est), line in _lines(members).items():
-            kind = "estimate" if est else "measured"
+        for (method, est, engine), line in _lines(members).items():
+            kind = f"{'estimate' if est else 'measured'}, {engine}"
             style = {"linestyle": "--" if est else "-"}
             speed = [p.images_per_second_per_gpu or _replica_speed(p, images) for p in line]
             if method == "none":  # the reference every budget is compared with
@@ -255,10 +293,10 @@ def chart(rows: list[PlanRow], path: Path, *, images: int) -> None:
     plt.close(fig)
 
 
-def _lines(rows: list[PlanRow]) -> dict[tuple[str, bool], list[PlanRow]]:
-    out: dict[tuple[str, bool], list[PlanRow]] = {}
+def _lines(rows: list[PlanRow]) -> dict[tuple[str, bool, str], list[PlanRow]]:
+    out: dict[tuple[str, bool, str], list[PlanRow]] = {}
     for r in rows:
-        out.setdefault((r.method, r.estimated), []).append(r)
+        out.setdefault((r.method, r.estimated, r.engine), []).append(r)
     return out
 
 
@@ -272,7 +310,25 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price) -> list[str]:
+def engine_note(engine: str, assume: Utilisation, max_new_tokens: int | None) -> str:
+    """What the estimates' decode term assumes of the engine (stated with every plan)."""
+    gen = assume.generated_tokens
+    if engine == "vllm":
+        return (f"Estimates assume the vLLM decode engine (decode_stage.engine: vllm): continuous batching keeps "
+                f"{assume.decode_batch} rows in every decode step, a finished row's slot going to the next row at "
+                f"once, so an image pays for its own {gen} generated tokens. Measured rows state the engine their "
+                f"run used (column engine).")
+    paid = paid_tokens(engine, gen, max_new_tokens)
+    cap = f"the cap, generation.max_new_tokens = {max_new_tokens}" if max_new_tokens else "no cap given"
+    return (f"Estimates assume the Hugging Face decode engine (decode_stage.engine: hf): static batches of "
+            f"{assume.decode_batch} rows that decode until their longest row stops ({cap}); finished rows keep "
+            f"their slot and KV cache until then, so an image pays for {paid} tokens' decode steps while generating "
+            f"{gen}. Prompt padding is left out (the decode stage groups rows of similar length). Measured rows "
+            f"state the engine their run used (column engine).")
+
+
+def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price,
+                     engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None) -> list[str]:
     return [
         f"Accelerator {accelerator_name}: {accelerator.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{accelerator.memory_bandwidth / 1e12:.1f} TB/s ({accelerator.source}, {accelerator.date}).",
@@ -281,6 +337,7 @@ def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Ac
         f"ceiling, decode at {assume.decode_bandwidth:.0%} of memory bandwidth with {assume.decode_batch} rows per "
         f"step, {assume.text_tokens} text tokens and {assume.generated_tokens} generated tokens per image, bf16 "
         f"weights and KV cache ({assume.source}).",
+        engine_note(engine, assume, max_new_tokens),
         "Estimates leave out CPU-only stages and ResPrune's selection (< 1 % of the vision FLOPs); measured rows "
         "include everything each stage's actors spent on a row, but not start-up or idle time (see each run's "
         "manifest, cost.reserved.utilisation).",

