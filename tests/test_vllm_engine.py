@@ -127,7 +127,7 @@ def held_out_with_hostile_rows(tmp_path_factory: pytest.TempPathFactory) -> tupl
     rows = make_rows(19, seed=HELD_OUT_SEED, corrupt=1)
     rows[16]["prompt"] = "Describe the shapes in detail. " * 400 + "What colour is the circle?"
     rows[17]["prompt"] = None
-    root = tmp_path_factory.mktemp("held-out")
+    root, cfg_dir = tmp_path_factory.mktemp("held-out"), tmp_path_factory.mktemp("config")
     pq.write_table(pa.Table.from_pylist(rows[:10], schema=SCHEMA), root / "a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[10:], schema=SCHEMA), root / "b.parquet")
     cfg = yaml.safe_load((REPO / "configs/local.yaml").read_text())
@@ -135,7 +135,7 @@ def held_out_with_hostile_rows(tmp_path_factory: pytest.TempPathFactory) -> tupl
     cfg["input"]["long_prompt"] = "truncate"
     cfg["output"]["mode"] = "error"
     cfg["generation"]["max_new_tokens"] = 8
-    config = root / "job.yaml"
+    config = cfg_dir / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, config
 
