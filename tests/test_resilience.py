@@ -201,7 +201,10 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     cfg = _config(tmp_path, text_stage={"batch_size": 4}, encode_stage={"batch_size": 4},
                   decode_stage={"batch_size": 4, "engine": engine})
     args = ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
-    proc = subprocess.Popen([sys.executable, "jobs/caption_corpus.py", *args], cwd=REPO, env=_env(),
+    # A second per decode batch: once vLLM has started, it would otherwise answer every row (the
+    # encode stage runs ahead while the engine starts) before the kill could land mid-run.
+    slow = _env(RESPRUNE_FAULTS=json.dumps([{"stage": "decode", "delay_s": 1.0}]))
+    proc = subprocess.Popen([sys.executable, "jobs/caption_corpus.py", *args], cwd=REPO, env=slow,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "out" / "_checkpoint"
     try:

@@ -10,7 +10,9 @@
   The marker's directory must be shared by the workers (one machine in the tests);
 - ``"crash_ids": [...]``: any batch holding one of these ids kills its actor's process, every
   time (a row that segfaults or exhausts memory: retried ``ray.max_task_retries`` times, then
-  the run stops).
+  the run stops);
+- ``"delay_s": <seconds>``: every batch the stage sees waits this long first (a slow worker;
+  keeps a fast engine's run going long enough to be interrupted mid-run).
 
 Unset, nothing here runs. The driver forwards the variable to its workers (``runtime_env``).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from functools import cache
 
@@ -44,8 +47,11 @@ def fail_if_poisoned(stage: str, ids: Iterable[str]) -> None:
 
 
 def crash(stage: str, ids: Iterable[str]) -> None:
-    """Kill this process if a ``crash_once`` or ``crash_ids`` fault for ``stage`` applies."""
+    """At the start of a batch: wait if a ``delay_s`` fault for ``stage`` applies, then kill this
+    process if a ``crash_once`` or ``crash_ids`` one does."""
     for fault in _faults():
+        if fault["stage"] == stage and "delay_s" in fault:
+            time.sleep(float(fault["delay_s"]))
         if fault["stage"] == stage and set(fault.get("crash_ids", ())).intersection(ids):
             os._exit(17)
         if fault["stage"] == stage and "crash_once" in fault:
