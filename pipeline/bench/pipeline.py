@@ -1,10 +1,12 @@
 """Benchmark: the Ray job's images/s on ``tiny:llava-bench``, ResPrune keep 128 vs keep-all.
 
     python -m pipeline.bench.pipeline [--rows 48] [--batch-size 8] [--max-new-tokens 8]
-                                      [--config configs/local.yaml] [--timeout 600]
+                                      [--engines hf,vllm] [--config configs/local.yaml] [--timeout 600]
+                                      [--model-path tiny:llava-bench] [--no-warmup]
 
 Same data (the synthetic sample corpus, one Parquet file per batch) through the real pipeline
-twice: ``resprune`` keeping 128 of 576 visual tokens, and ``none`` keeping all 576. Config:
+twice per decode engine (``--engines``, default ``hf``; ``vllm`` sets ``decode_stage.engine``):
+``resprune`` keeping 128 of 576 visual tokens, and ``none`` keeping all 576. Config:
 ``configs/local.yaml`` with the model set to the resolved ``tiny:llava-bench`` directory, every
 stage's batch size set to ``--batch-size`` (text included) and the pools sized for 2 CPUs with
 the decode stage (the bottleneck) given the most: text 0.25, encode 0.5, decode 1.0, io 0.25.
@@ -18,12 +20,17 @@ share of the window and the CPU-seconds per process in it are reported too.
 
 Each stage alone: ``TextStage``, ``EncodeStage``, ``DecodeStage`` instantiated in this process
 with the same stage configs and torch threads an actor would get, fed the same rows in batches
-of the stage's batch size (one untimed warm-up batch first); images/s = rows / total time.
+of the stage's batch size (one untimed warm-up batch first); images/s = rows / total time. The
+vLLM decode stage runs alone in a subprocess of the vLLM environment's interpreter (the one its
+actors get, ``pipeline.engines.engine_environment``), fed this process's encode output. An
+engine that cannot run (no vLLM environment, or its runs fail) gets null figures and a note.
 
-Targets (printed, not enforced; exit status 0 unless a run fails or times out):
+Targets (printed, not enforced; exit status 0 unless an hf run fails or times out), per engine:
   pruned_images_per_s / keep_all_images_per_s >= 2
   pruned_images_per_s / slowest_stage_images_per_s (pruned config) >= 0.8
-The last line is ``RESULT {json}``.
+The last line is ``RESULT {json}``: the unprefixed keys are the hf engine's (null when it was
+not run), ``<engine>_...`` keys each engine's; per-config dicts are keyed ``pruned`` /
+``keep_all`` for hf and ``<engine>_pruned`` / ``<engine>_keep_all`` for the others.
 """
 
 from __future__ import annotations
@@ -34,21 +41,24 @@ import gc
 import json
 import math
 import os
+import pickle
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from pipeline.bench.engine import failure_line, parse_engines, run_logged, split_batch, time_stage
 from pipeline.bench.prefill import cpu_seconds, descendants, process_cpu
-from pipeline.config import JobConfig, load_config
+from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.engines import engine_environment
 from pipeline.io.sample_corpus import write_corpus
 from pipeline.job import build_pipeline, check_resources
 from pipeline.models.sources import resolve_model_path
@@ -72,9 +82,9 @@ BUNCHED = 1.25
 
 def bench_config(
     config: Path, data_dir: Path, method: str, keep: int, batch_size: int, max_new_tokens: int,
-    model_path: str = "tiny:llava-bench",
+    model_path: str = "tiny:llava-bench", engine: str = "hf",
 ) -> JobConfig:
-    """``config`` with the bench model, method/keep, and the 2-CPU pool sizes."""
+    """``config`` with the bench model, method/keep, decode engine, and the 2-CPU pool sizes."""
     overrides: dict[str, Any] = {
         "input.path": str(data_dir),
         "input.create_sample_rows": None,
@@ -87,6 +97,9 @@ def bench_config(
         "generation.max_new_tokens": max_new_tokens,
         "ray.num_cpus": 2,
         "ray.io_num_cpus": IO_CPUS,
+        "decode_stage.engine": engine,
+        # A benchmark corpus would let vLLM reuse whole prefills of repeated prompts (config docs).
+        "decode_stage.vllm.enable_prefix_caching": False,
     }
     for stage, cpus in STAGE_CPUS.items():
         overrides |= {
@@ -123,45 +136,26 @@ def _to_batch(table: Any) -> Batch:
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
-def _concat(batches: list[Batch]) -> Batch:
-    out: Batch = {}
-    for key in batches[0]:
-        parts = [b[key] for b in batches]
-        out[key] = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [v for p in parts for v in p]
-    return out
-
-
-def _split(batch: Batch, size: int) -> list[Batch]:
-    n = len(batch["id"])
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
-def _run_stage(stage: Any, batches: list[Batch], num_cpus: float) -> tuple[Batch, float, float]:
-    """One untimed warm-up call on a copy of the first batch, then every batch, timed in total.
-    Returns the output, the seconds, and the CPU-seconds other processes took meanwhile."""
-    limit_torch_threads(num_cpus)  # what the actor does; set again because stages share this process
-    stage(dict(batches[0]))
-    busy0, start = cpu_seconds()
-    own0 = time.process_time()
-    outputs = [stage(b) for b in batches]
-    busy1, end = cpu_seconds()
-    return _concat(outputs), end - start, (busy1 - busy0) - (time.process_time() - own0)
-
-
-def time_stages(cfg: JobConfig, data_dir: Path) -> dict[str, dict[str, float]]:
-    """Images/s of each stage run alone on all rows, with the pipeline's stage configs."""
+def time_stages(cfg: JobConfig, data_dir: Path, decode_python: str | None = None, timeout: int = 600,
+                ) -> dict[str, dict[str, float]]:
+    """Images/s of each stage run alone on all rows, with the pipeline's stage configs.
+    ``decode_python``: run the decode stage in that interpreter (a subprocess, see
+    ``decode_alone_elsewhere``) instead of this process."""
     batch = _to_batch(pq.read_table(data_dir))
     rows = len(batch["id"])
     figures: dict[str, dict[str, float]] = {}
     stages = [
         ("text", lambda: TextStage(cfg.text_stage), cfg.text_stage),
         ("encode", lambda: EncodeStage(cfg.model, cfg.pruning, cfg.input, cfg.encode_stage), cfg.encode_stage),
-        ("decode", lambda: DecodeStage(cfg.model, cfg.generation, cfg.decode_stage), cfg.decode_stage),
+        ("decode", lambda: DecodeStage(cfg.model, cfg.generation, cfg.input, cfg.decode_stage), cfg.decode_stage),
     ]
     for name, make, stage_cfg in stages:
+        if name == "decode" and decode_python and decode_python != sys.executable:
+            batch, figures[name] = decode_alone_elsewhere(cfg, batch, decode_python, timeout)
+            continue
         limit_torch_threads(stage_cfg.num_cpus)
         stage = make()
-        batch, seconds, others = _run_stage(stage, _split(batch, stage_cfg.batch_size), stage_cfg.num_cpus)
+        batch, seconds, others = time_stage(stage, split_batch(batch, stage_cfg.batch_size), stage_cfg.num_cpus)
         del stage
         gc.collect()
         figures[name] = {"seconds": seconds, "images_per_s": rows / seconds, "other_cpu_s": others}
@@ -169,6 +163,28 @@ def time_stages(cfg: JobConfig, data_dir: Path) -> dict[str, dict[str, float]]:
     if errors:
         raise RuntimeError(f"{len(errors)} rows failed in the stage run, e.g. {errors[0]!r}")
     return figures
+
+
+def decode_alone_elsewhere(cfg: JobConfig, batch: Batch, python: str, timeout: int) -> tuple[Batch, dict[str, float]]:
+    """The decode stage alone in another interpreter (the vLLM environment's), on this process's
+    encode output: ``python -m pipeline.bench.engine --decode-stage-worker FILE`` (that module
+    imports nothing the vLLM environment lacks; this one needs spaCy). Its output goes to our
+    stderr; a failure raises RuntimeError with its last line."""
+    with tempfile.TemporaryDirectory(prefix="resprune-bench-decode-") as tmp:
+        inputs, out = Path(tmp) / "encoded.pkl", Path(tmp) / "decoded.pkl"
+        with inputs.open("wb") as f:
+            pickle.dump({"config": cfg.model_dump(mode="json"), "batch": batch}, f)
+        rc, tail = run_logged(
+            [python, "-m", "pipeline.bench.engine", "--decode-stage-worker", str(inputs), "--out", str(out)],
+            timeout, "decode",
+        )
+        if rc is None:
+            raise TimeoutError(f"decode stage alone in {python} did not finish within {timeout} s")
+        if rc != 0 or not out.exists():
+            raise RuntimeError(f"decode stage alone in {python} exited with status {rc}: {failure_line(tail)}")
+        with out.open("rb") as f:
+            done = pickle.load(f)
+    return done["batch"], done["figures"]
 
 
 # ---------------------------------------------------------------- the Ray Data pipeline
@@ -282,17 +298,29 @@ def _print_pipeline(name: str, r: dict[str, Any]) -> None:
         )
 
 
+def config_name(engine: str, budget: str) -> str:
+    """``pruned`` / ``keep_all`` for hf (the keys this benchmark always had), ``<engine>_<budget>`` else."""
+    return budget if engine == "hf" else f"{engine}_{budget}"
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, digits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="sample-corpus rows")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per call, every stage")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--keep", type=int, default=128, help="ResPrune budget (of 576)")
+    parser.add_argument("--engines", type=parse_engines, default=["hf"], help="decode engines: hf, vllm or hf,vllm")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "local.yaml")
     parser.add_argument("--model-path", default="tiny:llava-bench")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temp dir")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per pipeline / stage run")
-    parser.add_argument("--stats", action="store_true", help="print ds.stats() of both pipeline runs")
+    parser.add_argument("--stats", action="store_true", help="print ds.stats() of every pipeline run")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed pipeline run on one file first (--no-warmup: quick smoke runs)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -305,49 +333,94 @@ def main() -> None:
         # make the next stage wait for all of it and the stages would run one after the other.
         write_corpus(data_dir, rows=args.rows, shards=max(1, math.ceil(args.rows / args.batch_size)))
     n_rows = sum(pq.read_metadata(f).num_rows for f in data_dir.glob("*.parquet"))
-    configs = {
-        "pruned": bench_config(args.config, data_dir, "resprune", args.keep, args.batch_size, args.max_new_tokens,
-                               args.model_path),
-        "keep_all": bench_config(args.config, data_dir, "none", 576, args.batch_size, args.max_new_tokens,
-                                 args.model_path),
-    }
-    cfg = configs["pruned"]
+
+    # Where each engine's decode actors run; an engine that cannot run is left out with a note
+    # (hf always can: it runs in this interpreter).
+    notes: list[str] = []
+    environments: dict[str, dict[str, str]] = {}
+    configs: dict[str, tuple[str, str, JobConfig]] = {}  # name -> (engine, budget, config)
+    for engine in args.engines:
+        per_budget = {
+            "pruned": bench_config(args.config, data_dir, "resprune", args.keep, args.batch_size, args.max_new_tokens,
+                                   args.model_path, engine),
+            "keep_all": bench_config(args.config, data_dir, "none", 576, args.batch_size, args.max_new_tokens,
+                                     args.model_path, engine),
+        }
+        try:
+            environments[engine] = engine_environment(per_budget["pruned"].decode_stage).as_dict()
+        except ConfigError as e:
+            notes.append(f"{engine} not run: {e}")
+            continue
+        configs |= {config_name(engine, b): (engine, b, c) for b, c in per_budget.items()}
+    failed: set[str] = set()
+
+    def give_up(engine: str, what: str, e: BaseException) -> None:
+        """A non-hf engine's failure: its remaining runs are skipped, the rest go on."""
+        if engine == "hf":
+            raise e
+        failed.add(engine)
+        notes.append(f"{engine}: {what} failed, its remaining runs skipped: {type(e).__name__}: {e}")
+
+    cfg = bench_config(args.config, data_dir, "resprune", args.keep, args.batch_size, args.max_new_tokens,
+                       args.model_path)  # pool sizes and generation: the same for every config
     print(
         f"model={cfg.model.path} rows={n_rows} files={len(list(data_dir.glob('*.parquet')))} "
         f"batch_size={args.batch_size} max_new_tokens={cfg.generation.max_new_tokens} "
         f"cpus: text {cfg.text_stage.num_cpus} encode {cfg.encode_stage.num_cpus} decode {cfg.decode_stage.num_cpus} "
         f"io {cfg.ray.io_num_cpus} (ray.num_cpus={cfg.ray.num_cpus}); pruned = resprune keep {args.keep}, "
-        f"keep-all = none keep 576"
+        f"keep-all = none keep 576; engines: "
+        + ", ".join(f"{e} ({v['package']} {v['version']})" for e, v in environments.items())
     )
 
     # Stages alone first, before Ray starts: nothing else competes for the cores.
     stages: dict[str, dict[str, dict[str, float]]] = {}
-    for name, c in configs.items():
-        with deadline(args.timeout, f"stages alone ({name})"):
-            stages[name] = time_stages(c, data_dir)
+    for name, (engine, _, c) in configs.items():
+        if engine in failed:
+            continue
+        try:
+            with deadline(args.timeout, f"stages alone ({name})"):
+                stages[name] = time_stages(c, data_dir, environments[engine]["python"], args.timeout)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            give_up(engine, f"stages alone ({name})", e)
     limit_torch_threads(1)  # the driver only consumes batches from here on
     gc.collect()
 
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)  # as pipeline.job._init_ray
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.use_datasource_v2 = False  # as pipeline.job: the V2 reader deadlocks on 2 CPUs
-        ctx.enable_progress_bars = False
-        files = sorted(data_dir.glob("*.parquet"))
-        # Untimed warm-up on one file: the first pipeline after ray.init competes with Ray's
-        # prestarted workers importing torch, which delays and bunches its early batches.
-        run_pipeline(configs["pruned"], files[:1], args.timeout)
-        pipelines = {name: run_pipeline(c, files, args.timeout) for name, c in configs.items()}
-    finally:
-        ray.shutdown()
+    pipelines: dict[str, dict[str, Any]] = {}
+    runnable = [(n, e, c) for n, (e, _, c) in configs.items() if e not in failed]
+    if runnable:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)  # as pipeline.job._init_ray
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.use_datasource_v2 = False  # as pipeline.job: the V2 reader deadlocks on 2 CPUs
+            ctx.enable_progress_bars = False
+            files = sorted(data_dir.glob("*.parquet"))
+            # Untimed warm-up on one file: the first pipeline after ray.init competes with Ray's
+            # prestarted workers importing torch, which delays and bunches its early batches.
+            name, engine, c = runnable[0]
+            try:
+                if args.warmup:
+                    run_pipeline(c, files[:1], args.timeout)
+            except Exception as e:  # noqa: BLE001 - any failure of a non-hf engine is reported, not fatal
+                give_up(engine, f"pipeline warm-up ({name})", e)
+            for name, engine, c in runnable:
+                if engine in failed:
+                    continue
+                try:
+                    pipelines[name] = run_pipeline(c, files, args.timeout)
+                except Exception as e:  # noqa: BLE001
+                    give_up(engine, f"pipeline ({name})", e)
+        finally:
+            ray.shutdown()
 
-    print("each stage alone (in process, same stage configs and torch threads), images/s:")
-    print(f"  {'config':<9} {'text':>8} {'encode':>8} {'decode':>8}   slowest   other processes' CPU-s (text/encode/decode)")
+    print("each stage alone (in process, same stage configs and torch threads; vllm decode in its interpreter), "
+          "images/s:")
+    print(f"  {'config':<15} {'engine':<6} {'text':>8} {'encode':>8} {'decode':>8}   slowest   "
+          "other processes' CPU-s (text/encode/decode)")
     for name, s in stages.items():
         slowest = min(s, key=lambda k: s[k]["images_per_s"])
         others = "/".join(f"{s[k]['other_cpu_s']:.1f}" for k in ("text", "encode", "decode"))
         print(
-            f"  {name:<9} {s['text']['images_per_s']:>8.2f} {s['encode']['images_per_s']:>8.3f} "
+            f"  {name:<15} {configs[name][0]:<6} {s['text']['images_per_s']:>8.2f} {s['encode']['images_per_s']:>8.3f} "
             f"{s['decode']['images_per_s']:>8.3f}   {slowest:<8}  {others}"
         )
     print("Ray Data pipeline (read_parquet -> build_pipeline -> iter_batches):")
@@ -357,42 +430,76 @@ def main() -> None:
         for name, r in pipelines.items():
             print(f"--- ds.stats() {name} ---\n{r['stats']}")
 
-    pruned, keep_all = pipelines["pruned"]["images_per_s"], pipelines["keep_all"]["images_per_s"]
-    slowest_name = min(stages["pruned"], key=lambda k: stages["pruned"][k]["images_per_s"])
-    slowest = stages["pruned"][slowest_name]["images_per_s"]
-    speedup, efficiency = pruned / keep_all, pruned / slowest
-    keep_all_slowest = min(v["images_per_s"] for v in stages["keep_all"].values())
-    print(
-        f"pruned / keep-all: {pruned:.3f} / {keep_all:.3f} = {speedup:.2f} "
-        f"(target >= {TARGET_PRUNE_SPEEDUP}) -> {'PASS' if speedup >= TARGET_PRUNE_SPEEDUP else 'FAIL'}"
-    )
-    print(
-        f"pruned pipeline / slowest stage alone ({slowest_name}): {pruned:.3f} / {slowest:.3f} = {efficiency:.2f} "
-        f"(target >= {TARGET_PIPELINE_EFFICIENCY}) -> {'PASS' if efficiency >= TARGET_PIPELINE_EFFICIENCY else 'FAIL'}"
-    )
-    print(f"keep-all pipeline / its slowest stage alone: {keep_all:.3f} / {keep_all_slowest:.3f} = "
-          f"{keep_all / keep_all_slowest:.2f}")
+    per_engine: dict[str, dict[str, Any]] = {}
+    for engine in args.engines:
+        p_name, k_name = config_name(engine, "pruned"), config_name(engine, "keep_all")
+        fig: dict[str, Any] = dict.fromkeys(
+            ("pruned", "keep_all", "speedup", "slowest_stage", "slowest", "efficiency", "keep_all_efficiency"))
+        if p_name in pipelines and k_name in pipelines and p_name in stages and k_name in stages:
+            pruned, keep_all = pipelines[p_name]["images_per_s"], pipelines[k_name]["images_per_s"]
+            slowest_name = min(stages[p_name], key=lambda k: stages[p_name][k]["images_per_s"])
+            slowest = stages[p_name][slowest_name]["images_per_s"]
+            keep_all_slowest = min(v["images_per_s"] for v in stages[k_name].values())
+            fig = {"pruned": pruned, "keep_all": keep_all, "speedup": pruned / keep_all, "slowest_stage": slowest_name,
+                   "slowest": slowest, "efficiency": pruned / slowest, "keep_all_efficiency": keep_all / keep_all_slowest,
+                   "keep_all_slowest": keep_all_slowest}
+            print(
+                f"{engine}: pruned / keep-all: {pruned:.3f} / {keep_all:.3f} = {fig['speedup']:.2f} (target >= "
+                f"{TARGET_PRUNE_SPEEDUP}) -> {'PASS' if fig['speedup'] >= TARGET_PRUNE_SPEEDUP else 'FAIL'}"
+            )
+            print(
+                f"{engine}: pruned pipeline / slowest stage alone ({slowest_name}): {pruned:.3f} / {slowest:.3f} = "
+                f"{fig['efficiency']:.2f} (target >= {TARGET_PIPELINE_EFFICIENCY}) -> "
+                f"{'PASS' if fig['efficiency'] >= TARGET_PIPELINE_EFFICIENCY else 'FAIL'}"
+            )
+            print(f"{engine}: keep-all pipeline / its slowest stage alone: {keep_all:.3f} / {keep_all_slowest:.3f} = "
+                  f"{fig['keep_all_efficiency']:.2f}")
+        else:
+            print(f"{engine}: not measured (see the notes)")
+        per_engine[engine] = fig
+    for note in notes:
+        print(f"note: {note}")
     wall = time.perf_counter() - t_all
     load_after = os.getloadavg()
     print(f"load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f}; wall {wall:.1f} s")
-    result = {
+
+    def figures(fig: dict[str, Any]) -> dict[str, Any]:
+        measured = fig["pruned"] is not None
+        return {
+            "pruned_images_per_s": _round(fig["pruned"]),
+            "keep_all_images_per_s": _round(fig["keep_all"]),
+            "pruned_over_keep_all": _round(fig["speedup"], 3),
+            "slowest_stage": fig["slowest_stage"],
+            "slowest_stage_images_per_s": _round(fig["slowest"]),
+            "pipeline_over_slowest_stage": _round(fig["efficiency"], 3),
+            "keep_all_pipeline_over_slowest_stage": _round(fig["keep_all_efficiency"], 3),
+            "targets_pass": {"pruned_over_keep_all": fig["speedup"] >= TARGET_PRUNE_SPEEDUP,
+                             "pipeline_over_slowest_stage": fig["efficiency"] >= TARGET_PIPELINE_EFFICIENCY}
+            if measured else None,
+        }
+
+    hf = figures(per_engine.get("hf") or dict.fromkeys(("pruned", "keep_all", "speedup", "slowest_stage", "slowest",
+                                                         "efficiency", "keep_all_efficiency")))
+    result: dict[str, Any] = {
         "rows": n_rows,
         "batch_size": args.batch_size,
         "max_new_tokens": cfg.generation.max_new_tokens,
-        "pruned_images_per_s": round(pruned, 4),
-        "keep_all_images_per_s": round(keep_all, 4),
-        "images_per_s_from_second_batch": {n: round(r["images_per_s_from_second"], 4) for n, r in pipelines.items()},
-        "pruned_over_keep_all": round(speedup, 3),
-        "slowest_stage": slowest_name,
-        "slowest_stage_images_per_s": round(slowest, 4),
-        "pipeline_over_slowest_stage": round(efficiency, 3),
-        "keep_all_pipeline_over_slowest_stage": round(keep_all / keep_all_slowest, 3),
+        "engines_run": args.engines,
+        "engines": environments,
+        "configs": [{"name": n, "engine": e, "method": c.pruning.method, "keep": c.pruning.keep}
+                    for n, (e, _, c) in configs.items()],
+        **{k: v for k, v in hf.items() if k != "targets_pass"},
+        "images_per_s_from_second_batch": {n: _round(r["images_per_s_from_second"]) for n, r in pipelines.items()},
         "stage_images_per_s": {n: {k: round(v["images_per_s"], 4) for k, v in s.items()} for n, s in stages.items()},
         "end_to_end_wall_s": {n: round(r["wall_s"], 2) for n, r in pipelines.items()},
         "end_to_end_images_per_s": {n: round(r["end_to_end_images_per_s"], 4) for n, r in pipelines.items()},
-        "decode_utilisation": {n: round(r["decode_utilisation"], 3) for n, r in pipelines.items()},
-        "targets_pass": {"pruned_over_keep_all": speedup >= TARGET_PRUNE_SPEEDUP,
-                         "pipeline_over_slowest_stage": efficiency >= TARGET_PIPELINE_EFFICIENCY},
+        "decode_utilisation": {n: _round(r["decode_utilisation"], 3) for n, r in pipelines.items()},
+        "targets_pass": hf["targets_pass"],
+    }
+    for engine, fig in per_engine.items():
+        result |= {f"{engine}_{k}": v for k, v in figures(fig).items()}
+    result |= {
+        "notes": notes,
         "load_avg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "wall_s": round(wall, 1),
     }

@@ -1,6 +1,6 @@
 """Benchmark: ResPrune selection time against one batched V @ V^T GEMM (its cost unblocked).
 
-    python -m pipeline.bench.select [--repeats 5] [--device cpu|cuda]
+    python -m pipeline.bench.select [--repeats 5] [--device cpu|cuda] [--sizes B:N:D:keep,...]
 
 Sizes: LLaVA-1.5 (8 images of 576 tokens, keep 128), LLaVA-NeXT (2880, keep 320) and a large
 Qwen2.5-VL image (4096 tokens, D = 3584, keep a third). Selection (relevance, gate and picks)
@@ -42,10 +42,21 @@ def _median_seconds(fns: list[Callable[[], object]], repeats: int, device: str) 
     return [statistics.median(ts) for ts in times]
 
 
-def time_sizes(repeats: int, device: str) -> list[dict[str, float]]:
+def _sizes(text: str) -> list[tuple[int, int, int, int]]:
+    """``B:N:D:keep,...`` (e.g. ``2:144:256:32`` for a quick run)."""
+    try:
+        sizes = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 4 or min(s) < 1 or s[3] > s[1] for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected B:N:D:keep[,B:N:D:keep...] with keep <= N, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def time_sizes(repeats: int, device: str, sizes: list[tuple[int, int, int, int]] = SIZES) -> list[dict[str, float]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for b, n, d, keep in SIZES:
+    for b, n, d, keep in sizes:
         v = torch.randn((b, n, d), generator=gen).to(device)
         text = [torch.randn((4, d), generator=gen).to(device) for _ in range(b)]
         gemm, select = _median_seconds(
@@ -84,10 +95,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=_sizes, default=SIZES,
+                        help="B:N:D:keep,... (default: " + ",".join(":".join(map(str, s)) for s in SIZES) + ")")
     args = parser.parse_args()
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'B':>3} {'N':>5} {'D':>5} {'keep':>5} {'V@V^T ms':>10} {'select ms':>10} {'ratio':>6}")
-    rows = time_sizes(args.repeats, args.device)
+    rows = time_sizes(args.repeats, args.device, args.sizes)
     for r in rows:
         print(
             f"{r['B']:>3} {r['N']:>5} {r['D']:>5} {r['keep']:>5} "

@@ -1,0 +1,146 @@
+"""Smoke runs of every benchmark module (``pipeline/bench/*.py``) on tiny inputs, as subprocesses
+with a hard timeout: each must exit 0 and end with ``RESULT {json}`` holding its keys with
+positive figures. Figures are not checked against targets (benchmarks print those).
+
+``pipeline.bench.gpu`` is left out: it needs a GPU. A new benchmark module fails
+``test_every_bench_module_has_a_smoke_test`` until it gets a smoke test here.
+
+The engine benchmark runs hf, and vLLM too when a vLLM environment is usable
+(``engine_environment``). When vLLM is expected ($RESPRUNE_VLLM_PYTHON set, or the repository's
+``.venv-vllm`` built, as ``make test`` does) but unusable, ``test_engine_bench_vllm`` fails;
+when it is neither expected nor usable, that test is skipped with the reason (``-ra`` lists it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_SMOKED = {"gpu": "needs a GPU"}
+SMOKED = {"select", "prefill", "pipeline", "engine"}  # each has a test below
+
+
+def run_bench(module: str, *args: str, timeout: int) -> dict[str, Any]:
+    """``python -m pipeline.bench.<module> ARGS``; its RESULT json. On timeout it gets SIGINT first
+    (its finally blocks stop Ray and the engine workers), then its process group is killed."""
+    cmd = [sys.executable, "-m", f"pipeline.bench.{module}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[1:])} did not finish within {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd[1:])} exited {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
+    lines = out.strip().splitlines()
+    assert lines and lines[-1].startswith("RESULT {"), f"last line is not RESULT {{json}}:\n{out[-3000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def positive(result: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = result[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, (key, value)
+
+
+def test_every_bench_module_has_a_smoke_test() -> None:
+    modules = {p.stem for p in (REPO / "pipeline" / "bench").glob("*.py")} - {"__init__"}
+    assert modules - set(NOT_SMOKED) == SMOKED
+
+
+def test_select_bench() -> None:
+    r = run_bench("select", "--sizes", "2:144:256:32", "--repeats", "1", "--device", "cpu", timeout=120)
+    positive(r, "ratio_B2_N144_K32", "reference_agreement")
+    assert r["device"] == "cpu"
+
+
+def test_prefill_bench() -> None:
+    r = run_bench("prefill", "--model-path", "tiny:llava", "--repeats", "1", timeout=180)
+    positive(r, "text_tokens", "llm_to_vision_flops_ratio", "reference_llm_to_vision_flops_ratio",
+             "encode_ms_1_image", "speedup_128", "flops_ratio_128")
+    assert set(r["prefill_ms"]) == {"576", "192", "128", "64"}
+    assert all(v > 0 for v in r["prefill_ms"].values())
+    assert isinstance(r["target_pass"], bool)
+
+
+def test_pipeline_bench() -> None:
+    # 3 files of 2 rows: the steady window (first arrival to last) needs more than one batch.
+    r = run_bench("pipeline", "--rows", "6", "--batch-size", "2", "--model-path", "tiny:llava",
+                  "--max-new-tokens", "2", "--no-warmup", "--timeout", "240", timeout=480)
+    assert r["rows"] == 6 and r["engines_run"] == ["hf"] and r["notes"] == []
+    assert [(c["name"], c["engine"]) for c in r["configs"]] == [("pruned", "hf"), ("keep_all", "hf")]
+    positive(r, "pruned_images_per_s", "keep_all_images_per_s", "pruned_over_keep_all",
+             "slowest_stage_images_per_s", "pipeline_over_slowest_stage", "keep_all_pipeline_over_slowest_stage")
+    assert r["hf_pruned_images_per_s"] == r["pruned_images_per_s"]  # unprefixed keys are hf's
+    for name in ("pruned", "keep_all"):
+        assert set(r["stage_images_per_s"][name]) == {"text", "encode", "decode"}
+        assert all(v > 0 for v in r["stage_images_per_s"][name].values())
+        assert r["end_to_end_images_per_s"][name] > 0
+    assert set(r["targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
+
+
+# ---------------------------------------------------------------- the engine benchmark
+
+
+@pytest.fixture(scope="module")
+def vllm_environment() -> tuple[Any, bool, str]:
+    """(the vLLM EngineEnvironment or None, whether vLLM is expected here, why it is unusable)."""
+    from pipeline.config import ConfigError, DecodeStageConfig
+    from pipeline.engines import engine_environment
+    from pipeline.engines.environment import VLLM_PYTHON_ENV, VLLM_VENV
+
+    expected = bool(os.environ.get(VLLM_PYTHON_ENV)) or (VLLM_VENV / "bin" / "python").exists()
+    try:
+        return engine_environment(DecodeStageConfig(engine="vllm")), expected, ""
+    except ConfigError as e:
+        return None, expected, str(e)
+
+
+@pytest.fixture(scope="module")
+def engine_bench(vllm_environment: tuple[Any, bool, str]) -> dict[str, Any]:
+    """One run of the engine benchmark: hf, and vLLM when its environment is usable."""
+    env, _, _ = vllm_environment
+    engines = "hf,vllm" if env else "hf"
+    # vLLM's start-up alone takes 1-2 minutes on 2 busy cores.
+    return run_bench("engine", "--model", "tiny:llava", "--images", "3", "--new-tokens", "2", "--engines", engines,
+                     "--timeout", "420" if env else "180", timeout=600 if env else 240)
+
+
+def test_engine_bench_hf(engine_bench: dict[str, Any]) -> None:
+    r = engine_bench
+    assert r["images"] == 3 and r["new_tokens"] == [2] and r["visual_tokens"] == 576 and r["keep"] == 128
+    positive(r, "hf_keep_all_2", "hf_pruned_2", "hf_pruned_over_hf_keep_all_2", "hf_startup_s")
+    assert 0 < r["mean_generated_tokens"]["hf_keep_all_2"] <= 2 and 0 < r["mean_generated_tokens"]["hf_pruned_2"] <= 2
+    # Every key of the contract is there, null for an engine not run.
+    for key in ("vllm_keep_all_2", "vllm_pruned_2", "vllm_pruned_over_vllm_keep_all_2", "hf_over_vllm_keep_all_2",
+                "hf_over_vllm_pruned_2", "target_vllm_pruned_2x_keep_all_2", "vllm_startup_s"):
+        assert key in r
+    assert not [n for n in r["notes"] if n.startswith("hf")]
+
+
+def test_engine_bench_vllm(vllm_environment: tuple[Any, bool, str], request: pytest.FixtureRequest) -> None:
+    env, expected, why = vllm_environment
+    if env is None:
+        if expected:
+            pytest.fail(f"vLLM is expected here ($RESPRUNE_VLLM_PYTHON set or .venv-vllm built) but unusable: {why}")
+        pytest.skip(f"NO vLLM ENVIRONMENT: the engine benchmark smoke ran hf only ({why})")
+    r = request.getfixturevalue("engine_bench")
+    assert r["engines_run"] == ["hf", "vllm"] and r["notes"] == [], r["notes"]
+    positive(r, "vllm_keep_all_2", "vllm_pruned_2", "vllm_pruned_over_vllm_keep_all_2", "hf_over_vllm_keep_all_2",
+             "hf_over_vllm_pruned_2", "vllm_startup_s")
+    assert isinstance(r["target_vllm_pruned_2x_keep_all_2"], bool)
+    assert 0 < r["mean_generated_tokens"]["vllm_pruned_2"] <= 2
+    assert r["engines"]["vllm"]["python"] == env.python
