@@ -55,7 +55,7 @@ def placeholder_id(config: object) -> int:
 
 
 class KeptTokensParser(MultiModalDataParser):
-    def _parse_image_data(self, data: object):  # noqa: ANN202 - vLLM's own return type
+    def _parse_image_data(self, data: object) -> DictEmbeddingItems:
         if isinstance(data, dict):
             return DictEmbeddingItems(
                 data, modality="image", required_fields={"image_embeds"},
@@ -116,7 +116,7 @@ class _KeptTokensLM(nn.Module, SupportsMultiModal):
         "model.multi_modal_projector.": "multi_modal_projector.",
         "model.image_newline": "image_newline",
     })
-    skipped = ["vision_tower.", "multi_modal_projector.", "image_newline", "visual."]
+    skipped = ("vision_tower.", "multi_modal_projector.", "image_newline", "visual.")
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -154,7 +154,7 @@ class _KeptTokensLM(nn.Module, SupportsMultiModal):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=self.skipped)
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=list(self.skipped))
         return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
 
