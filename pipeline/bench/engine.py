@@ -130,20 +130,14 @@ def prepare_requests(model_path: str, images: int, keep: int, encode_batch: int 
 
 
 def _hf_calls(lengths: list[int], batch_size: int, max_batch_tokens: int, new_tokens: int) -> list[list[int]]:
-    """Rows cut into Ray-batch-sized groups in corpus order, then, as the decode stage does with
-    each Ray batch, sorted by length into calls within ``max_batch_tokens`` padded tokens."""
+    """Rows cut into Ray-batch-sized groups in corpus order, then grouped into padded calls as the
+    decode stage does with each Ray batch (``padded_calls``)."""
+    from pipeline.stages.decode import padded_calls
+
     calls: list[list[int]] = []
     for start in range(0, len(lengths), batch_size):
-        group: list[int] = []
-        for i in sorted(range(start, min(start + batch_size, len(lengths))), key=lambda i: lengths[i]):
-            width = lengths[i] + new_tokens  # the longest so far: sorted
-            if group and (len(group) + 1) * width <= max_batch_tokens:
-                group.append(i)
-            else:
-                if group:
-                    calls.append(group)
-                group = [i]
-        calls.append(group)
+        chunk = {i: lengths[i] for i in range(start, min(start + batch_size, len(lengths)))}
+        calls += padded_calls(chunk, new_tokens, max_batch_tokens)
     return calls
 
 

@@ -101,18 +101,22 @@ class DecodeStage:
         return "", 0, f"prompt too long: {tokens} tokens > {why}"
 
     def _calls(self, rows: dict[int, DecodeRow]) -> list[list[int]]:
-        """Rows grouped for generate calls: by length, each call within max_batch_tokens padded
-        tokens (rows x (longest + max_new_tokens)); a row over it alone runs alone."""
-        order = sorted(rows, key=lambda i: rows[i].length)
-        calls: list[list[int]] = []
-        for i in order:
-            width = rows[i].length + self.generation.max_new_tokens  # the longest so far: sorted
-            if calls and (len(calls[-1]) + 1) * width <= self.max_batch_tokens:
-                calls[-1].append(i)
-            else:
-                calls.append([i])
-        return calls
+        return padded_calls({i: r.length for i, r in rows.items()}, self.generation.max_new_tokens,
+                            self.max_batch_tokens)
 
     def _generate(self, items: list[DecodeRow]) -> list[Generation]:
         fail_if_poisoned("decode", [r.request.id for r in items])
         return self.engine.generate([r.request for r in items], self.generation)
+
+
+def padded_calls(lengths: dict[int, int], new_tokens: int, max_batch_tokens: int) -> list[list[int]]:
+    """Rows (key -> prefill length) grouped for padded generate calls: by length, each call within
+    ``max_batch_tokens`` padded tokens (rows x (longest + new_tokens)); a row over it runs alone."""
+    calls: list[list[int]] = []
+    for i in sorted(lengths, key=lengths.__getitem__):
+        width = lengths[i] + new_tokens  # the longest so far: sorted
+        if calls and (len(calls[-1]) + 1) * width <= max_batch_tokens:
+            calls[-1].append(i)
+        else:
+            calls.append([i])
+    return calls
