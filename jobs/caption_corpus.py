@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         label = f"  (expected {ex['expected']!r})" if "expected" in ex else ""
         print(f"  {ex['id']}: {ex['prompt'].splitlines()[0] if ex['prompt'] else '<no prompt>'} -> {said}{label}")
     if summary.accuracy is not None:
-        print(f"accuracy against `expected`: {100 * summary.accuracy:.1f} % of {summary.output_rows} rows")
+        print(f"accuracy against `expected` (short answers, exact match): {100 * summary.accuracy:.1f} %")
+    if summary.caption_f1 is not None:
+        print(f"caption object F1 against `expected`: {100 * summary.caption_f1:.1f} %")
     return 0 if not summary.missing_ids and not summary.duplicate_ids else 1
 
 

@@ -1,13 +1,20 @@
-"""Score pruning methods and budgets by accuracy and cost on a corpus, through the real job.
+"""Score pruning methods and budgets by quality and cost on a corpus, through the real job.
 
     python jobs/evaluate_pruning.py --config configs/local.yaml --input data/heldout \\
         [--methods none,resprune,resprune:alpha=0,divprune,score_topk,random] [--keep 192,128,64] --out eval/
 
 Each grid cell (keep-all first, then every method at every budget) is one run of the job into
 OUT/runs/<cell>/; the scores are read back from those runs' Parquet. Writes OUT/eval.csv,
-OUT/eval.md and OUT/eval.png and prints the table. `--sample-rows N --seed S` writes a
-labelled shapes-world corpus of N rows at --input first when --input does not exist.
-Exit status 2 on a configuration error, 1 if a run lost rows.
+OUT/eval.md and OUT/eval.png and prints the table.
+
+Labels are optional. With an `expected` column: short-answer accuracy (exact match) per method,
+budget and question type, and for shapes-world captions object precision / recall / F1. With or
+without labels: how far each cell's answers moved from keep-all's, exact match for short
+answers and ROUGE-L and semantic similarity for captions (pipeline/quality/agreement.py), next
+to the $ and FLOPs saved: point --input at a few shards of your own corpus to read "how much do
+my captions change at 128 or 64 tokens, and what do I save". `--sample-rows N --seed S` writes
+a labelled shapes-world corpus of N rows at --input first when --input does not exist.
+Exit status 2 on a configuration error, 1 if a run failed or its output misses or repeats an id.
 """
 
 from __future__ import annotations
@@ -38,15 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-rows", type=int, help="write a labelled shapes-world corpus of this many rows at --input "
                    "first, if --input is a missing local directory")
     p.add_argument("--seed", type=int, default=4242, help="world seed of --sample-rows (never a training seed)")
+    p.add_argument("--sample-types", help="question types --sample-rows draws, comma-separated (default: the "
+                   "world's short types; add `caption` for captions)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         base = load_config(args.config)
         corpus = args.input or base.input.path
         if args.sample_rows and not is_uri(corpus) and not Path(corpus).exists():
-            from pipeline.io.sample_corpus import write_corpus
+            from pipeline.io.sample_corpus import DEFAULT_TYPES, parse_types, write_corpus
 
-            write_corpus(corpus, rows=args.sample_rows, shards=max(1, args.sample_rows // 100), seed=args.seed)
+            try:
+                types = parse_types(args.sample_types) if args.sample_types else DEFAULT_TYPES
+            except ValueError as e:
+                raise ConfigError(f"--sample-types: {e}") from e
+            write_corpus(corpus, rows=args.sample_rows, shards=max(1, args.sample_rows // 100), seed=args.seed,
+                         types=types)
         cells = evaluation.parse_grid(args.methods, args.keep)
         results = evaluation.run_grid(base, cells, corpus, args.out)
     except ConfigError as e:

@@ -2,7 +2,8 @@
 GPU, wall time and total cost on G accelerators, and the saving against keeping every token.
 
     python jobs/plan_cost.py --model configs/llava-1.5-7b.yaml --accelerator h100-sxm \\
-        --images 10000000 [--gpus 8] [--engine vllm|hf] [--runs OUT_DIR ...] --out plans/llava-7b
+        --images 10000000 [--gpus 8] [--engine vllm|hf] [--generated-tokens N] [--runs OUT_DIR ...] \\
+        --out plans/llava-7b
 
 Without --runs: estimates from the checkpoint's shapes (model.architecture, else model.path)
 and configs/accelerators.yaml, for one --image-size image (what it costs in visual tokens and
@@ -13,7 +14,13 @@ pruning method, decoded by --engine (default vllm, what the cluster configs run:
 batching, an image pays for its own generated tokens; hf: static batches that run until their
 longest row stops, generation.max_new_tokens). With --runs: measured rows from finished runs
 (their output and _manifest.json) too, each with the engine its run used. Every row states its
-decode engine. Writes plan.csv, plan.md and plan.png under --out and prints the table.
+decode engine.
+
+Generated tokens per image, the decode term's input (a caption corpus generates several times a
+VQA one's): --generated-tokens N, else the mean over the answered rows of the --runs given, else
+the accelerator table's assumption; every row and plan.md say which (column generated_tokens_from:
+given / measured from runs / assumed). Writes plan.csv, plan.md and plan.png under --out and
+prints the table.
 Exit status 2 on a configuration error.
 """
 
@@ -36,8 +43,7 @@ from pipeline.models.sources import resolve_model_path  # noqa: E402
 
 # Estimate assumptions that can be overridden per plan (defaults: configs/accelerators.yaml).
 ASSUMPTION_FLAGS = {
-    "vision_mfu": float, "prefill_mfu": float, "decode_bandwidth": float,
-    "decode_batch": int, "generated_tokens": int, "text_tokens": int,
+    "vision_mfu": float, "prefill_mfu": float, "decode_bandwidth": float, "decode_batch": int, "text_tokens": int,
 }
 args_source = "default from the accelerator table"
 
@@ -62,12 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                    "for its own tokens; hf: static batches run to their longest row, generation.max_new_tokens); "
                    "measured rows always show their run's engine")
     p.add_argument("--no-estimates", action="store_true", help="measured rows only")
+    p.add_argument("--generated-tokens", type=int, metavar="N",
+                   help="mean generated tokens per image the estimates decode (e.g. 8 for short VQA answers, 128 "
+                   "for long captions); default: the mean over the answered rows of --runs, else "
+                   "assumptions.generated_tokens of the accelerator table")
     for name, kind in ASSUMPTION_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override assumptions.{name} ({args_source})")
     args = p.parse_args(argv)
     try:
         if args.images < 1 or args.gpus < 1:
             raise ConfigError("--images and --gpus must be >= 1")
+        if args.generated_tokens is not None and args.generated_tokens < 1:
+            raise ConfigError("--generated-tokens must be >= 1")
         cfg = load_config(args.model)
         table = load_accelerators(args.accelerators)
         prices = load_prices(cfg.cost.prices)
@@ -75,8 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--accelerator {args.accelerator!r} is not in {args.accelerators}; "
                               f"known: {', '.join(sorted(table.accelerators))}")
         price = accelerator_price(prices, args.accelerator)
+        measured_rows: list[planner.PlanRow] = []
+        for run in args.runs:
+            try:
+                measured_rows.append(planner.measured(run, images=args.images, gpus=args.gpus))
+            except (OSError, KeyError, ValueError) as e:
+                raise ConfigError(f"--runs {run}: not a finished run with a manifest ({type(e).__name__}: {e})") from e
+        # Read after the runs were checked, so a bad run is named as such rather than by this.
+        gen, gen_from, gen_note = planner.generated_tokens_for_estimates(
+            args.generated_tokens, args.runs, table.assumptions.generated_tokens)
         overrides = {k: getattr(args, k) for k in ASSUMPTION_FLAGS if getattr(args, k) is not None}
-        assume = table.assumptions.model_copy(update=overrides)
+        assume = table.assumptions.model_copy(update=overrides | {"generated_tokens": gen})
         try:
             budgets = planner.parse_budgets(args.budgets)
             width, height = (int(x) for x in args.image_size.lower().split("x"))
@@ -105,13 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                     shapes, model=name, method=method, keep=keep, visual_tokens_in=n_visual, encoder_patches=patches,
                     accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
                     assume=assume, images=args.images, gpus=args.gpus,
-                    engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens,
+                    engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,
                 ))
-        for run in args.runs:
-            try:
-                rows.append(planner.measured(run, images=args.images, gpus=args.gpus))
-            except (OSError, KeyError, ValueError) as e:
-                raise ConfigError(f"--runs {run}: not a finished run with a manifest ({type(e).__name__}: {e})") from e
+        rows += measured_rows
         if not rows:
             raise ConfigError("nothing to plan: give --runs or drop --no-estimates")
     except ConfigError as e:
@@ -119,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     planner.add_savings(rows)
     notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price,
-                                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens)
+                                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens,
+                                     generated_note=gen_note)
     notes += [image_note] if image_note else []
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
           f"(estimates are labelled and assume decode engine {args.engine}; assumptions in {args.out / 'plan.md'})")
+    if not args.no_estimates:
+        print(gen_note)
     print(planner.table(rows))
     print(f"wrote {args.out / 'plan.csv'}, {args.out / 'plan.md'}, {args.out / 'plan.png'}")
     return 0

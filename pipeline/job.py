@@ -45,7 +45,7 @@ from pipeline.io.storage import (
 from pipeline.models import ADAPTERS, detect_family, model_shapes
 from pipeline.models.base import planned_dtype
 from pipeline.models.sources import resolve_model_path
-from pipeline.quality.scoring import is_correct
+from pipeline.quality.scoring import is_caption, label_scores
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.faults import ENV as FAULTS_ENV
@@ -53,6 +53,7 @@ from pipeline.stages.text import TextStage
 
 log = logging.getLogger(__name__)
 EXAMPLES = 5  # rows the summary shows
+CAPTION_EXAMPLES = 3  # and caption rows beyond them
 CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committed ids
 # Ray Data's checkpoint filter runs as an actor pool of its own; its actors reserve 1 CPU each
 # (Ray's default for map actors; CheckpointConfig offers no knob) and 1 GiB of memory.
@@ -85,7 +86,8 @@ class JobSummary:
     cost_mean_per_image: dict[str, float | None] = field(default_factory=dict)
     reserved_usd: float = 0.0  # what the run's reservation cost over wall_seconds
     utilisation: float | None = None  # share of reserved_usd the rows account for
-    accuracy: float | None = None  # when the input has `expected`: normalised exact match over all rows
+    accuracy: float | None = None  # when the input has `expected`: normalised exact match over the short-answer rows
+    caption_f1: float | None = None  # when it also has `question_type`: object F1 over the caption rows
     examples: list[dict[str, str]] = field(default_factory=list)  # a few rows, for a person to check
     manifest: str = ""
     engine: dict[str, str] = field(default_factory=dict)  # decode engine: name, package, version, interpreter
@@ -403,7 +405,7 @@ def read_output_rows(output: str, storage: StorageConfig | None = None) -> list[
     columns = ["id", "prompt", "answer", "error", "extractor", "visual_tokens_in", "visual_tokens_kept",
                "prompt_truncated", *time_columns, *COST_COLUMNS]
     ds = parquet_dataset(output, storage)
-    columns += [c for c in ("expected",) if c in ds.schema.names]
+    columns += [c for c in ("expected", "question_type") if c in ds.schema.names]
     return retrying(lambda: ds.to_table(columns=columns).to_pylist(), f"reading back {output}", storage)
 
 
@@ -418,6 +420,9 @@ def summarize(
 
     labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
     first = heapq.nsmallest(EXAMPLES, rows, key=lambda r: r["id"])
+    # and a few captions, which a person reads differently from one-word answers
+    first += heapq.nsmallest(CAPTION_EXAMPLES, [r for r in rows if is_caption(r) and r not in first], key=lambda r: r["id"])
+    scores = label_scores(rows) if labelled else {}
     return JobSummary(
         input_rows=plan.rows,
         expected_rows=plan.expected_rows,
@@ -442,7 +447,8 @@ def summarize(
         cost_mean_per_image=run_cost["mean_per_image"],
         reserved_usd=run_cost["reserved"]["usd"],
         utilisation=run_cost["reserved"]["utilisation"],
-        accuracy=round(sum(is_correct(r) for r in rows) / len(rows), 4) if labelled else None,
+        accuracy=None if scores.get("accuracy") is None else round(scores["accuracy"], 4),
+        caption_f1=None if scores.get("caption_f1") is None else round(scores["caption_f1"], 4),
         examples=[{k: r[k] or "" for k in ("id", "prompt", "answer", "error", "expected") if k in r} for r in first],
     )
 

@@ -77,18 +77,26 @@ def test_prefill_bench() -> None:
 
 
 def test_pipeline_bench() -> None:
-    # 3 files of 2 rows: the steady window (first arrival to last) needs more than one batch.
+    # 3 files of 2 rows per kind: the steady window (first arrival to last) needs more than one batch.
+    # Two lengths, as the benchmark's vqa and caption kinds (at its defaults: 8 and 32).
     r = run_bench("pipeline", "--rows", "6", "--batch-size", "2", "--model-path", "tiny:llava",
-                  "--max-new-tokens", "2", "--no-warmup", "--timeout", "240", timeout=480)
+                  "--vqa-tokens", "2", "--caption-tokens", "3", "--no-warmup", "--timeout", "240", timeout=600)
     assert r["rows"] == 6 and r["engines_run"] == ["hf"] and r["notes"] == []
-    assert [(c["name"], c["engine"]) for c in r["configs"]] == [("pruned", "hf"), ("keep_all", "hf")]
-    positive(r, "pruned_images_per_s", "keep_all_images_per_s", "pruned_over_keep_all",
-             "slowest_stage_images_per_s", "pipeline_over_slowest_stage", "keep_all_pipeline_over_slowest_stage")
-    assert r["hf_pruned_images_per_s"] == r["pruned_images_per_s"]  # unprefixed keys are hf's
-    for name in ("pruned", "keep_all"):
+    assert r["new_tokens"] == {"vqa": 2, "caption": 3}
+    names = ["hf_vqa_pruned", "hf_vqa_keep_all", "hf_caption_pruned", "hf_caption_keep_all"]
+    assert [(c["name"], c["engine"], c["max_new_tokens"]) for c in r["configs"]] == [
+        (n, "hf", 2 if "vqa" in n else 3) for n in names]
+    for kind in ("vqa", "caption"):
+        positive(r, *(f"hf_{kind}_{k}" for k in (
+            "pruned_images_per_s", "keep_all_images_per_s", "pruned_over_keep_all", "slowest_stage_images_per_s",
+            "pipeline_over_slowest_stage", "keep_all_pipeline_over_slowest_stage")))
+        assert set(r[f"hf_{kind}_targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
+    assert r["hf_vqa_pruned_images_per_s"] == r["pruned_images_per_s"]  # unprefixed keys are hf's vqa
+    for name in names:
         assert set(r["stage_images_per_s"][name]) == {"text", "encode", "decode"}
         assert all(v > 0 for v in r["stage_images_per_s"][name].values())
         assert r["end_to_end_images_per_s"][name] > 0
+        assert 0 < r["mean_generated_tokens"][name] <= (2 if "vqa" in name else 3)
     assert set(r["targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
 
 
@@ -115,19 +123,27 @@ def engine_bench(vllm_environment: tuple[Any, bool, str]) -> dict[str, Any]:
     env, _, _ = vllm_environment
     engines = "hf,vllm" if env else "hf"
     # vLLM's start-up alone takes 1-2 minutes on 2 busy cores.
-    return run_bench("engine", "--model", "tiny:llava", "--images", "3", "--new-tokens", "2", "--engines", engines,
-                     "--timeout", "420" if env else "180", timeout=600 if env else 240)
+    return run_bench("engine", "--model", "tiny:llava", "--images", "3", "--vqa-tokens", "2", "--caption-tokens", "3",
+                     "--engines", engines, "--timeout", "420" if env else "180", timeout=600 if env else 240)
+
+
+LENGTHS = {"vqa": 2, "caption": 3}  # the smoke run's max new tokens per kind
 
 
 def test_engine_bench_hf(engine_bench: dict[str, Any]) -> None:
     r = engine_bench
-    assert r["images"] == 3 and r["new_tokens"] == [2] and r["visual_tokens"] == 576 and r["keep"] == 128
-    positive(r, "hf_keep_all_2", "hf_pruned_2", "hf_pruned_over_hf_keep_all_2", "hf_startup_s")
-    assert 0 < r["mean_generated_tokens"]["hf_keep_all_2"] <= 2 and 0 < r["mean_generated_tokens"]["hf_pruned_2"] <= 2
-    # Every key of the contract is there, null for an engine not run.
-    for key in ("vllm_keep_all_2", "vllm_pruned_2", "vllm_pruned_over_vllm_keep_all_2", "hf_over_vllm_keep_all_2",
-                "hf_over_vllm_pruned_2", "target_vllm_pruned_2x_keep_all_2", "vllm_startup_s"):
-        assert key in r
+    assert r["images"] == 3 and r["new_tokens"] == LENGTHS and r["visual_tokens"] == 576 and r["keep"] == 128
+    positive(r, "hf_startup_s")
+    for kind, n in LENGTHS.items():
+        positive(r, f"hf_keep_all_{kind}", f"hf_pruned_{kind}", f"hf_pruned_over_hf_keep_all_{kind}")
+        for budget in ("keep_all", "pruned"):
+            assert 0 < r["mean_generated_tokens"][f"hf_{budget}_{kind}"] <= n
+        # Every key of the contract is there, null for an engine not run.
+        for key in (f"vllm_keep_all_{kind}", f"vllm_pruned_{kind}", f"vllm_pruned_over_vllm_keep_all_{kind}",
+                    f"hf_over_vllm_keep_all_{kind}", f"hf_over_vllm_pruned_{kind}",
+                    f"target_vllm_pruned_2x_keep_all_{kind}"):
+            assert key in r
+    assert "vllm_startup_s" in r
     assert not [n for n in r["notes"] if n.startswith("hf")]
 
 
@@ -139,8 +155,10 @@ def test_engine_bench_vllm(vllm_environment: tuple[Any, bool, str], request: pyt
         pytest.skip(f"NO vLLM ENVIRONMENT: the engine benchmark smoke ran hf only ({why})")
     r = request.getfixturevalue("engine_bench")
     assert r["engines_run"] == ["hf", "vllm"] and r["notes"] == [], r["notes"]
-    positive(r, "vllm_keep_all_2", "vllm_pruned_2", "vllm_pruned_over_vllm_keep_all_2", "hf_over_vllm_keep_all_2",
-             "hf_over_vllm_pruned_2", "vllm_startup_s")
-    assert isinstance(r["target_vllm_pruned_2x_keep_all_2"], bool)
-    assert 0 < r["mean_generated_tokens"]["vllm_pruned_2"] <= 2
+    positive(r, "vllm_startup_s")
+    for kind, n in LENGTHS.items():
+        positive(r, f"vllm_keep_all_{kind}", f"vllm_pruned_{kind}", f"vllm_pruned_over_vllm_keep_all_{kind}",
+                 f"hf_over_vllm_keep_all_{kind}", f"hf_over_vllm_pruned_{kind}")
+        assert isinstance(r[f"target_vllm_pruned_2x_keep_all_{kind}"], bool)
+        assert 0 < r["mean_generated_tokens"][f"vllm_pruned_{kind}"] <= n
     assert r["engines"]["vllm"]["python"] == env.python

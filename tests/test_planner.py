@@ -1,7 +1,8 @@
 """jobs/plan_cost.py: the plan's contract (plan.csv / plan.md / plan.png), estimates from the
 LLaVA-1.5-7B shapes and the decode engine they assume, measured rows from two real runs of the job
-(keep-all and pruned), and the engine of measured runs from their manifests (vLLM runs read like
-HF ones)."""
+(keep-all and pruned), the engine of measured runs from their manifests (vLLM runs read like
+HF ones), and the generated tokens per image the estimates decode (given, measured from runs,
+assumed) with what they do to decode FLOPs, KV cache and dollars."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.cost.flops import prefill_flops, vision_flops
+from pipeline.cost.flops import decode_flops, kv_cache_bytes, prefill_flops, vision_flops
 from pipeline.cost.planner import CSV_COLUMNS
 from pipeline.io.manifest import read_manifest
 from pipeline.models import model_shapes
@@ -24,8 +25,9 @@ from .conftest import REPO
 from .test_job import _env, _run_cli
 
 REQUIRED = {
-    "method", "keep", "estimated", "engine", "flops_vision_per_image", "flops_prefill_per_image", "flops_per_image",
-    "images_per_second_per_gpu", "usd_per_1k_images", "wall_hours", "total_usd", "saving_vs_keep_all",
+    "method", "keep", "estimated", "engine", "generated_tokens", "generated_tokens_from", "flops_vision_per_image",
+    "flops_prefill_per_image", "flops_decode_per_image", "flops_per_image", "kv_cache_bytes_per_image",
+    "decode_share", "images_per_second_per_gpu", "usd_per_1k_images", "wall_hours", "total_usd", "saving_vs_keep_all",
 }
 IMAGES = 10_000_000
 
@@ -50,10 +52,15 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
         ("none", 576, "True"), ("resprune", 192, "True"), ("resprune", 128, "True"), ("resprune", 64, "True")]
     assert {r["engine"] for r in rows} == {"vllm"}  # the default: what the cluster configs decode with
     shapes = model_shapes(str(REPO / "configs/checkpoints/llava-1.5-7b-hf"))
-    text_tokens = yaml.safe_load((REPO / "configs/accelerators.yaml").read_text())["assumptions"]["text_tokens"]
+    assumptions = yaml.safe_load((REPO / "configs/accelerators.yaml").read_text())["assumptions"]
+    text_tokens, gen = assumptions["text_tokens"], assumptions["generated_tokens"]
     for r in rows:
+        seq = int(r["keep"]) + text_tokens
         assert float(r["flops_vision_per_image"]) == vision_flops(shapes.vision, 576)
-        assert float(r["flops_prefill_per_image"]) == prefill_flops(shapes.language, int(r["keep"]) + text_tokens)
+        assert float(r["flops_prefill_per_image"]) == prefill_flops(shapes.language, seq)
+        # No --generated-tokens and no --runs: the table's assumption, and the plan says so.
+        assert (float(r["generated_tokens"]), r["generated_tokens_from"]) == (gen, "assumed")
+        assert float(r["flops_decode_per_image"]) == decode_flops(shapes.language, seq, gen)
         ips = float(r["images_per_second_per_gpu"])
         assert float(r["wall_hours"]) == pytest.approx(IMAGES / ips / 3600)
         assert float(r["total_usd"]) == pytest.approx(IMAGES * float(r["usd_per_1k_images"]) / 1000)
@@ -66,6 +73,7 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
     assert "estimate" in md and "Lambda" in md and "50%" in md  # labelled, priced with a source, assumptions stated
     assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | estimate | vllm |" in proc.stdout
     assert "decode_stage.engine: vllm" in md and "estimate (decode engine vllm)" in md
+    assert f"Estimates generate {gen} tokens per image: assumed" in md and "assumed" in proc.stdout
     with Image.open(tmp_path / "plan.png") as png:
         assert png.format == "PNG" and png.width >= 800 and png.height >= 300
 
@@ -144,6 +152,26 @@ def test_plan_from_measured_runs(tmp_path: Path, finished_runs: dict[str, Path])
     base, pruned = float(measured["none"]["total_usd"]), float(measured["resprune"]["total_usd"])
     assert float(measured["resprune"]["saving_vs_keep_all"]) == pytest.approx(1 - pruned / base)
     assert float(measured["resprune"]["flops_prefill_per_image"]) < float(measured["none"]["flops_prefill_per_image"])
+    # Generated tokens: each measured row its run's mean over answered rows (read here straight from the
+    # output); the estimates, with no --generated-tokens, the mean over both runs, and they say so.
+    per_run = {m: [g for g, e in zip(*_output_columns(finished_runs[m]), strict=True) if not e] for m in measured}
+    for method, r in measured.items():
+        assert float(r["generated_tokens"]) == pytest.approx(sum(per_run[method]) / len(per_run[method]))
+        assert r["generated_tokens_from"] == "this run"
+    pooled = [g for tokens in per_run.values() for g in tokens]
+    estimates = [r for r in rows if r["estimated"] == "True"]
+    assert {r["generated_tokens_from"] for r in estimates} == {"measured from runs"}
+    assert {float(r["generated_tokens"]) for r in estimates} == {max(1, int(sum(pooled) / len(pooled) + 0.5))}
+    assert "measured from runs" in (tmp_path / "plan.md").read_text()
+
+
+def _output_columns(run: Path) -> tuple[list[int], list[str]]:
+    """A run's output columns generated_tokens and error, read with pyarrow alone."""
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(str(run), format="parquet", exclude_invalid_files=False).to_table(
+        columns=["generated_tokens", "error"])
+    return t.column("generated_tokens").to_pylist(), t.column("error").to_pylist()
 
 
 def test_planner_fails_clearly_on_bad_input(tmp_path: Path) -> None:
@@ -206,17 +234,22 @@ def test_engine_decode_models() -> None:
 
 
 def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | None,
-              config_engine: str | None = "vllm", rows: int = 4) -> Path:
+              config_engine: str | None = "vllm", rows: int = 4, generated: list[int] | None = None,
+              errors: int = 0) -> Path:
     """A finished GPU run's output written by hand: ``rows`` Parquet rows and a manifest with the keys
     the planner reads. ``engine``: the manifest's top-level engine.name (None: a manifest from before the
-    engine was recorded); ``config_engine``: its config's decode_stage.engine (None: from before the field)."""
+    engine was recorded); ``config_engine``: its config's decode_stage.engine (None: from before the field).
+    ``generated``: the rows' generated_tokens (default 8 each); the last ``errors`` rows are error rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.io.manifest import write_manifest
 
     out.mkdir(parents=True)
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "answer": ["a"] * rows}), out / "part-0.parquet")
+    generated = generated or [8] * rows
+    error = [""] * (rows - errors) + ["decode failed: drill"] * errors
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "answer": ["a"] * rows, "error": error,
+                             "generated_tokens": pa.array(generated, pa.int32())}), out / "part-0.parquet")
     config = load_config(REPO / "configs/llava-1.5-7b.yaml").model_dump(mode="json")
     config["pruning"].update(method=method, keep=keep)
     if config_engine is None:
@@ -226,7 +259,7 @@ def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | No
         config["decode_stage"]["engine"] = config_engine
     manifest = {
         "status": "completed", "config": config,
-        "rows": {"input": rows, "output": rows, "ok": rows, "error": 0},
+        "rows": {"input": rows, "output": rows, "ok": rows - errors, "error": errors},
         "model": {"configured_path": "llava-hf/llava-1.5-7b-hf"},
         "visual_tokens": {"mean_kept": keep},
         "cost": {
@@ -271,3 +304,100 @@ def test_measured_runs_state_their_engine(tmp_path: Path) -> None:
     assert "| llava-1.5-7b-hf | h100-sxm | resprune | 128 | measured | hf |" in proc.stdout
     md = (tmp_path / "plan" / "plan.md").read_text()
     assert "measured (decode engine hf)" in md and "measured (decode engine vllm)" in md
+
+
+def test_generated_tokens_default_from_runs_and_label(tmp_path: Path) -> None:
+    """Without --generated-tokens the estimates decode the mean over the runs' answered rows (error rows
+    left out, rows of all runs pooled, rounded to a token); --generated-tokens overrides it; rows, table
+    and plan.md say which."""
+    a = _hand_run(tmp_path / "a", method="none", keep=576, usd=4e-5, engine="vllm", rows=4,
+                  generated=[10, 20, 30, 999], errors=1)  # the error row's 999 must not count
+    b = _hand_run(tmp_path / "b", method="resprune", keep=128, usd=2e-5, engine="vllm", rows=2, generated=[41, 43])
+    mean = (10 + 20 + 30 + 41 + 43) / 5  # 28.8 -> 29
+    common = ["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+              "--budgets", "0%,128", "--runs", str(a), str(b)]
+    proc = _plan([*common, "--out", str(tmp_path / "runs")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "runs")
+    est = [r for r in rows if r["estimated"] == "True"]
+    assert [(float(r["generated_tokens"]), r["generated_tokens_from"]) for r in est] == [(29, "measured from runs")] * 2
+    measured = {Path(r["source"]).name: float(r["generated_tokens"]) for r in rows if r["estimated"] == "False"}
+    assert measured == {"a": pytest.approx(20.0), "b": pytest.approx(42.0)}
+    md = (tmp_path / "runs" / "plan.md").read_text()
+    assert f"Estimates generate 29 tokens per image: measured from runs (mean {mean:.2f} over 5 answered rows" in md
+    assert "measured from runs" in proc.stdout and "| estimate | vllm | 29 |" in proc.stdout
+
+    proc = _plan([*common, "--generated-tokens", "7", "--out", str(tmp_path / "given")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    est = [r for r in _rows(tmp_path / "given") if r["estimated"] == "True"]
+    assert [(float(r["generated_tokens"]), r["generated_tokens_from"]) for r in est] == [(7, "given")] * 2
+    md = (tmp_path / "given" / "plan.md").read_text()
+    assert "Estimates generate 7 tokens per image: given (--generated-tokens)" in md
+    bad = _plan([*common, "--generated-tokens", "0", "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--generated-tokens" in bad.stderr
+
+
+def test_generated_tokens_move_decode_flops_kv_and_dollars() -> None:
+    """8 (VQA) against 128 (caption) generated tokens on LLaVA-1.5-7B / H100: decode FLOPs and KV cache are
+    flops.py's counts at that length, the GPU-seconds are the estimate's formulas recomputed here, the
+    decode share grows and pruning saves less (decode steps stream the weights whatever the prompt). hf pays
+    the static batch's length (max(generated, max_new_tokens)) by the same rule as before."""
+    from pipeline.cost import planner
+    from pipeline.cost.prices import load_accelerators, load_prices
+
+    table = load_accelerators(REPO / "configs/accelerators.yaml")
+    acc, price = table.accelerators["h100-sxm"], load_prices(REPO / "configs/prices.yaml").accelerators["h100-sxm"]
+    shapes = model_shapes(str(REPO / "configs/checkpoints/llava-1.5-7b-hf"))
+    lang, a = shapes.language, table.assumptions
+
+    def est(keep: int, gen: int, engine: str = "vllm", cap: int | None = None) -> planner.PlanRow:
+        return planner.estimate(shapes, model="m", method="none" if keep == 576 else "resprune", keep=keep,
+                                visual_tokens_in=576, encoder_patches=576, accelerator_name="h100-sxm", accelerator=acc,
+                                price=price, assume=a.model_copy(update={"generated_tokens": gen}), images=IMAGES,
+                                gpus=1, engine=engine, max_new_tokens=cap, generated_from="given")
+
+    # The LLM's weights, counted here from the shapes: per layer Q, K, V, O and the gated MLP; the LM head.
+    q, kv = lang.heads * lang.head_dim, lang.kv_heads * lang.head_dim
+    weights = 2 * (lang.layers * (2 * lang.hidden * q + 2 * lang.hidden * kv + 3 * lang.hidden * lang.mlp_width)
+                   + lang.hidden * lang.vocab)
+    assert 13e9 < weights < 14e9  # ~6.7 G parameters in bf16
+
+    def decode_seconds(seq: int, paid: int) -> float:
+        steps = paid - 1
+        step_bytes = weights + a.decode_batch * kv_cache_bytes(lang, seq, 1 + steps // 2, 2)
+        step_flops = a.decode_batch * decode_flops(lang, seq, paid) / steps
+        return steps * max(step_bytes / (acc.memory_bandwidth * a.decode_bandwidth),
+                           step_flops / (acc.bf16_flops * a.prefill_mfu)) / a.decode_batch
+
+    plans = {gen: {keep: est(keep, gen) for keep in (576, 192, 128, 64)} for gen in (8, 128)}
+    for gen, plan in plans.items():
+        for keep, r in plan.items():
+            seq = keep + a.text_tokens
+            assert (r.generated_tokens, r.generated_tokens_from) == (gen, "given")
+            assert r.flops_decode_per_image == decode_flops(lang, seq, gen)
+            assert r.flops_per_image == r.flops_vision_per_image + r.flops_prefill_per_image + r.flops_decode_per_image
+            assert r.kv_cache_bytes_per_image == kv_cache_bytes(lang, seq, gen, 2)
+            fixed = (vision_flops(shapes.vision, 576) / (acc.bf16_flops * a.vision_mfu)
+                     + prefill_flops(lang, seq) / (acc.bf16_flops * a.prefill_mfu))
+            assert r.gpu_seconds_per_image == pytest.approx(fixed + decode_seconds(seq, gen), rel=1e-12)
+            assert r.decode_share == pytest.approx(decode_seconds(seq, gen) / r.gpu_seconds_per_image)
+            assert r.usd_per_1k_images == pytest.approx(1000 * r.gpu_seconds_per_image * price.usd_per_hour / 3600)
+    for keep in (576, 192, 128, 64):
+        short, long = plans[8][keep], plans[128][keep]
+        assert long.flops_decode_per_image > 10 * short.flops_decode_per_image
+        assert long.kv_cache_bytes_per_image - short.kv_cache_bytes_per_image == kv_cache_bytes(lang, 0, 121, 2)
+        assert long.usd_per_1k_images > short.usd_per_1k_images and long.decode_share > short.decode_share
+    for gen, plan in plans.items():
+        planner.add_savings(list(plan.values()))
+    for keep in (192, 128, 64):  # captions: decode dominates, so pruning saves less, but still something
+        assert 0 < plans[128][keep].saving_vs_keep_all < plans[8][keep].saving_vs_keep_all
+
+    # One paid-tokens rule for every length: hf pays max(generated, max_new_tokens), vllm what it generates.
+    for gen in (8, 128):
+        hf, vllm = est(128, gen, "hf", cap=64), est(128, gen)
+        assert hf.flops_per_image == vllm.flops_per_image
+        assert hf.kv_cache_bytes_per_image == vllm.kv_cache_bytes_per_image
+        paid, seq = planner.paid_tokens("hf", gen, 64), 128 + a.text_tokens
+        assert paid == max(gen, 64)
+        assert hf.gpu_seconds_per_image == pytest.approx(
+            vllm.gpu_seconds_per_image - decode_seconds(seq, gen) + decode_seconds(seq, paid))

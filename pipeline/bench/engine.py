@@ -1,21 +1,25 @@
 """Benchmark: decode engines (HF ``generate`` vs vLLM) on the same kept visual tokens, keep-all vs ResPrune.
 
     python -m pipeline.bench.engine [--model tiny:llava-bench] [--images 32] [--keep 128]
-                                    [--new-tokens 8,64] [--engines hf,vllm] [--hf-batch-size 8]
+                                    [--vqa-tokens 8] [--caption-tokens 32] [--engines hf,vllm] [--hf-batch-size 8]
                                     [--max-num-seqs 64] [--cpu-kv-cache-gib 4] [--threads 1] [--repeats 1]
                                     [--timeout 1200]
 
 The parent process encodes ``--images`` sample-corpus images once with the checkpoint's vision
 part (``load_adapter(..., "vision")`` on CPU) and prunes them as the encode stage does: ``none``
 (every token, 576 on LLaVA-1.5) and ``resprune`` keeping ``--keep`` (seeded by CLS attention, no
-text relevance). The kept tokens and the corpus prompts go to a temp ``.pt`` file; each engine
+text relevance). Two kinds of generation run on the same images (``LENGTHS``): ``vqa``, each
+row's own short question (a caption row of the corpus asks the count question instead), up to
+``--vqa-tokens`` new tokens; and ``caption``, "Describe the image." of every image, up to
+``--caption-tokens``: long answers move the cost from prefill, which pruning shrinks most, to
+decode steps. The kept tokens and both kinds' prompts go to a temp ``.pt`` file; each engine
 then runs in a subprocess of its own interpreter (``engine_environment(stage).python``: the
 driver's for hf, the vLLM environment's for vllm), ``python -m pipeline.bench.engine --worker
 ENGINE --inputs FILE --out FILE``, which
 
 - builds the engine once through ``pipeline.engines.load_engine`` (start-up timed apart),
-- warms up on 2 rows of each budget,
-- times ``engine.generate`` over every request for each (budget, length) cell: hf in the decode
+- warms up on 2 rows of each kind and budget,
+- times ``engine.generate`` over every request for each (budget, kind) cell: hf in the decode
   stage's calls (rows sorted by prefill length, at most ``--hf-batch-size`` rows and
   ``max_batch_tokens`` padded tokens per call), vllm in one call (it schedules the rows itself,
   ``max_num_seqs`` at a time, prefix caching off so no request reuses another's prefill).
@@ -24,12 +28,12 @@ ENGINE --inputs FILE --out FILE``, which
 repeats. Each cell also reports the share of the machine's CPU that other processes took while
 it ran ("other load"): figures taken under load are not comparable with quiet ones.
 
-Greedy, ``max_new_tokens`` = the length. There is no ``ignore_eos``: a row may stop early at EOS,
+Greedy, ``max_new_tokens`` = the kind's length. There is no ``ignore_eos``: a row may stop early at EOS,
 so the mean generated tokens of every cell is reported beside its images/s (compare engines on
 cells with equal means). Both engines run on the same requests, so the share of rows whose
 generated ids agree between them is reported as well.
 
-Target (printed, not enforced): vLLM pruned images/s >= 2 x vLLM keep-all, at every length.
+Target (printed, not enforced): vLLM pruned images/s >= 2 x vLLM keep-all, for both kinds.
 An engine that cannot run (no vLLM in its interpreter, or its worker fails or times out) gets
 null cells and a note saying why; the benchmark still ends with ``RESULT {json}``.
 """
@@ -57,15 +61,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 BUDGETS = ("keep_all", "pruned")
 ENGINES = ("hf", "vllm")
+LENGTHS = ("vqa", "caption")  # kinds of generation, each its own cell, key suffix and row of the table
 TARGET_VLLM_PRUNE_SPEEDUP = 2.0
 WARMUP_ROWS = 2
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
 
 
 def parse_engines(text: str) -> list[str]:
@@ -79,8 +77,20 @@ def parse_engines(text: str) -> list[str]:
 # ---------------------------------------------------------------- parent: encode and prune once
 
 
+def kind_prompts(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per kind of generation (LENGTHS), every row's prompt, so both kinds run on the same images:
+    vqa asks the row's own question, or the count question (which every scene supports) where the
+    corpus drew a caption; caption asks every image for one."""
+    from pipeline.io.sample_corpus import CAPTION_PROMPT, SINGLE_WORD
+
+    count = f"How many shapes are in the picture?{SINGLE_WORD}"
+    vqa = [count if r["question_type"] == "caption" else str(r["prompt"]) for r in rows]
+    return {"vqa": vqa, "caption": [CAPTION_PROMPT] * len(rows)}
+
+
 def prepare_requests(model_path: str, images: int, keep: int, encode_batch: int = 8) -> dict[str, Any]:
-    """Encode ``images`` sample-corpus rows and prune them both ways; the payload the workers load."""
+    """Encode ``images`` sample-corpus rows and prune them both ways; the payload the workers load
+    (``requests[budget]`` the kept tokens per row, ``prompts[kind]`` the rows' prompts per kind)."""
     import torch
 
     from pipeline.config import InputConfig, ModelConfig
@@ -117,12 +127,12 @@ def prepare_requests(model_path: str, images: int, keep: int, encode_batch: int 
             for j, row in enumerate(rows[chunk]):
                 kept = idx[j].sort().values
                 requests[budget].append({
-                    "id": str(row["id"]), "prompt": str(row["prompt"]), "visual": visual[j][kept].contiguous(),
+                    "id": str(row["id"]), "visual": visual[j][kept].contiguous(),
                     "kept_indices": kept.to(torch.long), "layout": list(enc.layouts[j]),
                 })
     return {
         "model_path": model_path, "visual_tokens": int(n_visual), "keep": min(keep, n_visual),
-        "requests": requests, "encode_s": encode_s, "prune_s": prune_s,
+        "requests": requests, "prompts": kind_prompts(rows), "encode_s": encode_s, "prune_s": prune_s,
     }
 
 
@@ -160,14 +170,16 @@ def run_worker(args: argparse.Namespace) -> None:
     payload = torch.load(args.inputs, weights_only=True)  # tensors, lists, dicts of plain values
     model = ModelConfig(**payload["model"])
     stage = DecodeStageConfig(**payload["stages"][args.worker])
-    lengths_to_run: list[int] = payload["new_tokens"]
+    kinds: dict[str, int] = payload["new_tokens"]  # kind of generation -> its max new tokens
     hf_batch_size: int = payload["hf_batch_size"]
     repeats: int = payload["repeats"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    requests = {
-        b: [DecodeRequest(r["id"], r["prompt"], r["visual"], r["kept_indices"], r["layout"]) for r in rows]
-        for b, rows in payload["requests"].items()
+    requests = {  # kind -> budget -> requests: one set of kept tokens, each kind's prompts
+        kind: {b: [DecodeRequest(r["id"], prompt, r["visual"], r["kept_indices"], r["layout"])
+                   for r, prompt in zip(rows, payload["prompts"][kind], strict=True)]
+               for b, rows in payload["requests"].items()}
+        for kind in kinds
     }
     out: dict[str, Any] = {"engine": args.worker, "python": sys.executable, "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
@@ -198,38 +210,39 @@ def run_worker(args: argparse.Namespace) -> None:
         return results, time.perf_counter() - start, len(groups)
 
     t0 = time.perf_counter()
-    for budget in BUDGETS:
-        warm, _, _ = generate(requests[budget][:WARMUP_ROWS], min(lengths_to_run))
-        failed = [r for r in warm if isinstance(r, Exception)]
-        if failed:
-            raise RuntimeError(f"warm-up ({budget}) failed: {failed[0]!r}")
+    for kind in kinds:
+        for budget in BUDGETS:
+            warm, _, _ = generate(requests[kind][budget][:WARMUP_ROWS], min(kinds.values()))
+            failed = [r for r in warm if isinstance(r, Exception)]
+            if failed:
+                raise RuntimeError(f"warm-up ({kind}, {budget}) failed: {failed[0]!r}")
     out["warmup_s"] = time.perf_counter() - t0
 
     cells: dict[str, Any] = {}
     cores = os.cpu_count() or 1
-    for new_tokens in lengths_to_run:
+    for kind, new_tokens in kinds.items():
         for repeat in range(repeats):
             # Budgets alternate in order from one repeat to the next (ABBA...), so load that drifts
             # during the run does not always fall on the same budget.
             for budget in BUDGETS if repeat % 2 == 0 else BUDGETS[::-1]:
-                rows = requests[budget]
+                rows = requests[kind][budget]
                 (busy0, _), tree0 = cpu_seconds(), _tree_cpu()
                 results, seconds, n_calls = generate(rows, new_tokens)
                 (busy1, _), tree1 = cpu_seconds(), _tree_cpu()
                 # Machine CPU-s outside this process and its children (vLLM's engine core):
                 # another load on the machine, as a share of all its cores over the cell.
                 other = max(0.0, (busy1 - busy0) - (tree1 - tree0)) / (seconds * cores)
-                key = f"{budget}_{new_tokens}"
+                key = f"{budget}_{kind}"
                 if key in cells:
                     cells[key]["all_seconds"].append(seconds)
                     cells[key]["other_cpu_shares"].append(other)
-                    print(f"[{args.worker}] {budget} x {new_tokens} tokens, repeat {repeat + 1}: {seconds:.1f} s",
-                          flush=True)
+                    print(f"[{args.worker}] {budget} {kind} x {new_tokens} tokens, repeat {repeat + 1}: "
+                          f"{seconds:.1f} s", flush=True)
                     continue
                 ok = [r for r in results if not isinstance(r, Exception)]
                 errors = [repr(r) for r in results if isinstance(r, Exception)]
                 cells[key] = {
-                    "rows": len(rows), "ok": len(ok), "errors": len(errors),
+                    "new_tokens": new_tokens, "rows": len(rows), "ok": len(ok), "errors": len(errors),
                     "first_error": errors[0] if errors else None, "calls": n_calls,
                     "all_seconds": [seconds], "other_cpu_shares": [other],
                     "mean_generated_tokens": statistics.fmean(r.generated_tokens for r in ok) if ok else None,
@@ -237,7 +250,7 @@ def run_worker(args: argparse.Namespace) -> None:
                     "generated_tokens": sum(r.generated_tokens for r in ok),
                     "token_ids": [None if isinstance(r, Exception) else list(r.token_ids) for r in results],
                 }
-                print(f"[{args.worker}] {budget} x {new_tokens} tokens: {seconds:.1f} s, {n_calls} calls, "
+                print(f"[{args.worker}] {budget} {kind} x {new_tokens} tokens: {seconds:.1f} s, {n_calls} calls, "
                       f"{len(errors)} errors, other load {100 * other:.0f}% of the machine", flush=True)
     for cell in cells.values():
         seconds = cell["seconds"] = statistics.median(cell["all_seconds"])
@@ -389,7 +402,11 @@ def main() -> None:
     parser.add_argument("--model", default="tiny:llava-bench", help="tiny:<recipe>, a checkpoint dir or hub id")
     parser.add_argument("--images", type=int, default=32, help="sample-corpus images (requests per cell)")
     parser.add_argument("--keep", type=int, default=128, help="ResPrune budget (of 576)")
-    parser.add_argument("--new-tokens", type=_ints, default=[8, 64], help="generated lengths, e.g. 8,64")
+    parser.add_argument("--vqa-tokens", type=int, default=8,
+                        help="max new tokens of the vqa kind (the rows' short questions; default %(default)s)")
+    parser.add_argument("--caption-tokens", type=int, default=32,
+                        help="max new tokens of the caption kind (\"Describe the image.\"; default %(default)s: "
+                        "a four-object caption is ~17 tokens on tiny:llava-shapes, longer on real models)")
     parser.add_argument("--engines", type=parse_engines, default=list(ENGINES), help="hf,vllm or one of them")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf: rows per decode-stage batch")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="vllm: sequences at once")
@@ -414,8 +431,11 @@ def main() -> None:
     if args.decode_stage_worker:
         decode_stage_worker(args.decode_stage_worker, args.out)
         return
-    if args.images < WARMUP_ROWS or min(args.keep, args.hf_batch_size, args.repeats) < 1:
-        parser.error(f"--images must be >= {WARMUP_ROWS}; --keep, --hf-batch-size and --repeats >= 1")
+    if args.images < WARMUP_ROWS or min(args.keep, args.hf_batch_size, args.repeats, args.vqa_tokens,
+                                         args.caption_tokens) < 1:
+        parser.error(f"--images must be >= {WARMUP_ROWS}; --keep, --hf-batch-size, --repeats, --vqa-tokens and "
+                     "--caption-tokens >= 1")
+    lengths = {"vqa": args.vqa_tokens, "caption": args.caption_tokens}  # in LENGTHS order
 
     import torch
 
@@ -437,11 +457,11 @@ def main() -> None:
     stages = {e: DecodeStageConfig(engine=e, vllm=vllm_cfg) for e in args.engines}
     payload |= {
         "model": model.model_dump(), "stages": {e: s.model_dump() for e, s in stages.items()},
-        "new_tokens": args.new_tokens, "hf_batch_size": args.hf_batch_size, "repeats": args.repeats,
+        "new_tokens": lengths, "hf_batch_size": args.hf_batch_size, "repeats": args.repeats,
     }
     print(
         f"model={path} images={args.images} visual tokens={payload['visual_tokens']} pruned = resprune keep "
-        f"{payload['keep']}, keep-all = none; new tokens {args.new_tokens}; engines {args.engines}; threads "
+        f"{payload['keep']}, keep-all = none; max new tokens {lengths}; engines {args.engines}; threads "
         f"{args.threads or 'one per core'}; encode "
         f"{payload['encode_s']:.1f} s, prune {payload['prune_s']:.2f} s (parent, once)"
     )
@@ -468,30 +488,30 @@ def main() -> None:
             if "error" in workers[engine]:
                 notes.append(workers[engine]["error"])
 
-    def cell(engine: str, budget: str, n: int) -> dict[str, Any] | None:
-        return workers.get(engine, {}).get("cells", {}).get(f"{budget}_{n}")
+    def cell(engine: str, budget: str, kind: str) -> dict[str, Any] | None:
+        return workers.get(engine, {}).get("cells", {}).get(f"{budget}_{kind}")
 
-    def rate(engine: str, budget: str, n: int) -> float | None:
-        c = cell(engine, budget, n)
+    def rate(engine: str, budget: str, kind: str) -> float | None:
+        c = cell(engine, budget, kind)
         return c["images_per_s"] if c else None
 
-    print(f"{'engine':<6} {'budget':<9} {'visual':>6} {'new tok':>7} {'images/s':>9} {'seconds':>8} {'calls':>5} "
-          f"{'gen tok mean':>12} {'prompt tok mean':>15} {'errors':>6} {'other load':>10}")
-    for n in args.new_tokens:
+    print(f"{'kind':<7} {'engine':<6} {'budget':<9} {'visual':>6} {'new tok':>7} {'images/s':>9} {'seconds':>8} "
+          f"{'calls':>5} {'gen tok mean':>12} {'prompt tok mean':>15} {'errors':>6} {'other load':>10}")
+    for kind, n in lengths.items():
         for engine in args.engines:
             for budget in BUDGETS:
-                c = cell(engine, budget, n)
+                c = cell(engine, budget, kind)
                 visual = payload["visual_tokens"] if budget == "keep_all" else payload["keep"]
                 if c is None:
-                    print(f"{engine:<6} {budget:<9} {visual:>6} {n:>7} {'-':>9}   (not run)")
+                    print(f"{kind:<7} {engine:<6} {budget:<9} {visual:>6} {n:>7} {'-':>9}   (not run)")
                     continue
                 ips = f"{c['images_per_s']:.3f}" if c["images_per_s"] else "-"
                 gen = f"{c['mean_generated_tokens']:.1f}" if c["mean_generated_tokens"] is not None else "-"
                 prm = f"{c['mean_prompt_tokens']:.0f}" if c["mean_prompt_tokens"] is not None else "-"
-                print(f"{engine:<6} {budget:<9} {visual:>6} {n:>7} {ips:>9} {c['seconds']:>8.2f} {c['calls']:>5} "
-                      f"{gen:>12} {prm:>15} {c['errors']:>6} {100 * c['other_cpu_share']:>9.0f}%")
+                print(f"{kind:<7} {engine:<6} {budget:<9} {visual:>6} {n:>7} {ips:>9} {c['seconds']:>8.2f} "
+                      f"{c['calls']:>5} {gen:>12} {prm:>15} {c['errors']:>6} {100 * c['other_cpu_share']:>9.0f}%")
                 if c["errors"]:
-                    notes.append(f"{engine} {budget} x {n}: {c['errors']} of {c['rows']} rows failed, e.g. "
+                    notes.append(f"{engine} {budget} {kind} x {n}: {c['errors']} of {c['rows']} rows failed, e.g. "
                                  f"{c['first_error']}")
     for engine in args.engines:
         w = workers[engine]
@@ -502,48 +522,49 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "model": path, "images": args.images, "visual_tokens": payload["visual_tokens"], "keep": payload["keep"],
-        "new_tokens": args.new_tokens, "engines_run": args.engines, "engines": environments,
+        "new_tokens": lengths, "engines_run": args.engines, "engines": environments,
         "threads": args.threads or os.cpu_count(),
     }
     identical: dict[str, float | None] = {}
     generated: dict[str, float | None] = {}
-    for n in args.new_tokens:
+    for kind in lengths:  # keys end in the kind (vqa, caption); result["new_tokens"] gives its length
         for engine in ENGINES:
             for budget in BUDGETS:
-                result[f"{engine}_{budget}_{n}"] = _round(rate(engine, budget, n))
-                c = cell(engine, budget, n)
-                generated[f"{engine}_{budget}_{n}"] = _round(c["mean_generated_tokens"], 2) if c else None
-        hf_all, hf_pr = rate("hf", "keep_all", n), rate("hf", "pruned", n)
-        vl_all, vl_pr = rate("vllm", "keep_all", n), rate("vllm", "pruned", n)
-        result[f"hf_pruned_over_hf_keep_all_{n}"] = _ratio(hf_pr, hf_all)
-        result[f"vllm_pruned_over_vllm_keep_all_{n}"] = _ratio(vl_pr, vl_all)
-        result[f"hf_over_vllm_keep_all_{n}"] = _ratio(hf_all, vl_all)
-        result[f"hf_over_vllm_pruned_{n}"] = _ratio(hf_pr, vl_pr)
+                result[f"{engine}_{budget}_{kind}"] = _round(rate(engine, budget, kind))
+                c = cell(engine, budget, kind)
+                generated[f"{engine}_{budget}_{kind}"] = _round(c["mean_generated_tokens"], 2) if c else None
+        hf_all, hf_pr = rate("hf", "keep_all", kind), rate("hf", "pruned", kind)
+        vl_all, vl_pr = rate("vllm", "keep_all", kind), rate("vllm", "pruned", kind)
+        result[f"hf_pruned_over_hf_keep_all_{kind}"] = _ratio(hf_pr, hf_all)
+        result[f"vllm_pruned_over_vllm_keep_all_{kind}"] = _ratio(vl_pr, vl_all)
+        result[f"hf_over_vllm_keep_all_{kind}"] = _ratio(hf_all, vl_all)
+        result[f"hf_over_vllm_pruned_{kind}"] = _ratio(hf_pr, vl_pr)
         speedup = vl_pr / vl_all if vl_pr and vl_all else None
-        result[f"target_vllm_pruned_2x_keep_all_{n}"] = None if speedup is None else speedup >= TARGET_VLLM_PRUNE_SPEEDUP
+        result[f"target_vllm_pruned_2x_keep_all_{kind}"] = (None if speedup is None
+                                                            else speedup >= TARGET_VLLM_PRUNE_SPEEDUP)
         for budget in BUDGETS:
-            a, b = cell("hf", budget, n), cell("vllm", budget, n)
+            a, b = cell("hf", budget, kind), cell("vllm", budget, kind)
             if a and b:
                 pairs = [(x, y) for x, y in zip(a["token_ids"], b["token_ids"], strict=True) if x is not None and y is not None]
-                identical[f"{budget}_{n}"] = round(sum(x == y for x, y in pairs) / len(pairs), 3) if pairs else None
+                identical[f"{budget}_{kind}"] = round(sum(x == y for x, y in pairs) / len(pairs), 3) if pairs else None
     for engine in ENGINES:
         result[f"{engine}_startup_s"] = _round(workers.get(engine, {}).get("startup_s"), 2)
     result["startup_s"] = {e: result[f"{e}_startup_s"] for e in args.engines}
     result["mean_generated_tokens"] = generated
     result["other_cpu_share"] = {
-        f"{e}_{b}_{n}": round(c["other_cpu_share"], 3)
-        for n in args.new_tokens for e in ENGINES for b in BUDGETS if (c := cell(e, b, n))
+        f"{e}_{b}_{kind}": round(c["other_cpu_share"], 3)
+        for kind in lengths for e in ENGINES for b in BUDGETS if (c := cell(e, b, kind))
     }
     result["repeats"] = args.repeats
     result["hf_vllm_identical_token_ids"] = identical
 
-    for n in args.new_tokens:
-        hf_r, vl_r = result[f"hf_pruned_over_hf_keep_all_{n}"], result[f"vllm_pruned_over_vllm_keep_all_{n}"]
-        line = f"{n} new tokens: pruned / keep-all: hf {hf_r if hf_r is not None else '-'}, vllm "
+    for kind, n in lengths.items():
+        hf_r, vl_r = result[f"hf_pruned_over_hf_keep_all_{kind}"], result[f"vllm_pruned_over_vllm_keep_all_{kind}"]
+        line = f"{kind} ({n} new tokens): pruned / keep-all: hf {hf_r if hf_r is not None else '-'}, vllm "
         line += f"{vl_r if vl_r is not None else '-'}"
-        target = result[f"target_vllm_pruned_2x_keep_all_{n}"]
+        target = result[f"target_vllm_pruned_2x_keep_all_{kind}"]
         line += f" (target vllm >= {TARGET_VLLM_PRUNE_SPEEDUP}: {'-' if target is None else 'PASS' if target else 'FAIL'})"
-        hk, hp = result[f"hf_over_vllm_keep_all_{n}"], result[f"hf_over_vllm_pruned_{n}"]
+        hk, hp = result[f"hf_over_vllm_keep_all_{kind}"], result[f"hf_over_vllm_pruned_{kind}"]
         if hk is not None or hp is not None:
             line += f"; hf / vllm: keep-all {hk}, pruned {hp}"
         print(line)

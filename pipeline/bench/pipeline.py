@@ -1,12 +1,17 @@
 """Benchmark: the Ray job's images/s on ``tiny:llava-bench``, ResPrune keep 128 vs keep-all.
 
-    python -m pipeline.bench.pipeline [--rows 48] [--batch-size 8] [--max-new-tokens 8]
+    python -m pipeline.bench.pipeline [--rows 48] [--batch-size 8] [--vqa-tokens 8] [--caption-tokens 32]
                                       [--engines hf,vllm] [--config configs/local.yaml] [--timeout 600]
                                       [--model-path tiny:llava-bench] [--no-warmup]
 
-Same data (the synthetic sample corpus, one Parquet file per batch) through the real pipeline
-twice per decode engine (``--engines``, default ``hf``; ``vllm`` sets ``decode_stage.engine``):
-``resprune`` keeping 128 of 576 visual tokens, and ``none`` keeping all 576. Config:
+Two corpora of the same ``--rows`` sample-corpus images (``make_rows``, one Parquet file per
+batch), one per kind of generation (``LENGTHS``): ``vqa``, each row's own short question (the
+corpus's caption rows ask the count question instead), decoded with ``max_new_tokens`` =
+``--vqa-tokens``; and ``caption``, "Describe the image." of every image, ``--caption-tokens``
+(long answers: the cost moves from prefill to decode steps, where pruning saves less). Each goes
+through the real pipeline twice per decode engine (``--engines``, default ``hf``; ``vllm`` sets
+``decode_stage.engine``): ``resprune`` keeping 128 of 576 visual tokens, and ``none`` keeping
+all 576; every figure is reported per engine and kind. Config:
 ``configs/local.yaml`` with the model set to the resolved ``tiny:llava-bench`` directory, every
 stage's batch size set to ``--batch-size`` (text included) and the pools sized for 2 CPUs with
 the decode stage (the bottleneck) given the most: text 0.25, encode 0.5, decode 1.0, io 0.25.
@@ -28,9 +33,10 @@ engine that cannot run (no vLLM environment, or its runs fail) gets null figures
 Targets (printed, not enforced; exit status 0 unless an hf run fails or times out), per engine:
   pruned_images_per_s / keep_all_images_per_s >= 2
   pruned_images_per_s / slowest_stage_images_per_s (pruned config) >= 0.8
-The last line is ``RESULT {json}``: the unprefixed keys are the hf engine's (null when it was
-not run), ``<engine>_...`` keys each engine's; per-config dicts are keyed ``pruned`` /
-``keep_all`` for hf and ``<engine>_pruned`` / ``<engine>_keep_all`` for the others.
+The last line is ``RESULT {json}``: ``<engine>_<kind>_...`` keys each engine's figures per kind
+(``hf_vqa_pruned_over_keep_all``, ``vllm_caption_pruned_images_per_s``, ...); the unprefixed keys
+are the hf engine's vqa figures (the figures this benchmark had before it ran captions; null when
+hf was not run); per-config dicts are keyed ``<engine>_<kind>_<budget>`` (``hf_caption_pruned``).
 """
 
 from __future__ import annotations
@@ -51,15 +57,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from pipeline.bench.engine import failure_line, parse_engines, run_logged, split_batch, time_stage
+from pipeline.bench.engine import (LENGTHS, failure_line, kind_prompts, parse_engines, run_logged, split_batch,
+                                   time_stage)
 from pipeline.bench.prefill import cpu_seconds, descendants, process_cpu
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.engines import engine_environment
-from pipeline.io.sample_corpus import write_corpus
+from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.job import build_pipeline, check_resources
 from pipeline.models.sources import resolve_model_path
 from pipeline.stages.common import Batch, limit_torch_threads
@@ -276,31 +284,54 @@ def run_pipeline(cfg: JobConfig, files: list[Path], timeout: int) -> dict[str, A
 
 def _print_pipeline(name: str, r: dict[str, Any]) -> None:
     print(
-        f"  {name:<9} {r['images_per_s']:>7.3f} img/s steady ({r['rows']} rows in {r['batches']} batches; "
+        f"  {name:<20} {r['images_per_s']:>7.3f} img/s steady ({r['rows']} rows in {r['batches']} batches; "
         f"first batch at {r['first_batch_s']:.1f} s, last at {r['first_batch_s'] + r['steady_s']:.1f} s; "
         f"{r['images_per_s_from_second']:.3f} img/s from the second batch), "
         f"end-to-end {r['wall_s']:.1f} s = {r['end_to_end_images_per_s']:.3f} img/s"
     )
     print(
-        f"  {'':<9} decode actor busy {100 * r['decode_utilisation']:.0f}% of the steady window, "
+        f"  {'':<20} decode actor busy {100 * r['decode_utilisation']:.0f}% of the steady window, "
         f"encode {100 * r['encode_utilisation']:.0f}%; in-pipeline rates while busy: decode "
         f"{r['decode_images_per_busy_s']:.3f} img/s, encode {r['encode_images_per_busy_s']:.3f} img/s; "
         f"machine CPU busy {100 * r['machine_cpu_busy']:.0f}%; tokens kept {r['mean_visual_tokens_kept']:.0f}, "
         f"prompt {r['mean_prompt_tokens']:.0f}, generated {r['mean_generated_tokens']:.1f}"
     )
-    print(f"  {'':<9} batch arrivals (s after start): {r['arrivals_s']}")
-    print(f"  {'':<9} CPU-s in the steady window ({r['steady_s']:.1f} s x {os.cpu_count()} cores): {r['window_cpu_s']}")
+    print(f"  {'':<20} batch arrivals (s after start): {r['arrivals_s']}")
+    print(f"  {'':<20} CPU-s in the steady window ({r['steady_s']:.1f} s x {os.cpu_count()} cores): "
+          f"{r['window_cpu_s']}")
     if r["decode_utilisation"] > BUNCHED:
         print(
-            f"  {'':<9} WARNING: the decode actor worked {100 * r['decode_utilisation']:.0f}% of the window: the first "
-            "batch reached the driver late (outputs bunched), so the steady figure overstates throughput; "
+            f"  {'':<20} WARNING: the decode actor worked {100 * r['decode_utilisation']:.0f}% of the window: the "
+            "first batch reached the driver late (outputs bunched), so the steady figure overstates throughput; "
             "the from-second-batch figure is the better estimate for this run"
         )
 
 
-def config_name(engine: str, budget: str) -> str:
-    """``pruned`` / ``keep_all`` for hf (the keys this benchmark always had), ``<engine>_<budget>`` else."""
-    return budget if engine == "hf" else f"{engine}_{budget}"
+def config_name(engine: str, kind: str, budget: str) -> str:
+    return f"{engine}_{kind}_{budget}"
+
+
+def write_kind_corpora(root: Path, rows: int, batch_size: int) -> dict[str, Path]:
+    """``root/<kind>/``: the same ``rows`` sample-corpus images with each kind's prompts
+    (``kind_prompts``), one Parquet file per batch; ``expected`` and ``question_type`` kept where
+    the row's own question is asked. An existing corpus directory is used as it is."""
+    data = make_rows(rows, seed=0)
+    dirs = {}
+    for kind, prompts in kind_prompts(data).items():
+        out = dirs[kind] = root / kind
+        if out.exists() and any(out.glob("*.parquet")):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        table = [{**r, "prompt": p} if p == r["prompt"]
+                 else {**r, "prompt": p, "expected": None, "question_type": "count" if kind == "vqa" else kind}
+                 for r, p in zip(data, prompts, strict=True)]
+        # One file per batch, as a real corpus has many files: Ray Data's map operators do not
+        # split their output blocks at batch boundaries, so a block larger than a batch would
+        # make the next stage wait for all of it and the stages would run one after the other.
+        for i in range(0, len(table), batch_size):
+            pq.write_table(pa.Table.from_pylist(table[i : i + batch_size], schema=SCHEMA),
+                           out / f"part-{i // batch_size:05d}.parquet")
+    return dirs
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -311,47 +342,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="sample-corpus rows")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per call, every stage")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--vqa-tokens", type=int, default=8, help="max_new_tokens of the vqa corpus (short answers)")
+    parser.add_argument("--caption-tokens", type=int, default=32,
+                        help="max_new_tokens of the caption corpus (\"Describe the image.\"; a four-object caption is "
+                        "~17 tokens on tiny:llava-shapes; the random-weight bench model rarely stops early)")
     parser.add_argument("--keep", type=int, default=128, help="ResPrune budget (of 576)")
     parser.add_argument("--engines", type=parse_engines, default=["hf"], help="decode engines: hf, vllm or hf,vllm")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "local.yaml")
     parser.add_argument("--model-path", default="tiny:llava-bench")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temp dir")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the corpora go (<dir>/vqa, <dir>/caption; kept if there); default: a fresh "
+                        "temp dir")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per pipeline / stage run")
     parser.add_argument("--stats", action="store_true", help="print ds.stats() of every pipeline run")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed pipeline run on one file first (--no-warmup: quick smoke runs)")
     args = parser.parse_args()
+    if min(args.rows, args.batch_size, args.vqa_tokens, args.caption_tokens) < 1:
+        parser.error("--rows, --batch-size, --vqa-tokens and --caption-tokens must be >= 1")
+    lengths = dict(zip(LENGTHS, (args.vqa_tokens, args.caption_tokens), strict=True))
 
     load_before = os.getloadavg()
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="resprune-bench-")
-    data_dir = args.data_dir or Path(tmp.name) / "corpus"
-    if not (data_dir.exists() and any(data_dir.glob("*.parquet"))):
-        # One file per batch, as a real corpus has many files: Ray Data's map operators do not
-        # split their output blocks at batch boundaries, so a block larger than a batch would
-        # make the next stage wait for all of it and the stages would run one after the other.
-        write_corpus(data_dir, rows=args.rows, shards=max(1, math.ceil(args.rows / args.batch_size)))
-    n_rows = sum(pq.read_metadata(f).num_rows for f in data_dir.glob("*.parquet"))
+    data_dirs = write_kind_corpora(args.data_dir or Path(tmp.name) / "corpus", args.rows, args.batch_size)
+    n_rows = sum(pq.read_metadata(f).num_rows for f in data_dirs["vqa"].glob("*.parquet"))
 
     # Where each engine's decode actors run; an engine that cannot run is left out with a note
     # (hf always can: it runs in this interpreter).
     notes: list[str] = []
     environments: dict[str, dict[str, str]] = {}
-    configs: dict[str, tuple[str, str, JobConfig]] = {}  # name -> (engine, budget, config)
+    configs: dict[str, tuple[str, str, str, JobConfig]] = {}  # name -> (engine, kind, budget, config)
     for engine in args.engines:
-        per_budget = {
-            "pruned": bench_config(args.config, data_dir, "resprune", args.keep, args.batch_size, args.max_new_tokens,
-                                   args.model_path, engine),
-            "keep_all": bench_config(args.config, data_dir, "none", 576, args.batch_size, args.max_new_tokens,
-                                     args.model_path, engine),
+        per_config = {
+            (kind, budget): bench_config(args.config, data_dirs[kind], method, keep, args.batch_size, n,
+                                         args.model_path, engine)
+            for kind, n in lengths.items()
+            for budget, method, keep in (("pruned", "resprune", args.keep), ("keep_all", "none", 576))
         }
         try:
-            environments[engine] = engine_environment(per_budget["pruned"].decode_stage).as_dict()
+            environments[engine] = engine_environment(per_config["vqa", "pruned"].decode_stage).as_dict()
         except ConfigError as e:
             notes.append(f"{engine} not run: {e}")
             continue
-        configs |= {config_name(engine, b): (engine, b, c) for b, c in per_budget.items()}
+        configs |= {config_name(engine, k, b): (engine, k, b, c) for (k, b), c in per_config.items()}
     failed: set[str] = set()
 
     def give_up(engine: str, what: str, e: BaseException) -> None:
@@ -361,11 +395,11 @@ def main() -> None:
         failed.add(engine)
         notes.append(f"{engine}: {what} failed, its remaining runs skipped: {type(e).__name__}: {e}")
 
-    cfg = bench_config(args.config, data_dir, "resprune", args.keep, args.batch_size, args.max_new_tokens,
-                       args.model_path)  # pool sizes and generation: the same for every config
+    cfg = bench_config(args.config, data_dirs["vqa"], "resprune", args.keep, args.batch_size, args.vqa_tokens,
+                       args.model_path)  # pool sizes: the same for every config
     print(
-        f"model={cfg.model.path} rows={n_rows} files={len(list(data_dir.glob('*.parquet')))} "
-        f"batch_size={args.batch_size} max_new_tokens={cfg.generation.max_new_tokens} "
+        f"model={cfg.model.path} rows={n_rows} per kind, files={len(list(data_dirs['vqa'].glob('*.parquet')))} "
+        f"batch_size={args.batch_size} max_new_tokens per kind {lengths} "
         f"cpus: text {cfg.text_stage.num_cpus} encode {cfg.encode_stage.num_cpus} decode {cfg.decode_stage.num_cpus} "
         f"io {cfg.ray.io_num_cpus} (ray.num_cpus={cfg.ray.num_cpus}); pruned = resprune keep {args.keep}, "
         f"keep-all = none keep 576; engines: "
@@ -374,39 +408,39 @@ def main() -> None:
 
     # Stages alone first, before Ray starts: nothing else competes for the cores.
     stages: dict[str, dict[str, dict[str, float]]] = {}
-    for name, (engine, _, c) in configs.items():
+    for name, (engine, kind, _, c) in configs.items():
         if engine in failed:
             continue
         try:
             with deadline(args.timeout, f"stages alone ({name})"):
-                stages[name] = time_stages(c, data_dir, environments[engine]["python"], args.timeout)
+                stages[name] = time_stages(c, data_dirs[kind], environments[engine]["python"], args.timeout)
         except (RuntimeError, TimeoutError, OSError) as e:
             give_up(engine, f"stages alone ({name})", e)
     limit_torch_threads(1)  # the driver only consumes batches from here on
     gc.collect()
 
     pipelines: dict[str, dict[str, Any]] = {}
-    runnable = [(n, e, c) for n, (e, _, c) in configs.items() if e not in failed]
+    runnable = [(n, e, k, c) for n, (e, k, _, c) in configs.items() if e not in failed]
     if runnable:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)  # as pipeline.job._init_ray
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.use_datasource_v2 = False  # as pipeline.job: the V2 reader deadlocks on 2 CPUs
             ctx.enable_progress_bars = False
-            files = sorted(data_dir.glob("*.parquet"))
+            files = {kind: sorted(d.glob("*.parquet")) for kind, d in data_dirs.items()}
             # Untimed warm-up on one file: the first pipeline after ray.init competes with Ray's
             # prestarted workers importing torch, which delays and bunches its early batches.
-            name, engine, c = runnable[0]
+            name, engine, kind, c = runnable[0]
             try:
                 if args.warmup:
-                    run_pipeline(c, files[:1], args.timeout)
+                    run_pipeline(c, files[kind][:1], args.timeout)
             except Exception as e:  # noqa: BLE001 - any failure of a non-hf engine is reported, not fatal
                 give_up(engine, f"pipeline warm-up ({name})", e)
-            for name, engine, c in runnable:
+            for name, engine, kind, c in runnable:
                 if engine in failed:
                     continue
                 try:
-                    pipelines[name] = run_pipeline(c, files, args.timeout)
+                    pipelines[name] = run_pipeline(c, files[kind], args.timeout)
                 except Exception as e:  # noqa: BLE001
                     give_up(engine, f"pipeline ({name})", e)
         finally:
@@ -414,13 +448,14 @@ def main() -> None:
 
     print("each stage alone (in process, same stage configs and torch threads; vllm decode in its interpreter), "
           "images/s:")
-    print(f"  {'config':<15} {'engine':<6} {'text':>8} {'encode':>8} {'decode':>8}   slowest   "
+    print(f"  {'config':<20} {'engine':<6} {'kind':<7} {'text':>8} {'encode':>8} {'decode':>8}   slowest   "
           "other processes' CPU-s (text/encode/decode)")
     for name, s in stages.items():
         slowest = min(s, key=lambda k: s[k]["images_per_s"])
         others = "/".join(f"{s[k]['other_cpu_s']:.1f}" for k in ("text", "encode", "decode"))
+        engine, kind = configs[name][:2]
         print(
-            f"  {name:<15} {configs[name][0]:<6} {s['text']['images_per_s']:>8.2f} {s['encode']['images_per_s']:>8.3f} "
+            f"  {name:<20} {engine:<6} {kind:<7} {s['text']['images_per_s']:>8.2f} {s['encode']['images_per_s']:>8.3f} "
             f"{s['decode']['images_per_s']:>8.3f}   {slowest:<8}  {others}"
         )
     print("Ray Data pipeline (read_parquet -> build_pipeline -> iter_batches):")
@@ -430,33 +465,35 @@ def main() -> None:
         for name, r in pipelines.items():
             print(f"--- ds.stats() {name} ---\n{r['stats']}")
 
-    per_engine: dict[str, dict[str, Any]] = {}
+    empty = ("pruned", "keep_all", "speedup", "slowest_stage", "slowest", "efficiency", "keep_all_efficiency")
+    per_run: dict[tuple[str, str], dict[str, Any]] = {}  # (engine, kind) -> figures
     for engine in args.engines:
-        p_name, k_name = config_name(engine, "pruned"), config_name(engine, "keep_all")
-        fig: dict[str, Any] = dict.fromkeys(
-            ("pruned", "keep_all", "speedup", "slowest_stage", "slowest", "efficiency", "keep_all_efficiency"))
-        if p_name in pipelines and k_name in pipelines and p_name in stages and k_name in stages:
-            pruned, keep_all = pipelines[p_name]["images_per_s"], pipelines[k_name]["images_per_s"]
-            slowest_name = min(stages[p_name], key=lambda k: stages[p_name][k]["images_per_s"])
-            slowest = stages[p_name][slowest_name]["images_per_s"]
-            keep_all_slowest = min(v["images_per_s"] for v in stages[k_name].values())
-            fig = {"pruned": pruned, "keep_all": keep_all, "speedup": pruned / keep_all, "slowest_stage": slowest_name,
-                   "slowest": slowest, "efficiency": pruned / slowest, "keep_all_efficiency": keep_all / keep_all_slowest,
-                   "keep_all_slowest": keep_all_slowest}
-            print(
-                f"{engine}: pruned / keep-all: {pruned:.3f} / {keep_all:.3f} = {fig['speedup']:.2f} (target >= "
-                f"{TARGET_PRUNE_SPEEDUP}) -> {'PASS' if fig['speedup'] >= TARGET_PRUNE_SPEEDUP else 'FAIL'}"
-            )
-            print(
-                f"{engine}: pruned pipeline / slowest stage alone ({slowest_name}): {pruned:.3f} / {slowest:.3f} = "
-                f"{fig['efficiency']:.2f} (target >= {TARGET_PIPELINE_EFFICIENCY}) -> "
-                f"{'PASS' if fig['efficiency'] >= TARGET_PIPELINE_EFFICIENCY else 'FAIL'}"
-            )
-            print(f"{engine}: keep-all pipeline / its slowest stage alone: {keep_all:.3f} / {keep_all_slowest:.3f} = "
-                  f"{fig['keep_all_efficiency']:.2f}")
-        else:
-            print(f"{engine}: not measured (see the notes)")
-        per_engine[engine] = fig
+        for kind, n in lengths.items():
+            p_name, k_name = config_name(engine, kind, "pruned"), config_name(engine, kind, "keep_all")
+            label = f"{engine} {kind} ({n} new tokens)"
+            fig: dict[str, Any] = dict.fromkeys(empty)
+            if p_name in pipelines and k_name in pipelines and p_name in stages and k_name in stages:
+                pruned, keep_all = pipelines[p_name]["images_per_s"], pipelines[k_name]["images_per_s"]
+                slowest_name = min(stages[p_name], key=lambda k: stages[p_name][k]["images_per_s"])
+                slowest = stages[p_name][slowest_name]["images_per_s"]
+                keep_all_slowest = min(v["images_per_s"] for v in stages[k_name].values())
+                fig = {"pruned": pruned, "keep_all": keep_all, "speedup": pruned / keep_all,
+                       "slowest_stage": slowest_name, "slowest": slowest, "efficiency": pruned / slowest,
+                       "keep_all_efficiency": keep_all / keep_all_slowest, "keep_all_slowest": keep_all_slowest}
+                print(
+                    f"{label}: pruned / keep-all: {pruned:.3f} / {keep_all:.3f} = {fig['speedup']:.2f} (target >= "
+                    f"{TARGET_PRUNE_SPEEDUP}) -> {'PASS' if fig['speedup'] >= TARGET_PRUNE_SPEEDUP else 'FAIL'}"
+                )
+                print(
+                    f"{label}: pruned pipeline / slowest stage alone ({slowest_name}): {pruned:.3f} / {slowest:.3f} = "
+                    f"{fig['efficiency']:.2f} (target >= {TARGET_PIPELINE_EFFICIENCY}) -> "
+                    f"{'PASS' if fig['efficiency'] >= TARGET_PIPELINE_EFFICIENCY else 'FAIL'}"
+                )
+                print(f"{label}: keep-all pipeline / its slowest stage alone: {keep_all:.3f} / "
+                      f"{keep_all_slowest:.3f} = {fig['keep_all_efficiency']:.2f}")
+            else:
+                print(f"{label}: not measured (see the notes)")
+            per_run[engine, kind] = fig
     for note in notes:
         print(f"note: {note}")
     wall = time.perf_counter() - t_all
@@ -478,26 +515,27 @@ def main() -> None:
             if measured else None,
         }
 
-    hf = figures(per_engine.get("hf") or dict.fromkeys(("pruned", "keep_all", "speedup", "slowest_stage", "slowest",
-                                                         "efficiency", "keep_all_efficiency")))
+    hf_vqa = figures(per_run.get(("hf", "vqa")) or dict.fromkeys(empty))
     result: dict[str, Any] = {
         "rows": n_rows,
         "batch_size": args.batch_size,
-        "max_new_tokens": cfg.generation.max_new_tokens,
+        "new_tokens": lengths,
         "engines_run": args.engines,
         "engines": environments,
-        "configs": [{"name": n, "engine": e, "method": c.pruning.method, "keep": c.pruning.keep}
-                    for n, (e, _, c) in configs.items()],
-        **{k: v for k, v in hf.items() if k != "targets_pass"},
+        "configs": [{"name": n, "engine": e, "kind": k, "method": c.pruning.method, "keep": c.pruning.keep,
+                     "max_new_tokens": c.generation.max_new_tokens}
+                    for n, (e, k, _, c) in configs.items()],
+        **{k: v for k, v in hf_vqa.items() if k != "targets_pass"},  # unprefixed: hf, vqa (as before captions)
         "images_per_s_from_second_batch": {n: _round(r["images_per_s_from_second"]) for n, r in pipelines.items()},
         "stage_images_per_s": {n: {k: round(v["images_per_s"], 4) for k, v in s.items()} for n, s in stages.items()},
         "end_to_end_wall_s": {n: round(r["wall_s"], 2) for n, r in pipelines.items()},
         "end_to_end_images_per_s": {n: round(r["end_to_end_images_per_s"], 4) for n, r in pipelines.items()},
         "decode_utilisation": {n: _round(r["decode_utilisation"], 3) for n, r in pipelines.items()},
-        "targets_pass": hf["targets_pass"],
+        "mean_generated_tokens": {n: round(r["mean_generated_tokens"], 2) for n, r in pipelines.items()},
+        "targets_pass": hf_vqa["targets_pass"],
     }
-    for engine, fig in per_engine.items():
-        result |= {f"{engine}_{k}": v for k, v in figures(fig).items()}
+    for (engine, kind), fig in per_run.items():
+        result |= {f"{engine}_{kind}_{k}": v for k, v in figures(fig).items()}
     result |= {
         "notes": notes,
         "load_avg_1min": [round(load_before[0], 2), round(load_after[0], 2)],

@@ -21,6 +21,15 @@ column of every row):
           Prompt padding is left out: the decode stage groups rows of similar length.
 FLOPs and KV cache per image are the useful work in both (what the job's rows count).
 
+Generated tokens per image (``generated``, the decode term's input; column ``generated_tokens``,
+its origin in ``generated_tokens_from``): given on the command line (``--generated-tokens``),
+else the mean over the answered rows of the ``--runs`` given (their output's ``generated_tokens``
+column), else the accelerator table's assumption (``assumptions.generated_tokens``). A caption
+corpus generates ~5-10x the tokens of a VQA one, which moves an image's cost from prefill
+(which pruning shrinks ~3x) to decode steps (which stream the weights whatever the prompt
+length, so pruning shrinks them only through the KV cache): the plan has to know which corpus
+it is planning.
+
 Measured rows come from a run's ``_manifest.json``: GPU-seconds and dollars per image are the
 means of the per-row columns; a stage's images/s is answered rows / that stage's busy time; the
 engine is the one the run's decode stage used (``engine.name``; older manifests: the config's
@@ -52,11 +61,15 @@ class PlanRow:
     source: str  # "estimate" or the run directory
     accelerator: str
     engine: str  # decode engine: what a measured run used, what an estimate assumes ("vllm" / "hf")
+    generated_tokens: float  # per image: the run's mean (measured), the decode term's input (estimate)
+    generated_tokens_from: str  # GENERATED_FROM: where an estimate's figure came from; "this run" when measured
     flops_vision_per_image: float
     flops_prefill_per_image: float
+    flops_decode_per_image: float
     flops_per_image: float
     kv_cache_bytes_per_image: float
     gpu_seconds_per_image: float | None
+    decode_share: float | None  # share of gpu_seconds_per_image in decode steps (estimates; null when measured)
     images_per_second_per_gpu: float | None
     vision_images_per_second: float | None  # encode stage, one actor (measured) / one GPU (estimate)
     llm_images_per_second: float | None  # decode stage, likewise
@@ -68,6 +81,8 @@ class PlanRow:
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
 ENGINES = ("vllm", "hf")  # decode_stage.engine values an estimate can assume
+# Where an estimate's generated tokens per image came from, in the order they are preferred.
+GENERATED_FROM = ("given", "measured from runs", "assumed")
 DEFAULT_ENGINE = "vllm"  # what the cluster configs run (configs/llava-1.5-7b.yaml and siblings)
 
 
@@ -86,10 +101,15 @@ def estimate(
     shapes: ModelShapes, *, model: str, method: str, keep: int, visual_tokens_in: int, encoder_patches: int,
     accelerator_name: str, accelerator: Accelerator, price: Price, assume: Utilisation, images: int, gpus: int,
     engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None, bytes_per_element: int = 2,
+    generated_from: str = "assumed",
 ) -> PlanRow:
     """One image of ``visual_tokens_in`` visual tokens (``encoder_patches`` through the vision
-    encoder) with ``keep`` of them kept, decoded by ``engine`` (see the module's docstring);
-    ``max_new_tokens`` (generation.max_new_tokens) is the static batch's length for ``hf``."""
+    encoder) with ``keep`` of them kept, generating ``assume.generated_tokens`` tokens (where that
+    figure came from: ``generated_from``, one of GENERATED_FROM), decoded by ``engine`` (see the
+    module's docstring); ``max_new_tokens`` (generation.max_new_tokens) is the static batch's
+    length for ``hf``."""
+    if generated_from not in GENERATED_FROM:
+        raise ValueError(f"generated_from {generated_from!r}: one of {', '.join(GENERATED_FROM)}")
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
     lang = shapes.language
@@ -116,11 +136,11 @@ def estimate(
     usd_per_image = gpu_s * price.usd_per_hour / 3600
     return PlanRow(
         model=model, method=method, keep=kept, estimated=True, source="estimate", accelerator=accelerator_name,
-        engine=engine,
-        flops_vision_per_image=f_vision, flops_prefill_per_image=f_prefill,
+        engine=engine, generated_tokens=gen, generated_tokens_from=generated_from,
+        flops_vision_per_image=f_vision, flops_prefill_per_image=f_prefill, flops_decode_per_image=f_decode,
         flops_per_image=f_vision + f_prefill + f_decode,
         kv_cache_bytes_per_image=kv_cache_bytes(lang, seq, gen, bytes_per_element),
-        gpu_seconds_per_image=gpu_s, images_per_second_per_gpu=1 / gpu_s,
+        gpu_seconds_per_image=gpu_s, decode_share=t_decode / gpu_s, images_per_second_per_gpu=1 / gpu_s,
         vision_images_per_second=1 / t_vision, llm_images_per_second=1 / (t_prefill + t_decode),
         usd_per_1k_images=1000 * usd_per_image,
         wall_hours=images * gpu_s / gpus / 3600, total_usd=images * usd_per_image,
@@ -175,6 +195,7 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
         raise ValueError(f"{run}: manifest says {m['rows']['output']} rows, the output holds {written}")
     if not m["rows"]["ok"]:
         raise ValueError(f"{run}: no answered rows to measure")
+    gen_mean, _ = run_generated_tokens(run)
     cfg, cost = m["config"], m["cost"]
     mean, stages = cost["mean_per_image"], cost["stages"]
     gpu_s = mean["gpu_seconds"] or None
@@ -187,14 +208,52 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
         model=model_label(m["model"]["configured_path"]), method=cfg["pruning"]["method"],
         keep=round(m["visual_tokens"]["mean_kept"]), estimated=False, source=run,
         accelerator=cost["accelerator"] or "cpu", engine=run_engine(m),
+        generated_tokens=gen_mean, generated_tokens_from="this run",
         flops_vision_per_image=mean["flops_vision"], flops_prefill_per_image=mean["flops_prefill"],
+        flops_decode_per_image=mean["flops_total"] - mean["flops_vision"] - mean["flops_prefill"],
         flops_per_image=mean["flops_total"], kv_cache_bytes_per_image=mean["kv_cache_bytes"],
-        gpu_seconds_per_image=gpu_s, images_per_second_per_gpu=1 / gpu_s if gpu_s else None,
+        # The decode stage's time includes prefill, so a run does not say what decode steps alone took.
+        gpu_seconds_per_image=gpu_s, decode_share=None, images_per_second_per_gpu=1 / gpu_s if gpu_s else None,
         vision_images_per_second=stages["encode_stage"]["images_per_second"],
         llm_images_per_second=stages["decode_stage"]["images_per_second"],
         usd_per_1k_images=1000 * mean["cost_usd"],
         wall_hours=wall_s / 3600, total_usd=images * mean["cost_usd"],
     )
+
+
+def run_generated_tokens(run: str) -> tuple[float, int]:
+    """(mean generated tokens, answered rows) of a run's output: its ``generated_tokens`` column
+    over the rows whose ``error`` is empty (error rows generated nothing worth counting)."""
+    ds = parquet_dataset(run)
+    missing = {"generated_tokens", "error"} - set(ds.schema.names)
+    if missing:
+        raise ValueError(f"{run}: the output has no {', '.join(sorted(missing))} column")
+    t = ds.to_table(columns=["generated_tokens", "error"])
+    tokens = [g for g, e in zip(t.column("generated_tokens").to_pylist(), t.column("error").to_pylist(), strict=True)
+              if not e and g is not None]
+    if not tokens:
+        raise ValueError(f"{run}: no answered rows to measure")
+    return sum(tokens) / len(tokens), len(tokens)
+
+
+def generated_tokens_for_estimates(given: int | None, runs: list[str], assumed: int) -> tuple[int, str, str]:
+    """The generated tokens per image the estimates use, where it came from (one of GENERATED_FROM)
+    and a sentence for the plan: ``given`` (--generated-tokens) wins; else the mean over every
+    answered row of ``runs``, rounded to a whole token (the decode term counts steps); else
+    ``assumed`` (the accelerator table's)."""
+    if given is not None:
+        return given, "given", f"Estimates generate {given} tokens per image: given (--generated-tokens)."
+    if runs:
+        measured = [run_generated_tokens(r) for r in runs]
+        rows = sum(n for _, n in measured)
+        mean = sum(g * n for g, n in measured) / rows
+        tokens = max(1, math.floor(mean + 0.5))
+        return tokens, "measured from runs", (
+            f"Estimates generate {tokens} tokens per image: measured from runs (mean {mean:.2f} over {rows} answered "
+            f"rows of {len(runs)} run(s), rounded; --generated-tokens overrides).")
+    return assumed, "assumed", (
+        f"Estimates generate {assumed} tokens per image: assumed (assumptions.generated_tokens; give "
+        f"--generated-tokens, or --runs of a corpus like the one planned, to plan for its answer lengths).")
 
 
 def add_savings(rows: list[PlanRow]) -> None:
@@ -222,13 +281,16 @@ def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes:
 
 
 def table(rows: list[PlanRow]) -> str:
-    head = ["model", "accelerator", "method", "keep", "kind", "engine", "TFLOP/img", "prefill TFLOP", "img/s/GPU",
-            "$/1k img", "wall h", "total $", "saving"]
+    head = ["model", "accelerator", "method", "keep", "kind", "engine", "gen tok", "TFLOP/img", "prefill TFLOP",
+            "decode TFLOP", "decode share", "KV MB", "img/s/GPU", "$/1k img", "wall h", "total $", "saving"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             r.model, r.accelerator, r.method, str(r.keep), "estimate" if r.estimated else "measured", r.engine,
-            f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
+            f"{r.generated_tokens:.3g}", f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
+            f"{r.flops_decode_per_image / 1e12:.3g}",
+            "-" if r.decode_share is None else f"{100 * r.decode_share:.0f} %",
+            f"{r.kv_cache_bytes_per_image / 1e6:.4g}",
             _fmt(r.images_per_second_per_gpu), f"{r.usd_per_1k_images:.4g}", f"{r.wall_hours:.4g}",
             f"{r.total_usd:,.0f}" if r.total_usd >= 100 else f"{r.total_usd:.4g}",
             "" if r.saving_vs_keep_all is None else f"{100 * r.saving_vs_keep_all:.1f} %",
@@ -313,30 +375,38 @@ def _fmt(x: float | None) -> str:
 def engine_note(engine: str, assume: Utilisation, max_new_tokens: int | None) -> str:
     """What the estimates' decode term assumes of the engine (stated with every plan)."""
     gen = assume.generated_tokens
+    over = (f" The planned {gen} generated tokens exceed the config's generation.max_new_tokens = {max_new_tokens}: "
+            f"a run of this config would stop at {max_new_tokens}; raise it for such a corpus."
+            if max_new_tokens and gen > max_new_tokens else "")
     if engine == "vllm":
         return (f"Estimates assume the vLLM decode engine (decode_stage.engine: vllm): continuous batching keeps "
                 f"{assume.decode_batch} rows in every decode step, a finished row's slot going to the next row at "
                 f"once, so an image pays for its own {gen} generated tokens. Measured rows state the engine their "
-                f"run used (column engine).")
+                f"run used (column engine).{over}")
     paid = paid_tokens(engine, gen, max_new_tokens)
     cap = f"the cap, generation.max_new_tokens = {max_new_tokens}" if max_new_tokens else "no cap given"
     return (f"Estimates assume the Hugging Face decode engine (decode_stage.engine: hf): static batches of "
             f"{assume.decode_batch} rows that decode until their longest row stops ({cap}); finished rows keep "
             f"their slot and KV cache until then, so an image pays for {paid} tokens' decode steps while generating "
             f"{gen}. Prompt padding is left out (the decode stage groups rows of similar length). Measured rows "
-            f"state the engine their run used (column engine).")
+            f"state the engine their run used (column engine).{over}")
 
 
 def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price,
-                     engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None) -> list[str]:
+                     engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None,
+                     generated_note: str | None = None) -> list[str]:
+    """The plan's stated assumptions; ``generated_note``: where the generated tokens per image came
+    from (``generated_tokens_for_estimates``), default: the accelerator table's assumption."""
+    if generated_note is None:
+        generated_note = generated_tokens_for_estimates(None, [], assume.generated_tokens)[2]
     return [
         f"Accelerator {accelerator_name}: {accelerator.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{accelerator.memory_bandwidth / 1e12:.1f} TB/s ({accelerator.source}, {accelerator.date}).",
         f"Price {accelerator_name}: ${price.usd_per_hour}/GPU-hour ({price.source}, {price.date}).",
         f"Estimates assume vision at {assume.vision_mfu:.0%} and prefill at {assume.prefill_mfu:.0%} of the bf16 "
         f"ceiling, decode at {assume.decode_bandwidth:.0%} of memory bandwidth with {assume.decode_batch} rows per "
-        f"step, {assume.text_tokens} text tokens and {assume.generated_tokens} generated tokens per image, bf16 "
-        f"weights and KV cache ({assume.source}).",
+        f"step, {assume.text_tokens} text tokens per image, bf16 weights and KV cache ({assume.source}).",
+        generated_note,
         engine_note(engine, assume, max_new_tokens),
         "Estimates leave out CPU-only stages and ResPrune's selection (< 1 % of the vision FLOPs); measured rows "
         "include everything each stage's actors spent on a row, but not start-up or idle time (see each run's "

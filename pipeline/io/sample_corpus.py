@@ -5,8 +5,12 @@ The world is a contract (other corpora are drawn from it):
 
 - a plain light background of any shade; images of any size and aspect ratio, 200 to 800 px a side;
 - 1 to 4 non-overlapping objects, each a circle, square or triangle, coloured red, green, blue,
-  yellow or purple (shades jittered), of varied sizes, anywhere in the image;
-- four question types, verbatim templates, answers one bare lower-case word:
+  yellow or purple (shades jittered), anywhere in the image, of varied sizes: a radius (half the
+  side) drawn uniformly from 8 % to 20 % of the image's long side (``SIZE_RANGE``; about 4 to 10
+  patches across after LLaVA's pad-to-square resize to 24 x 24 patches), capped at 45 % of the
+  short side (widening it to 4 % waits for a model trained on it: README, Quality);
+- five question types, verbatim templates; four answered by one bare lower-case word, and a
+  caption:
 
   | type       | template                                                                   | answer       |
   |------------|----------------------------------------------------------------------------|--------------|
@@ -14,6 +18,11 @@ The world is a contract (other corpora are drawn from it):
   | `presence` | Is there a {colour} {shape} in the image? Please answer yes or no.           | yes / no (half absent) |
   | `count`    | How many shapes are in the picture?\\nAnswer the question using a single word or phrase. | 1 .. 4 |
   | `position` | Is the {colour} {shape} on the left or on the right?\\nAnswer the question using a single word or phrase. | left / right (asked only when that object occurs once and its centre is clearly off the middle) |
+  | `caption`  | Describe the image.                                                        | every object left to right by its centre, ``a {colour} {shape}``, joined by ", " and a final " and ", ending with "." (``caption_text``) |
+
+The caption lists objects left to right (ties: top to bottom), e.g. ``a red circle, a blue square
+and a yellow triangle.``; one object: ``a green triangle.`` Scoring parses the objects back out
+(``pipeline.quality.scoring.caption_objects``).
 
 Input schema (what the job reads; extra columns pass through to the output):
 
@@ -26,7 +35,7 @@ Input schema (what the job reads; extra columns pass through to the output):
 Sample corpora add ``expected`` (the true answer) and ``question_type`` (one of the types above),
 which the evaluation job (``jobs/evaluate_pruning.py``) scores against.
 
-    python -m pipeline.io.sample_corpus OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1]
+    python -m pipeline.io.sample_corpus OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1] [--types color,...,caption]
 """
 
 from __future__ import annotations
@@ -44,7 +53,11 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 60), "blue": (40, 70, 215), "yellow": (235, 205, 35), "purple": (135, 50, 170)}
 SHAPES = ("circle", "square", "triangle")
-QUESTION_TYPES = ("color", "presence", "count", "position")
+QUESTION_TYPES = ("color", "presence", "count", "position", "caption")
+SHORT_TYPES = QUESTION_TYPES[:4]  # answered by one word, scored by exact match
+# What sample corpora draw unless told otherwise: the short types, until the committed
+# tiny:llava-shapes describes images (README, Quality); `--types` adds captions.
+DEFAULT_TYPES = SHORT_TYPES
 FORMATS = ("JPEG", "PNG", "WEBP")
 SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
@@ -52,6 +65,8 @@ SCHEMA = pa.schema([
 ])
 MIN_SIDE, MAX_SIDE = 200, 800
 SINGLE_WORD = "\nAnswer the question using a single word or phrase."
+CAPTION_PROMPT = "Describe the image."
+SIZE_RANGE = (0.08, 0.2)  # object radius as a share of the image's long side
 COLOUR_JITTER = 25  # per channel, uniform
 MIDDLE_MARGIN = 0.1  # `position` is asked only when |centre x - middle| > this share of the width
 
@@ -116,7 +131,7 @@ def draw_scene(rng: random.Random, size: tuple[int, int] | None = None, n_object
             break
         # Sizes relative to the long side: after padding to square and resizing to the encoder's
         # 24 x 24 patch grid an object spans about 4 to 10 patches across, whatever the aspect ratio.
-        r = min(rng.uniform(0.08, 0.2) * long_side, 0.45 * short_side)
+        r = min(rng.uniform(*SIZE_RANGE) * long_side, 0.45 * short_side)
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
         if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.r + 0.02 * long_side for o in objects):
             objects.append(Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), cx, cy, r))
@@ -124,6 +139,14 @@ def draw_scene(rng: random.Random, size: tuple[int, int] | None = None, n_object
         tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[o.colour]) for o in objects
     )
     return Scene((w, h), background, tuple(objects), fills)
+
+
+def caption_text(scene: Scene) -> str:
+    """The caption contract: objects left to right by centre (ties top to bottom), ``a {colour}
+    {shape}``, joined by ", " and a final " and ", ending with a full stop."""
+    names = [f"a {o.colour} {o.shape}" for o in sorted(scene.objects, key=lambda o: (o.cx, o.cy))]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return listed + "."
 
 
 def askable(scene: Scene) -> dict[str, list[tuple[str, str]]]:
@@ -143,13 +166,16 @@ def askable(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     out["presence"] = [(f"Is there a {c} {s} in the image? Please answer yes or no.", "yes") for c, s in present]
     out["presence_absent"] = [(f"Is there a {c} {s} in the image? Please answer yes or no.", "no") for c, s in absent]
     out["count"] = [(f"How many shapes are in the picture?{SINGLE_WORD}", str(len(scene.objects)))]
+    out["caption"] = [(CAPTION_PROMPT, caption_text(scene))]
     return out
 
 
-def ask(rng: random.Random, scene: Scene, question_type: str | None = None) -> tuple[str, str, str]:
-    """(prompt, answer, type): the type uniform among those the scene supports (or as given)."""
+def ask(rng: random.Random, scene: Scene, question_type: str | None = None,
+        types: tuple[str, ...] = DEFAULT_TYPES) -> tuple[str, str, str]:
+    """(prompt, answer, type): the type uniform among ``types`` the scene supports (or as given,
+    falling back to those when the scene cannot ask it)."""
     options = askable(scene)
-    types = [t for t in QUESTION_TYPES if options[t] or (t == "presence" and options["presence_absent"])]
+    types = [t for t in types if options[t] or (t == "presence" and options["presence_absent"])]
     t = question_type if question_type in types else rng.choice(types)
     if t == "presence":  # half of them absent
         pool = options["presence_absent"] if rng.random() < 0.5 or not options["presence"] else options["presence"]
@@ -159,13 +185,14 @@ def ask(rng: random.Random, scene: Scene, question_type: str | None = None) -> t
     return prompt, answer, t
 
 
-def make_rows(n: int, seed: int = 0, corrupt: int = 0) -> list[dict[str, object]]:
-    """``n`` rows drawn from the world with ``seed``; the last ``corrupt`` carry undecodable bytes."""
+def make_rows(n: int, seed: int = 0, corrupt: int = 0, types: tuple[str, ...] = DEFAULT_TYPES) -> list[dict[str, object]]:
+    """``n`` rows drawn from the world with ``seed``, question types uniform among ``types``; the
+    last ``corrupt`` carry undecodable bytes."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         scene = draw_scene(rng)
-        prompt, expected, qtype = ask(rng, scene)
+        prompt, expected, qtype = ask(rng, scene, types=types)
         buf = io.BytesIO()
         fmt = FORMATS[i % len(FORMATS)]
         scene.render().save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
@@ -177,10 +204,20 @@ def make_rows(n: int, seed: int = 0, corrupt: int = 0) -> list[dict[str, object]
     return rows
 
 
-def write_corpus(out_dir: str | Path, rows: int = 48, shards: int = 2, seed: int = 0, corrupt: int = 0) -> Path:
+def parse_types(text: str) -> tuple[str, ...]:
+    """``"color,caption"`` -> the types, checked against the world's."""
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in types if t not in QUESTION_TYPES]
+    if unknown or not types:
+        raise ValueError(f"question types must be some of {', '.join(QUESTION_TYPES)}; got {text!r}")
+    return types
+
+
+def write_corpus(out_dir: str | Path, rows: int = 48, shards: int = 2, seed: int = 0, corrupt: int = 0,
+                 types: tuple[str, ...] = DEFAULT_TYPES) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_rows(rows, seed=seed, corrupt=corrupt)
+    data = make_rows(rows, seed=seed, corrupt=corrupt, types=types)
     per = -(-len(data) // shards)
     for s in range(shards):
         chunk = data[s * per : (s + 1) * per]
@@ -196,8 +233,10 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="world seed (training uses its own; see jobs/train_tiny_vlm.py)")
     p.add_argument("--corrupt", type=int, default=0, help="make the last N rows undecodable")
+    p.add_argument("--types", default=",".join(DEFAULT_TYPES),
+                   help=f"question types to draw, comma-separated, of {','.join(QUESTION_TYPES)}")
     a = p.parse_args()
-    print(write_corpus(a.out_dir, a.rows, a.shards, a.seed, a.corrupt))
+    print(write_corpus(a.out_dir, a.rows, a.shards, a.seed, a.corrupt, parse_types(a.types)))
 
 
 if __name__ == "__main__":

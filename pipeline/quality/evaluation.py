@@ -6,12 +6,17 @@ The vision encoder therefore runs once per cell: reusing it would need a second 
 through the stages, and on the models this is measured on it is a minority of the run's time.
 
 Scores, per cell, from the output Parquet alone (so anyone can recompute them):
-- with labels (column ``expected``): accuracy by normalised exact match (lower case, punctuation
-  stripped, whitespace collapsed), relative performance against keep-all (the paper's
-  "Rel. Perf."), and accuracy per ``question_type`` when that column exists;
-- always: agreement with the keep-all answers, mean visual tokens kept, and, from the cost
-  columns, $ per 1,000 images, FLOPs per image and the savings against keep-all.
-Rows with an ``error`` count as wrong (and are counted).
+- with labels (column ``expected``; the rules of ``scoring``): ``accuracy``, normalised exact
+  match over the short-answer rows (every row but the captions: the job summary's rule), its
+  relative performance against keep-all (the paper's "Rel. Perf."), accuracy per short
+  ``question_type``, and for ``caption`` rows the shapes world's object precision / recall / F1
+  and order accuracy;
+- always, against the keep-all answer of the same id: ``agreement``, normalised exact match over
+  the short rows, and over the long rows (``agreement.is_long``: captions) the mean ROUGE-L and
+  semantic similarity (``agreement.text_agreement``): "how much do my captions change";
+  mean visual tokens kept; from the cost columns, $ per 1,000 images, FLOPs per image and the
+  savings against keep-all.
+Rows with an ``error`` count as wrong and as disagreeing (score 0), and are counted.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 from pipeline.config import ConfigError, JobConfig, validate_config
 from pipeline.io.storage import parquet_dataset
 
-from .scoring import is_correct, normalise
+from .agreement import is_long, text_agreement
+from .scoring import caption_objects, caption_summary, is_caption, is_correct, label_scores, normalise
 
 KEEP_ALL = "none"
 
@@ -111,29 +117,53 @@ class EvalRow:
     run: str
     rows: int
     error_rows: int
-    accuracy: float | None  # None without labels
+    short_rows: int  # scored by exact match
+    long_rows: int  # captions: scored by objects (labels) and by ROUGE-L / semantic agreement
+    accuracy: float | None  # short rows, exact match; None without labels or short rows
     relative: float | None  # accuracy / keep-all accuracy
-    agreement: float  # answers equal (normalised) to keep-all's, same id
+    caption_precision: float | None  # labelled captions: object-level, micro over all objects
+    caption_recall: float | None
+    caption_f1: float | None
+    caption_order_accuracy: float | None  # captions naming exactly the label's objects in its order
+    agreement: float | None  # short rows: answers equal (normalised) to keep-all's, same id
+    agreement_rouge_l: float | None  # long rows: mean ROUGE-L F against keep-all's answer
+    agreement_semantic: float | None  # long rows: mean MiniLM cosine against keep-all's answer
     mean_tokens_kept: float
     flops_per_image: float | None
     usd_per_1k_images: float | None
     cost_saving_vs_keep_all: float | None = None
     flops_saving_vs_keep_all: float | None = None
-    per_type: dict[str, float] = field(default_factory=dict)
+    per_type: dict[str, float] = field(default_factory=dict)  # short types: accuracy
 
 
 def score(cell: Cell, run: str, rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> EvalRow:
-    ref_answer = {r["id"]: normalise(r["answer"]) for r in reference if not r["error"]}
+    """One cell's scores; ``reference``: the keep-all run's rows (the cell itself for keep-all)."""
+    ref_answer = {r["id"]: r["answer"] for r in reference if not r["error"]}
     ok = [r for r in rows if not r["error"]]
     labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
 
-    per_type: dict[str, list[bool]] = {}
-    if labelled and all(r.get("question_type") for r in rows):
-        for r in rows:
-            per_type.setdefault(r["question_type"], []).append(is_correct(r))
-
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
+
+    # Agreement: the same long/short split for every cell (it reads keep-all's answer, not the cell's).
+    long_rows: list[dict[str, Any]] = []
+    short_rows: list[dict[str, Any]] = []
+    for r in rows:
+        (long_rows if is_long(r, ref_answer.get(r["id"])) else short_rows).append(r)
+    comparable = [r for r in long_rows if not r["error"] and r["id"] in ref_answer]
+    text = text_agreement([(r["answer"], ref_answer[r["id"]]) for r in comparable])
+    failed = [0.0] * (len(long_rows) - len(comparable))  # an error here or in keep-all: disagreement
+
+    per_type: dict[str, list[bool]] = {}
+    captions: dict[str, float | None] = {}
+    if labelled and all(r.get("question_type") for r in rows):
+        for r in rows:
+            if not is_caption(r):
+                per_type.setdefault(r["question_type"], []).append(is_correct(r))
+        labelled_captions = [r for r in rows if is_caption(r)]
+        # The shapes world's scorer: meaningless (and None) when the labels name none of its objects.
+        if any(caption_objects(r["expected"]) for r in labelled_captions):
+            captions = caption_summary(labelled_captions)
 
     priced = [r["cost_usd"] for r in ok if r.get("cost_usd") is not None]
     flops = [r["flops_total"] for r in ok if r.get("flops_total") is not None]
@@ -143,9 +173,18 @@ def score(cell: Cell, run: str, rows: list[dict[str, Any]], reference: list[dict
         run=run,
         rows=len(rows),
         error_rows=len(rows) - len(ok),
-        accuracy=mean([float(is_correct(r)) for r in rows]) if labelled else None,
+        short_rows=len(short_rows),
+        long_rows=len(long_rows),
+        accuracy=label_scores(rows)["accuracy"] if labelled else None,
         relative=None,
-        agreement=mean([float(not r["error"] and ref_answer.get(r["id"]) == normalise(r["answer"])) for r in rows]) or 0.0,
+        caption_precision=captions.get("precision"),
+        caption_recall=captions.get("recall"),
+        caption_f1=captions.get("f1"),
+        caption_order_accuracy=captions.get("order_accuracy"),
+        agreement=mean([float(not r["error"] and r["id"] in ref_answer
+                              and normalise(ref_answer[r["id"]]) == normalise(r["answer"])) for r in short_rows]),
+        agreement_rouge_l=mean(text["rouge_l"] + failed),
+        agreement_semantic=mean(text["semantic"] + failed),
         mean_tokens_kept=mean([r["visual_tokens_kept"] for r in ok]) or 0.0,
         flops_per_image=mean(flops),
         usd_per_1k_images=1000 * mean(priced) if priced else None,
@@ -173,8 +212,12 @@ def run_grid(base: JobConfig, cells: list[Cell], input_path: str, out: Path) -> 
     for cell in cells:
         path = str(out / "runs" / cell.slug)
         summary = run_job(cell_config(base, cell, input_path, path))
-        if summary.output_rows != summary.input_rows:
-            raise RuntimeError(f"cell {cell.slug}: {summary.input_rows} rows in, {summary.output_rows} out")
+        # Not output rows against input rows: input.id_policy: drop_duplicates leaves fewer rows
+        # out than in, by design. What must hold is one output row per kept id.
+        if summary.missing_ids or summary.duplicate_ids:
+            raise RuntimeError(
+                f"cell {cell.slug}: {summary.missing_ids} ids missing from the output and {summary.duplicate_ids} "
+                f"duplicated ({summary.expected_rows} expected, {summary.output_rows} written): see {path}")
         runs[cell] = path
     reference = read_run(runs[cells[0]])
     results = [score(cell, path, read_run(path), reference) for cell, path in runs.items()]
@@ -200,62 +243,115 @@ def write_csv(results: list[EvalRow], path: Path) -> None:
             w.writerow(row)
 
 
+def _has(results: list[EvalRow], name: str) -> bool:
+    return any(getattr(r, name) is not None for r in results)
+
+
 def table(results: list[EvalRow]) -> str:
+    """The markdown table; a group of columns only where some cell has its scores."""
     types = question_types(results)
-    head = ["method", "keep", "tokens kept", "accuracy", "rel. perf.", *types, "agreement", "errors",
-            "$/1k img", "cost saving", "FLOPs saving"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [
-            r.method, str(r.keep), f"{r.mean_tokens_kept:.1f}", _pct(r.accuracy), _pct(r.relative),
-            *[_pct(r.per_type.get(t)) for t in types], _pct(r.agreement), str(r.error_rows),
-            "-" if r.usd_per_1k_images is None else f"{r.usd_per_1k_images:.4g}",
-            _pct(r.cost_saving_vs_keep_all), _pct(r.flops_saving_vs_keep_all),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    columns: list[tuple[str, Any]] = [
+        ("method", lambda r: r.method), ("keep", lambda r: str(r.keep)),
+        ("tokens kept", lambda r: f"{r.mean_tokens_kept:.1f}"),
+    ]
+    if _has(results, "accuracy"):
+        columns += [("accuracy", lambda r: _pct(r.accuracy)), ("rel. perf.", lambda r: _pct(r.relative))]
+        columns += [(t, lambda r, t=t: _pct(r.per_type.get(t))) for t in types]
+    if _has(results, "caption_f1"):
+        columns += [("caption F1", lambda r: _pct(r.caption_f1)), ("caption P", lambda r: _pct(r.caption_precision)),
+                    ("caption R", lambda r: _pct(r.caption_recall)),
+                    ("caption order", lambda r: _pct(r.caption_order_accuracy))]
+    if _has(results, "agreement"):
+        columns.append(("agreement", lambda r: _pct(r.agreement)))
+    if _has(results, "agreement_rouge_l"):
+        columns += [("ROUGE-L", lambda r: _pct(r.agreement_rouge_l)), ("semantic", lambda r: _pct(r.agreement_semantic))]
+    columns += [
+        ("errors", lambda r: str(r.error_rows)),
+        ("$/1k img", lambda r: "-" if r.usd_per_1k_images is None else f"{r.usd_per_1k_images:.4g}"),
+        ("cost saving", lambda r: _pct(r.cost_saving_vs_keep_all)),
+        ("FLOPs saving", lambda r: _pct(r.flops_saving_vs_keep_all)),
+    ]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in results]
     return "\n".join(lines)
 
 
 def markdown(results: list[EvalRow], *, corpus: str, command: str) -> str:
-    labelled = any(r.accuracy is not None for r in results)
     n = results[0].rows if results else 0
-    what = ("accuracy = normalised exact match against `expected`; rel. perf. = accuracy / keep-all accuracy; "
-            "per-type columns: accuracy per `question_type`") if labelled else \
-        "no `expected` column: agreement with the keep-all answers only"
+    long_n = results[0].long_rows if results else 0
+    what = []
+    if _has(results, "accuracy"):
+        what.append("accuracy = normalised exact match against `expected` over the short-answer rows (all but "
+                    "captions); rel. perf. = accuracy / keep-all accuracy; per-type columns: accuracy per "
+                    "`question_type`")
+    else:
+        what.append("no `expected` column: agreement with the keep-all answers only")
+    if _has(results, "caption_f1"):
+        what.append("caption F1 / P / R = object-level (colour, shape) F1, precision and recall against the label, "
+                    "micro over all objects; caption order = captions naming exactly the label's objects in order")
+    if _has(results, "agreement"):
+        what.append("agreement = short rows giving the same normalised answer as keep-all")
+    if _has(results, "agreement_rouge_l"):
+        what.append(f"ROUGE-L / semantic = mean over the {long_n} long rows (captions) of the ROUGE-L F-measure and "
+                    "of the all-MiniLM-L6-v2 cosine against keep-all's answer (1 = unchanged; README, Quality, reads "
+                    "them on example caption pairs)")
+    what.append("error rows score 0 everywhere; savings from the runs' own cost columns ($: measured stage time x "
+                "reserved resources at the price table; FLOPs: analytic)")
     return "\n".join([
         "# Pruning quality and cost", "",
-        f"Corpus: `{corpus}` ({n} rows). Command: `{command}`.", "",
-        f"{what}; agreement = same normalised answer as keep-all; savings from the runs' own cost columns "
-        "($: measured stage time x reserved resources at the price table; FLOPs: analytic).", "",
-        table(results), "", "![accuracy against cost](eval.png)", "",
+        f"Corpus: `{corpus}` ({n} rows, {long_n} long). Command: `{command}`.", "",
+        "; ".join(what) + ".", "",
+        table(results), "", "![quality against cost](eval.png)", "",
     ])
 
 
+def _headline(results: list[EvalRow]) -> tuple[str, str]:
+    """The score of the tokens and $ panels: accuracy with labels, else exact-match agreement, else
+    (a corpus of captions only) ROUGE-L agreement."""
+    if _has(results, "accuracy"):
+        return "accuracy", "accuracy"
+    if _has(results, "agreement"):
+        return "agreement", "agreement with keep-all"
+    return "agreement_rouge_l", "caption ROUGE-L vs keep-all"
+
+
 def chart(results: list[EvalRow], path: Path) -> None:
-    """Accuracy (or agreement) against visual tokens kept and against $ per 1,000 images, one
-    line per method; keep-all is a star with a grey reference line."""
+    """One line per method, keep-all a star with a grey reference line: the headline score against
+    visual tokens kept and against $ per 1,000 images; then, against tokens, caption F1 (labelled
+    captions) and caption ROUGE-L and semantic agreement with keep-all (any captions)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labelled = any(r.accuracy is not None for r in results)
-    metric = "accuracy" if labelled else "agreement with keep-all"
+    headline, name = _headline(results)
 
-    def y(r: EvalRow) -> float:
-        return 100 * (r.accuracy if labelled else r.agreement)
+    def tokens(r: EvalRow) -> float:
+        return r.mean_tokens_kept
 
-    priced = all(r.usd_per_1k_images is not None for r in results)
-    panels = [("visual tokens kept per image", lambda r: r.mean_tokens_kept)]
-    if priced:
-        panels.append(("$ per 1,000 images (measured)", lambda r: r.usd_per_1k_images))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    panels: list[tuple[str, Any, str, str]] = [("visual tokens kept per image", tokens, headline, name)]
+    if all(r.usd_per_1k_images is not None for r in results):
+        panels.append(("$ per 1,000 images (measured)", lambda r: r.usd_per_1k_images, headline, name))
+    if _has(results, "caption_f1"):
+        panels.append(("visual tokens kept per image", tokens, "caption_f1", "caption F1 (objects, labels)"))
+    for attr, label in (("agreement_rouge_l", "caption ROUGE-L vs keep-all"),
+                        ("agreement_semantic", "caption semantic sim. vs keep-all")):
+        if _has(results, attr) and attr != headline:
+            panels.append(("visual tokens kept per image", tokens, attr, label))
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
     lines: dict[str, list[EvalRow]] = {}
     for r in results:
         lines.setdefault(r.method, []).append(r)
-    for ax, (xlabel, x) in zip(axes[0], panels, strict=True):
+    for ax, (xlabel, x, attr, ylabel) in zip(axes.flat, panels, strict=False):
+        def y(r: EvalRow, attr: str = attr) -> float:
+            return 100 * getattr(r, attr)
+
         for method, members in lines.items():
-            members = sorted(members, key=x)
+            members = sorted((m for m in members if getattr(m, attr) is not None), key=x)
+            if not members:
+                continue
             if method == KEEP_ALL:
                 ax.axhline(y(members[0]), color="grey", linewidth=1)
                 ax.plot([x(m) for m in members], [y(m) for m in members], "*", markersize=13, color="black",
@@ -264,11 +360,13 @@ def chart(results: list[EvalRow], path: Path) -> None:
             style = "--" if "alpha=" in method else "-"
             ax.plot([x(m) for m in members], [y(m) for m in members], marker="o", linestyle=style, label=method)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylabel(f"{ylabel} (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Pruning: {metric} against budget and cost ({results[0].rows} rows)" if results else "")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Pruning: quality against budget and cost ({results[0].rows} rows)" if results else "")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
