@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, help="override the budget: keep up to this many visual tokens per image")
     p.add_argument("--prune-ratio", type=float, help="override the budget: prune this fraction of each image's tokens")
     p.add_argument("--alpha", type=float, help="override pruning.alpha")
+    p.add_argument("--energy", type=float,
+                   help="override pruning.energy: an adaptive budget (resprune) keeping per image the fewest tokens that "
+                   "explain this fraction of its token energy, the budget (--keep / --prune-ratio) as the cap")
+    p.add_argument("--min-keep", type=int, help="override pruning.min_keep (the adaptive budget's floor)")
     p.add_argument("--engine", choices=("hf", "vllm"), help="override decode_stage.engine (see the README's Engines)")
     p.add_argument("--resume", action="store_true",
                    help="output.mode: resume: finish an earlier attempt of this run, every row exactly once")
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     """The config fields the command line sets, as dotted keys for ``load_config``."""
     fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
-              "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha", "engine": "decode_stage.engine"}
+              "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha", "energy": "pruning.energy",
+              "min_keep": "pruning.min_keep", "engine": "decode_stage.engine"}
     overrides: dict[str, object] = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}
     if args.resume:
         overrides["output.mode"] = "resume"
@@ -86,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOT COMPLETE: {summary.missing_ids} ids missing, {summary.duplicate_ids} repeated", file=sys.stderr)
     engine = summary.engine
     print(f"decode engine: {engine['name']} ({engine['package']} {engine['version']})")
-    print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept "
-          f"({cfg.pruning.method}, {cfg.pruning.describe()})")
+    kept = summary.visual_tokens_kept
+    spread = f" (p50 {kept['p50']:g}, p90 {kept['p90']:g}, {kept['min']:g}-{kept['max']:g})" if kept.get("p50") else ""
+    print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept"
+          f"{spread} ({cfg.pruning.method}, {cfg.pruning.describe()})")
+    if summary.energy_explained.get("mean") is not None:
+        e = summary.energy_explained
+        print(f"token energy explained by the kept tokens: mean {e['mean']:.5g}, p50 {e['p50']:.5g}, min {e['min']:.5g}")
     mean = summary.cost_mean_per_image
     if mean.get("flops_total"):
         print(

@@ -14,7 +14,9 @@ pruning method, decoded by --engine (default vllm, what the cluster configs run:
 batching, an image pays for its own generated tokens; hf: static batches that run until their
 longest row stops, generation.max_new_tokens). With --runs: measured rows from finished runs
 (their output and _manifest.json) too, each with the engine its run used. Every row states its
-decode engine.
+decode engine. A run with an adaptive budget (pruning.energy) also gives an estimate row for the
+planned model with each image keeping the share of its tokens the run's images kept (its
+distribution, not its mean), labelled "estimate, kept tokens: distribution of RUN".
 
 Generated tokens per image, the decode term's input (a caption corpus generates several times a
 VQA one's): --generated-tokens N, else the mean over the answered rows of the --runs given, else
@@ -124,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                 method = "none" if keep >= n_visual else cfg.pruning.method
                 rows.append(planner.estimate(
                     shapes, model=name, method=method, keep=keep, visual_tokens_in=n_visual, encoder_patches=patches,
+                    accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
+                    assume=assume, images=args.images, gpus=args.gpus,
+                    engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,
+                ))
+            for run in args.runs:  # a sample run's adaptive kept-token distribution, on the planned model
+                adaptive = planner.adaptive_budget(run)
+                if adaptive is None:
+                    continue
+                rows.append(planner.estimate_distribution(
+                    planner.run_kept_shares(run), visual_tokens_in=n_visual, kept_from=f"distribution of {run} ({adaptive})",
+                    shapes=shapes, model=name, method="resprune", encoder_patches=patches,
                     accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
                     assume=assume, images=args.images, gpus=args.gpus,
                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,

@@ -109,11 +109,15 @@ class ModelConfig(_Strict):
 
 
 DEFAULT_KEEP = 128
+DEFAULT_MIN_KEEP = 16
 
 
 class PruningConfig(_Strict):
     """The budget is a count (`keep`) or a ratio (`prune_ratio`), never both; neither set means
-    keep = 128. Each row's applied budget is written to the output's `keep` column."""
+    keep = 128. Each row's applied budget is written to the output's `keep` column. With `energy`
+    (ResPrune only) that budget is the cap of an adaptive one: each image keeps the fewest of its
+    greedy picks, at least `min_keep`, that explain `energy` of its token energy
+    (pipeline/pruning/energy.py); `visual_tokens_kept` and `energy_explained` say where it stopped."""
 
     method: str = Field("resprune", description="One of pipeline.pruning.METHODS: none, random, score_topk, divprune, resprune.")
     keep: int | None = Field(
@@ -129,6 +133,18 @@ class PruningConfig(_Strict):
         "setting for the model family (LLaVA-1.5 and LLaVA-NeXT 0.75, Qwen2.5-VL 0.3).",
     )
     rng_seed: int = Field(0, description="Seed of the `random` method.")
+    energy: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Adaptive budget (method resprune): keep the fewest greedy picks whose "
+        "span explains this fraction of the image's token energy, between min_keep and the budget (keep or "
+        "prune_ratio, the cap). None: a fixed budget.",
+    )
+    min_keep: int = Field(
+        DEFAULT_MIN_KEEP, ge=1, description="Adaptive budget: keep at least this many tokens (capped at the budget).",
+    )
+    energy_weighting: Literal["plain", "gated"] = Field(
+        "plain", description="Adaptive budget: token energy as is (plain) or weighted by ResPrune's text gate "
+        "(gated); see pipeline/pruning/energy.py.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +155,18 @@ class PruningConfig(_Strict):
             if data.get("keep") is None and data.get("prune_ratio") is None:
                 data = {**data, "keep": DEFAULT_KEEP}
         return data
+
+    @model_validator(mode="after")
+    def _energy_needs_a_trace(self) -> PruningConfig:
+        from pipeline.pruning import ENERGY_TRACED
+
+        if self.energy is not None and self.method not in ENERGY_TRACED:
+            raise ValueError(
+                f"energy is set but method {self.method!r} has no energy trace (only {', '.join(sorted(ENERGY_TRACED))} "
+                "does): other methods keep a fixed budget, drop energy for them")
+        if self.energy is not None and self.keep is not None and self.min_keep > self.keep:
+            raise ValueError(f"min_keep ({self.min_keep}) is above the cap keep ({self.keep})")
+        return self
 
     def keep_for(self, visual_tokens: int) -> int:
         """The budget applied to an image of ``visual_tokens`` tokens (the one budget rule)."""
@@ -151,8 +179,12 @@ class PruningConfig(_Strict):
         return self.alpha if self.alpha is not None else family_default
 
     def describe(self) -> str:
-        """The budget as configured: "keep 128" or "prune 77.8 %"."""
-        return f"keep {self.keep}" if self.keep is not None else f"prune {100 * self.prune_ratio:g} %"
+        """The budget as configured: "keep 128", "prune 77.8 %" or "energy 0.9, 16 to keep 128"."""
+        fixed = f"keep {self.keep}" if self.keep is not None else f"prune {100 * self.prune_ratio:g} %"
+        if self.energy is None:
+            return fixed
+        gated = ", gated" if self.energy_weighting == "gated" else ""
+        return f"energy {self.energy:g}{gated}, {self.min_keep} to {fixed}"
 
     @field_validator("method")
     @classmethod

@@ -45,6 +45,7 @@ from pipeline.io.storage import (
 from pipeline.models import ADAPTERS, detect_family, model_shapes
 from pipeline.models.base import planned_dtype
 from pipeline.models.sources import resolve_model_path
+from pipeline.pruning import per_image_stats
 from pipeline.quality.scoring import is_caption, label_scores
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -78,6 +79,10 @@ class JobSummary:
     extractors: dict[str, int] = field(default_factory=dict)
     mean_visual_tokens_in: float = 0.0
     mean_visual_tokens_kept: float = 0.0
+    # Per answered image (pipeline.pruning.per_image_stats): mean, p50, p90, min, max. With an
+    # adaptive budget (pruning.energy) this is what the corpus actually kept.
+    visual_tokens_kept: dict[str, float | None] = field(default_factory=dict)
+    energy_explained: dict[str, float | None] = field(default_factory=dict)  # the same, of energy_explained (ResPrune)
     mean_stage_ms: dict[str, float] = field(default_factory=dict)
     output: str = ""
     wall_seconds: float = 0.0  # read -> stages -> write, actor start-up included
@@ -189,7 +194,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
                 "written_this_attempt": summary.written_this_attempt, "missing_ids": summary.missing_ids,
                 "duplicate_ids": summary.duplicate_ids, "truncated_prompts": summary.truncated_prompts,
             },
-            "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept},
+            "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept,
+                              "kept": summary.visual_tokens_kept, "energy_explained": summary.energy_explained},
             "cost": run_cost,
         },
         storage,
@@ -405,7 +411,7 @@ def read_output_rows(output: str, storage: StorageConfig | None = None) -> list[
     columns = ["id", "prompt", "answer", "error", "extractor", "visual_tokens_in", "visual_tokens_kept",
                "prompt_truncated", *time_columns, *COST_COLUMNS]
     ds = parquet_dataset(output, storage)
-    columns += [c for c in ("expected", "question_type") if c in ds.schema.names]
+    columns += [c for c in ("energy_explained", "expected", "question_type") if c in ds.schema.names]
     return retrying(lambda: ds.to_table(columns=columns).to_pylist(), f"reading back {output}", storage)
 
 
@@ -439,6 +445,8 @@ def summarize(
         extractors=dict(Counter(r["extractor"] for r in rows)),
         mean_visual_tokens_in=mean("visual_tokens_in"),
         mean_visual_tokens_kept=mean("visual_tokens_kept"),
+        visual_tokens_kept=per_image_stats([r["visual_tokens_kept"] for r in ok]),
+        energy_explained=per_image_stats([r["energy_explained"] for r in ok if r.get("energy_explained") is not None]),
         mean_stage_ms={k: mean(k) for k in ("text_ms", "encode_ms", "prune_ms", "decode_ms")},
         output=output,
         wall_seconds=round(run_cost["reserved"]["wall_seconds"], 3),

@@ -1,11 +1,15 @@
-"""Every family through the same Ray job: LLaVA-NeXT and Qwen2.5-VL on their tiny checkpoints,
-images of several sizes in one batch, budgets as ratios, per-row counts and costs."""
+"""Every family through the same Ray job: LLaVA-1.5 (tiny:llava-shapes), LLaVA-NeXT and
+Qwen2.5-VL on their tiny checkpoints, images of several sizes in one batch, each config's budget
+(a count, or a ratio of each image's tokens) as the cap of an adaptive one (pruning.energy), per-row
+counts and costs."""
 
 from __future__ import annotations
 
 import io
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -14,18 +18,20 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.cost.flops import vision_flops
+from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
-from pipeline.models import ADAPTERS, model_shapes, token_counts
+from pipeline.models import ADAPTERS, load_adapter, model_shapes, token_counts
 from pipeline.models.sources import resolve_model_path
-from pipeline.pruning import budget
+from pipeline.pruning import budget, energy_keep, relevance, resprune_trace
 
 from .conftest import REPO
 from .test_job import _env, _run_cli
 
-CONFIGS = {"llava_next": "configs/local-llava-next.yaml", "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml"}
+CONFIGS = {"llava": "configs/local.yaml", "llava_next": "configs/local-llava-next.yaml",
+           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml"}
 ROWS = 10
+ENERGY, MIN_KEEP = 0.999, 16
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -33,12 +39,14 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     raw = yaml.safe_load((REPO / CONFIGS[family]).read_text())
     raw["input"].pop("create_sample_rows")
     raw["generation"]["max_new_tokens"] = 4
+    raw["pruning"] |= {"energy": ENERGY, "min_keep": MIN_KEEP}
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
     rows = make_rows(ROWS, seed=21)
     (tmp_path / "in").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "in" / "a.parquet")
     sizes = {r["id"]: Image.open(io.BytesIO(r["image"])).size for r in rows}
+    images = {r["id"]: Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows}
     assert len(set(list(sizes.values())[:8])) > 1  # the first batch (batch_size 8) mixes image sizes
 
     _, summary = _run_cli(["--config", str(config), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
@@ -48,25 +56,51 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     cfg = load_config(config)
     path = resolve_model_path(cfg.model.path)
     shapes = model_shapes(path)
+    manifest = read_manifest(str(tmp_path / "out"))
+    bytes_per_element = manifest["model"]["kv_bytes_per_element"]
+    vision = load_adapter(cfg.model, "vision")
+    alpha = cfg.pruning.alpha_for(vision.default_alpha)
     out = pads.dataset(tmp_path / "out").to_table().to_pylist()
-    tokens_in = set()
+    tokens_in, kept_counts, text_tokens = set(), [], defaultdict(set)
     for r in out:
         w, h = sizes[r["id"]]
         n, patches = token_counts(path, cfg.model, w, h)
-        kept = budget(n, prune_ratio=cfg.pruning.prune_ratio)
+        cap = budget(n, keep=cfg.pruning.keep, prune_ratio=cfg.pruning.prune_ratio)
         # What the encoder produced is what the config alone predicts for that image size, and the
-        # budget rule applied to it is what the LLM received.
+        # budget rule applied to it is the row's cap.
         assert (r["visual_tokens_in"], r["encoder_patches"]) == (n, patches), (r["id"], w, h)
-        assert r["keep"] == r["visual_tokens_kept"] == len(r["kept_indices"]) == kept < n
-        assert r["kept_indices"] == sorted(set(r["kept_indices"])) and r["kept_indices"][-1] < n
+        assert r["keep"] == cap < n
+        # Where the row stopped is the energy rule on the image's own trace, recomputed here from
+        # the image alone (not the job's batch): the greedy to the cap, cut at the rule's count.
+        enc = vision.encode([images[r["id"]]])
+        rel = relevance(enc.features[0], vision.embed_words([r["nouns"]])[0])
+        seed = enc.seed_scores[0] if enc.seed_scores else None
+        order, explained = resprune_trace(enc.features[0], cap, relevance_scores=rel, alpha=alpha, seed=seed)
+        k = int(energy_keep(explained, ENERGY, MIN_KEEP))
+        assert r["visual_tokens_kept"] == len(r["kept_indices"]) == k, (r["id"], r["visual_tokens_kept"], k)
+        assert r["kept_indices"] == sorted(order[:k].tolist())
+        assert r["energy_explained"] == pytest.approx(float(explained[k - 1]), abs=1e-5)
+        assert r["energy_explained"] >= ENERGY or k in (MIN_KEEP, cap)
+        # The cost columns follow the kept count: the prompt is the text plus the kept tokens.
         assert r["flops_vision"] == vision_flops(shapes.vision, patches)
+        assert r["flops_prefill"] == prefill_flops(shapes.language, r["prompt_tokens"])
+        assert r["kv_cache_bytes"] == kv_cache_bytes(shapes.language, r["prompt_tokens"], r["generated_tokens"],
+                                                     bytes_per_element)
         assert r["flops_prefill_unpruned"] > r["flops_prefill"] and r["kv_cache_bytes_unpruned"] > r["kv_cache_bytes"]
-        assert r["prompt_tokens"] > kept and r["generated_tokens"] >= 1
+        assert r["prompt_tokens"] > k and r["generated_tokens"] >= 1
+        text_tokens[r["prompt"]].add(r["prompt_tokens"] - k)
         tokens_in.add(n)
-    assert len(tokens_in) > 1  # token counts follow the image size
-    manifest = read_manifest(str(tmp_path / "out"))
+        kept_counts.append(k)
+    assert all(len(t) == 1 for t in text_tokens.values())  # same prompt, same text tokens, whatever was kept
+    assert len(set(kept_counts)) > 2  # the budget adapts per image
+    assert len(tokens_in) > 1 or family == "llava"  # token counts follow the image size (not on LLaVA-1.5)
     assert manifest["model"]["family"] == family
     assert manifest["config"]["pruning"]["alpha"] == ADAPTERS[family].default_alpha  # alpha: null -> paper setting
+    dist = manifest["visual_tokens"]["kept"]
+    assert (dist["mean"], dist["p50"], dist["p90"]) == (
+        pytest.approx(np.mean(kept_counts)), int(np.percentile(kept_counts, 50, method="inverted_cdf")),
+        int(np.percentile(kept_counts, 90, method="inverted_cdf")))
+    assert summary["visual_tokens_kept"] == dist
 
 
 @pytest.mark.parametrize(("recipe", "size"), [("llava_next", (640, 360)), ("qwen2_5_vl", (448, 252)),

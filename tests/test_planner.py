@@ -235,11 +235,12 @@ def test_engine_decode_models() -> None:
 
 def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | None,
               config_engine: str | None = "vllm", rows: int = 4, generated: list[int] | None = None,
-              errors: int = 0) -> Path:
+              errors: int = 0, kept: list[int] | None = None, energy: float | None = None) -> Path:
     """A finished GPU run's output written by hand: ``rows`` Parquet rows and a manifest with the keys
     the planner reads. ``engine``: the manifest's top-level engine.name (None: a manifest from before the
     engine was recorded); ``config_engine``: its config's decode_stage.engine (None: from before the field).
-    ``generated``: the rows' generated_tokens (default 8 each); the last ``errors`` rows are error rows."""
+    ``generated``: the rows' generated_tokens (default 8 each); the last ``errors`` rows are error rows.
+    ``kept``: the rows' visual_tokens_kept of 576 (default ``keep`` each); ``energy``: pruning.energy."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -248,10 +249,13 @@ def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | No
     out.mkdir(parents=True)
     generated = generated or [8] * rows
     error = [""] * (rows - errors) + ["decode failed: drill"] * errors
+    kept = kept or [keep] * rows
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "answer": ["a"] * rows, "error": error,
-                             "generated_tokens": pa.array(generated, pa.int32())}), out / "part-0.parquet")
+                             "generated_tokens": pa.array(generated, pa.int32()),
+                             "visual_tokens_in": pa.array([576] * rows, pa.int32()),
+                             "visual_tokens_kept": pa.array(kept, pa.int32())}), out / "part-0.parquet")
     config = load_config(REPO / "configs/llava-1.5-7b.yaml").model_dump(mode="json")
-    config["pruning"].update(method=method, keep=keep)
+    config["pruning"].update(method=method, keep=keep, energy=energy)
     if config_engine is None:
         for key in ("engine", "vllm"):
             config["decode_stage"].pop(key, None)
@@ -401,3 +405,33 @@ def test_generated_tokens_move_decode_flops_kv_and_dollars() -> None:
         assert paid == max(gen, 64)
         assert hf.gpu_seconds_per_image == pytest.approx(
             vllm.gpu_seconds_per_image - decode_seconds(seq, gen) + decode_seconds(seq, paid))
+
+
+def test_adaptive_run_plans_the_corpus_from_its_kept_token_distribution(tmp_path: Path) -> None:
+    """A sample run with an adaptive budget (pruning.energy) gives an estimate row for the planned model
+    in which each image keeps its own share of the tokens: the mean over the run's answered rows of the
+    estimates at each count (error rows left out), not the estimate at the mean count; labelled as such."""
+    kept = [64, 64, 128, 192, 500]  # the last row is an error row
+    run = _hand_run(tmp_path / "adaptive", method="resprune", keep=192, usd=2e-5, engine="vllm", rows=5,
+                    kept=kept, errors=1, energy=0.999)
+    common = ["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+              "--generated-tokens", "8"]
+    planned = _plan([*common, "--budgets", "0%", "--runs", str(run), "--out", str(tmp_path / "plan")])
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    rows = _rows(tmp_path / "plan")
+    adaptive = [r for r in rows if r["kept_from"].startswith("distribution of")]
+    assert len(adaptive) == 1
+    a = adaptive[0]
+    assert a["kept_from"] == f"distribution of {run} (energy 0.999, 16 to keep 192)" and a["estimated"] == "True"
+    assert (int(a["keep"]), float(a["kept_p50"]), float(a["kept_p90"])) == (112, 64, 192)
+    proc = _plan([*common, "--budgets", "64,128,192,112", "--out", str(tmp_path / "fixed")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fixed = {int(r["keep"]): r for r in _rows(tmp_path / "fixed")}
+    for column in ("total_usd", "flops_per_image", "kv_cache_bytes_per_image", "gpu_seconds_per_image"):
+        want = (2 * float(fixed[64][column]) + float(fixed[128][column]) + float(fixed[192][column])) / 4
+        assert float(a[column]) == pytest.approx(want, rel=1e-9), column
+    assert float(a["flops_per_image"]) != pytest.approx(float(fixed[112]["flops_per_image"]), rel=1e-6)
+    keep_all = next(r for r in rows if r["method"] == "none" and r["estimated"] == "True")
+    assert float(a["saving_vs_keep_all"]) == pytest.approx(1 - float(a["total_usd"]) / float(keep_all["total_usd"]))
+    assert f"| resprune | 112 | estimate, kept tokens: distribution of {run} (energy 0.999, 16 to keep 192) | vllm | 8 | " \
+           "64 / 192 |" in planned.stdout

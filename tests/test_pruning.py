@@ -108,8 +108,8 @@ def test_gram_free_path_gives_same_order() -> None:
     v = torch.randn((3, 200, 64), generator=gen)
     w = gate(relevance(v, torch.randn((4, 64), generator=gen)), 0.75).double()
     seeds = v.norm(dim=-1).argmax(dim=-1)
-    with_gram = greedy_residual(v, 60, w, seeds)
-    without = greedy_residual(v, 60, w, seeds, max_gram_bytes=0)
+    with_gram, _ = greedy_residual(v, 60, w, seeds)
+    without, _ = greedy_residual(v, 60, w, seeds, max_gram_bytes=0)
     assert torch.equal(with_gram, without)
 
 
@@ -258,7 +258,7 @@ def gram_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize("case", list(_cases()))
 def test_blocked_selection_equals_the_recurrence(blocks: tuple, gram_mode: str, case: str) -> None:
     v, w, seed, keep = _cases()[case]
-    order = greedy_residual(v[None], keep, w[None].double(), torch.tensor([seed]))[0].tolist()
+    order = greedy_residual(v[None], keep, w[None].double(), torch.tensor([seed]))[0][0].tolist()
     if gram_mode == "rows-on-demand" and case in ("gated, rank exhausted", "low rank + noise"):
         # Rows from separate GEMMs can round unlike the whole Gram (here at D <= 256; not at
         # D = 3584-4096 with MKL), which decides float32-resolution near-ties and which tokens

@@ -116,7 +116,15 @@ def test_grid_parsing() -> None:
         ("resprune", 128), ("resprune", 64), ("resprune (alpha=0)", 128), ("resprune (alpha=0)", 64),
         ("random", 128), ("random", 64),
     ]
-    for bad, field in (("nope", "--methods"), ("resprune:beta=1", "--methods")):
+    adaptive = parse_grid("resprune:energy=0.999,resprune:energy=0.99:min=4:cap=576:weighting=gated", "64,128")[1:]
+    assert [(c.label, c.keep, c.energy, c.min_keep, c.weighting) for c in adaptive] == [
+        ("resprune (energy)", 128, 0.999, None, None),  # one cell, capped at the largest budget
+        ("resprune (energy, gated, min 4)", 576, 0.99, 4, "gated"),
+    ]
+    assert len({c.slug for c in adaptive}) == 2
+    for bad, field in (("nope", "--methods"), ("resprune:beta=1", "--methods"), ("random:energy=0.9", "energy trace"),
+                       ("resprune:cap=64", "go with energy"), ("resprune:energy=0.9:weighting=odd", "weighting"),
+                       ("resprune:energy=high", "numbers")):
         with pytest.raises(ConfigError, match=field):
             parse_grid(bad, "64")
     with pytest.raises(ConfigError, match="--keep"):
@@ -264,6 +272,45 @@ def test_grid_fails_a_cell_on_missing_ids_not_on_row_counts(monkeypatch: pytest.
         run_grid(base, parse_grid("none", "64"), "data/x", tmp_path / "b")
 
 
+def test_grid_matches_each_adaptive_cell_with_a_fixed_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--match-fixed runs the adaptive cell's method at the fixed budget nearest its mean tokens kept;
+    the pairs table compares them and interpolates the fixed tokens for the adaptive accuracy."""
+    import pipeline.job
+    from pipeline.config import load_config
+    from pipeline.quality.evaluation import fixed_tokens_for, matched_table, run_grid
+
+    ran = []
+
+    def run_job(cfg):  # noqa: ANN001, ANN202 - stands in for the job: kept counts and answers by budget
+        p = cfg.pruning
+        ran.append((p.method, p.keep, p.energy))
+        out = Path(cfg.output.path)
+        out.mkdir(parents=True)
+        if p.method == "none":
+            kept, right = [576] * 4, 4
+        elif p.energy is not None:
+            kept, right = [10, 20, 30, 42], 3  # mean 25.5 -> 26; 75 %
+        else:
+            kept, right = [p.keep] * 4, {64: 3, 26: 2}.get(p.keep, 1)
+        rows = [_row(i, "red" if i < right else "blue", "red", "color", kept=k) for i, k in enumerate(kept)]
+        pq.write_table(pa.Table.from_pylist(rows), out / "part-0.parquet")
+        return pipeline.job.JobSummary(input_rows=4, expected_rows=4, output_rows=4, ok_rows=4, error_rows=0)
+
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+    base = load_config(REPO / "configs" / "local.yaml")
+    results = run_grid(base, parse_grid("resprune,resprune:energy=0.999", "64,16"), "data/x", tmp_path, match_fixed=True)
+    assert ran == [("none", 128, None), ("resprune", 64, None), ("resprune", 16, None), ("resprune", 64, 0.999),
+                   ("resprune", 26, None)]
+    adaptive = next(r for r in results if r.energy is not None)
+    assert (adaptive.mean_tokens_kept, adaptive.tokens_kept_p50, adaptive.tokens_kept_p90) == (25.5, 20, 42)
+    table = matched_table(results)
+    assert "| resprune (energy) | 0.999 | 64 | 25.5 / 20 / 42 | 75.0 % | 26 | 50.0 % | +25.0 pts | 64.0 |" in table
+    fixed = [r for r in results if r.energy is None and r.method == "resprune"]
+    assert fixed_tokens_for(0.5, fixed) == 26  # reached at a budget
+    assert fixed_tokens_for(0.625, fixed) == pytest.approx(26 + (64 - 26) * 0.5)  # between two budgets
+    assert fixed_tokens_for(0.9, fixed) is None  # never reached
+
+
 def test_grid_over_an_input_with_a_duplicated_id(tmp_path: Path) -> None:
     """input.id_policy: drop_duplicates drops the repeated row: 7 rows in, 6 out, and the grid
     completes (it used to report the cell as having lost a row)."""
@@ -302,7 +349,7 @@ def evaluation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(
         [sys.executable, "jobs/evaluate_pruning.py", "--config", "configs/local.yaml",
          "--input", str(out / "heldout"),
-         "--methods", "none,resprune,random", "--keep", "128", "--out", str(out / "report")],
+         "--methods", "none,resprune,random,resprune:energy=0.999", "--keep", "128", "--out", str(out / "report")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=EVAL_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -404,7 +451,8 @@ def _text_agreement(rows: list[dict], reference: dict[str, str], embed: object) 
 
 def test_evaluation_table_matches_the_output_parquet(evaluation: Path, minilm: object) -> None:
     report = _report(evaluation)
-    assert set(report) == {("none", "576"), ("resprune", "128"), ("random", "128")}
+    assert set(report) == {("none", "576"), ("resprune", "128"), ("random", "128"), ("resprune (energy)", "128")}
+    slugs = {"none": "none-all", "resprune (energy)": "resprune-energy0.999-128"}
     keep_all = _run(evaluation, "none-all")
     assert len(keep_all) == ALL_ROWS and {r["question_type"] for r in keep_all} == set(QUESTION_TYPES)
     base = _accuracy(_short(keep_all))
@@ -413,7 +461,7 @@ def test_evaluation_table_matches_the_output_parquet(evaluation: Path, minilm: o
     base_flops = sum(r["flops_total"] for r in keep_all) / ALL_ROWS
     changed = 0
     for (method, keep), row in report.items():
-        rows = _run(evaluation, "none-all" if method == "none" else f"{method}-{keep}")
+        rows = _run(evaluation, slugs.get(method, f"{method}-{keep}"))
         assert len(rows) == ALL_ROWS
         short, captions = _short(rows), [r for r in rows if r["question_type"] == "caption"]
         assert (int(row["short_rows"]), int(row["long_rows"])) == (len(short), len(captions)) and len(captions) >= 20
@@ -439,11 +487,19 @@ def test_evaluation_table_matches_the_output_parquet(evaluation: Path, minilm: o
         flops = sum(r["flops_total"] for r in rows) / len(rows)
         assert float(row["flops_saving_vs_keep_all"]) == pytest.approx(1 - flops / base_flops)
         assert float(row["mean_tokens_kept"]) == pytest.approx(sum(r["visual_tokens_kept"] for r in rows) / len(rows))
-        assert {r["visual_tokens_kept"] for r in rows} == {576 if method == "none" else 128}
+        kept = sorted(r["visual_tokens_kept"] for r in rows)
+        assert float(row["tokens_kept_p90"]) == kept[math.ceil(0.9 * len(kept)) - 1]
+        if method == "resprune (energy)":  # an adaptive budget: its own count per image, up to the cap
+            assert row["energy"] == "0.999" and len(set(kept)) > 5 and kept[-1] <= 128
+            assert all(r["energy_explained"] >= 0.999 or r["visual_tokens_kept"] in (16, 128) for r in rows)
+            assert float(row["energy_explained"]) == pytest.approx(sum(r["energy_explained"] for r in rows) / len(rows))
+        else:
+            assert set(kept) == {576 if method == "none" else 128} and row["energy"] == ""
     assert changed > 0  # some pruned caption differs from keep-all's: the text metrics were exercised
     assert float(report[("resprune", "128")]["flops_saving_vs_keep_all"]) > 0.3
     md = (evaluation / "report" / "eval.md").read_text()
     assert "| resprune | 128 |" in md and "rel. perf." in md and "--methods none,resprune,random" in md
+    assert "| resprune (energy) | 128 |" in md
     assert all(h in md for h in ("caption F1", "ROUGE-L", "semantic"))
     assert (evaluation / "report" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -77,6 +77,11 @@ class PlanRow:
     wall_hours: float
     total_usd: float
     saving_vs_keep_all: float | None = None
+    # Visual tokens kept per image: keep is the mean; p50 / p90 of the per-image counts where they
+    # vary (adaptive budgets), and where the counts came from (KEPT_FROM, or the run's distribution).
+    kept_p50: float | None = None
+    kept_p90: float | None = None
+    kept_from: str = "budget"
 
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
@@ -218,6 +223,68 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
         llm_images_per_second=stages["decode_stage"]["images_per_second"],
         usd_per_1k_images=1000 * mean["cost_usd"],
         wall_hours=wall_s / 3600, total_usd=images * mean["cost_usd"],
+        kept_p50=(m["visual_tokens"].get("kept") or {}).get("p50"),
+        kept_p90=(m["visual_tokens"].get("kept") or {}).get("p90"), kept_from="this run",
+    )
+
+
+def run_kept_shares(run: str) -> list[float]:
+    """Per answered row of a run's output: the share of its visual tokens it kept
+    (``visual_tokens_kept / visual_tokens_in``), the distribution an adaptive budget produced."""
+    ds = parquet_dataset(run)
+    t = ds.to_table(columns=["visual_tokens_kept", "visual_tokens_in", "error"]).to_pylist()
+    shares = [r["visual_tokens_kept"] / r["visual_tokens_in"] for r in t if not r["error"] and r["visual_tokens_in"]]
+    if not shares:
+        raise ValueError(f"{run}: no answered rows to measure")
+    return shares
+
+
+def adaptive_budget(run: str) -> str | None:
+    """How a finished run's budget was set when it was adaptive (pruning.energy), e.g. "energy
+    0.999, 16 to keep 192"; None for a fixed budget."""
+    from pipeline.config import PruningConfig
+
+    m = read_manifest(run)
+    if m is None:
+        raise ValueError(f"{run}: no manifest")
+    pruning = PruningConfig.model_validate(m["config"]["pruning"])
+    return pruning.describe() if pruning.energy is not None else None
+
+
+def estimate_distribution(shares: list[float], *, visual_tokens_in: int, kept_from: str, **kwargs: object) -> PlanRow:
+    """An estimate for a corpus whose images keep the given shares of their visual tokens (a
+    measured run's distribution, ``run_kept_shares``): each image at its own count
+    (``round(share x visual_tokens_in)``, at least 1), averaged per image over the distribution,
+    not the estimate at the mean count (prefill attention and the KV cache do not follow the mean).
+    ``kwargs``: as ``estimate``. The row's keep is the mean count, with its p50 / p90."""
+    from pipeline.pruning import per_image_stats
+
+    counts = [min(visual_tokens_in, max(1, round(s * visual_tokens_in))) for s in shares]
+    weights: dict[int, int] = {}
+    for c in counts:
+        weights[c] = weights.get(c, 0) + 1
+    rows = {c: estimate(keep=c, visual_tokens_in=visual_tokens_in, **kwargs) for c in weights}
+
+    def avg(get: object) -> float:
+        return sum(weights[c] * get(r) for c, r in rows.items()) / len(counts)  # type: ignore[operator]
+
+    gpu_s = avg(lambda r: r.gpu_seconds_per_image)
+    stats = per_image_stats(counts)
+    first = next(iter(rows.values()))
+    return PlanRow(
+        model=first.model, method=first.method, keep=round(stats["mean"]), estimated=True, source="estimate",
+        accelerator=first.accelerator, engine=first.engine, generated_tokens=first.generated_tokens,
+        generated_tokens_from=first.generated_tokens_from,
+        flops_vision_per_image=avg(lambda r: r.flops_vision_per_image),
+        flops_prefill_per_image=avg(lambda r: r.flops_prefill_per_image),
+        flops_decode_per_image=avg(lambda r: r.flops_decode_per_image),
+        flops_per_image=avg(lambda r: r.flops_per_image),
+        kv_cache_bytes_per_image=avg(lambda r: r.kv_cache_bytes_per_image),
+        gpu_seconds_per_image=gpu_s, decode_share=avg(lambda r: r.decode_share * r.gpu_seconds_per_image) / gpu_s,
+        images_per_second_per_gpu=1 / gpu_s, vision_images_per_second=first.vision_images_per_second,
+        llm_images_per_second=1 / avg(lambda r: 1 / r.llm_images_per_second),
+        usd_per_1k_images=avg(lambda r: r.usd_per_1k_images), wall_hours=avg(lambda r: r.wall_hours),
+        total_usd=avg(lambda r: r.total_usd), kept_p50=stats["p50"], kept_p90=stats["p90"], kept_from=kept_from,
     )
 
 
@@ -281,13 +348,13 @@ def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes:
 
 
 def table(rows: list[PlanRow]) -> str:
-    head = ["model", "accelerator", "method", "keep", "kind", "engine", "gen tok", "TFLOP/img", "prefill TFLOP",
+    head = ["model", "accelerator", "method", "keep", "kind", "engine", "gen tok", "kept p50 / p90", "TFLOP/img", "prefill TFLOP",
             "decode TFLOP", "decode share", "KV MB", "img/s/GPU", "$/1k img", "wall h", "total $", "saving"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r.model, r.accelerator, r.method, str(r.keep), "estimate" if r.estimated else "measured", r.engine,
-            f"{r.generated_tokens:.3g}", f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
+            r.model, r.accelerator, r.method, str(r.keep), _kind(r), r.engine, f"{r.generated_tokens:.3g}",
+            "-" if r.kept_p50 is None else f"{r.kept_p50:g} / {r.kept_p90:g}", f"{r.flops_per_image / 1e12:.3g}", f"{r.flops_prefill_per_image / 1e12:.3g}",
             f"{r.flops_decode_per_image / 1e12:.3g}",
             "-" if r.decode_share is None else f"{100 * r.decode_share:.0f} %",
             f"{r.kv_cache_bytes_per_image / 1e6:.4g}",
@@ -357,13 +424,20 @@ def chart(rows: list[PlanRow], path: Path, *, images: int) -> None:
 
 def _lines(rows: list[PlanRow]) -> dict[tuple[str, bool, str], list[PlanRow]]:
     out: dict[tuple[str, bool, str], list[PlanRow]] = {}
-    for r in rows:
-        out.setdefault((r.method, r.estimated, r.engine), []).append(r)
+    for r in rows:  # an estimate from a measured distribution is a point of its own
+        method = r.method if r.kept_from in ("budget", "this run") else f"{r.method} (kept as measured)"
+        out.setdefault((method, r.estimated, r.engine), []).append(r)
     return out
 
 
 def _replica_speed(r: PlanRow, images: int) -> float:
     return images / (r.wall_hours * 3600)
+
+
+def _kind(r: PlanRow) -> str:
+    if not r.estimated:
+        return "measured"
+    return "estimate" if r.kept_from == "budget" else f"estimate, kept tokens: {r.kept_from}"
 
 
 def _fmt(x: float | None) -> str:

@@ -10,7 +10,9 @@ by it, error), ``started_at`` / ``finished_at`` (this attempt, UTC ISO 8601), ``
 validated job config), ``packages`` (versions), ``input`` (files, rows, ids dropped by
 ``input.id_policy``), ``rows`` (input, expected, output, ok, error, errors_by_kind,
 skipped_already_done, written_this_attempt, missing_ids, duplicate_ids, truncated_prompts),
-``model`` (configured and resolved path, family, dtype), ``engine`` (the decode engine: name,
+``visual_tokens`` (mean_in, mean_kept, and per answered image ``kept`` and ``energy_explained``:
+mean, p50, p90, min, max; ``pipeline.pruning.per_image_stats``), ``model`` (configured and
+resolved path, family, dtype), ``engine`` (the decode engine: name,
 package, version, the interpreter its actors ran in), ``cost``
 (see ``pipeline.cost.accounting.CostModel.run_totals``: accelerator, prices with sources,
 FLOP convention, shapes, totals and mean per image of every cost column, per-stage busy time

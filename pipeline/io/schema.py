@@ -12,10 +12,14 @@ Output (Parquet, one row per input row, never the image bytes):
     method              pruning method
     keep                the budget applied to this row: pruning.keep capped at the row's
                         visual_tokens_in, or visual_tokens_in less pruning.prune_ratio of them
-                        (pipeline.pruning.budget); every token for method `none`
+                        (pipeline.pruning.budget); every token for method `none`; with
+                        pruning.energy, the cap of the row's adaptive budget
     visual_tokens_in    visual tokens the model would hand its LLM for the image unpruned
                         (LLaVA-NeXT: base view and tiles after unpadding, newline tokens included)
-    visual_tokens_kept  visual tokens the LLM received
+    visual_tokens_kept  visual tokens the LLM received (adaptive budget: where the row stopped)
+    energy_explained    method resprune: the share of the image's token energy (weighted as
+                        pruning.energy_weighting says) inside the span of the kept tokens, in
+                        [0, 1] (pipeline.pruning.energy); null for other methods
     encoder_patches     patch tokens the vision encoder ran over (every view or tile; Qwen2.5-VL:
                         before the 2x2 merge), which the vision FLOPs follow
     kept_indices        which ones, ascending (spatial order)
@@ -68,6 +72,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("keep", pa.int32()),
         ("visual_tokens_in", pa.int32()),
         ("visual_tokens_kept", pa.int32()),
+        ("energy_explained", pa.float32()),
         ("kept_indices", pa.list_(pa.int32())),
         ("encoder_patches", pa.int32()),
         ("nouns", pa.list_(pa.string())),
@@ -112,8 +117,8 @@ def _py(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return [_py(v) for v in value.tolist()]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and value != value:  # NaN -> null
+        value = value.item()
+    if isinstance(value, float) and value != value:  # NaN -> null (numpy batches turn nulls into NaN)
         return None
     return value
 

@@ -1,4 +1,5 @@
-"""One registry of pruning methods, all with the same call signature."""
+"""One registry of pruning methods, all with the same call signature; and the methods that also
+trace the energy their picks explain (``pipeline.pruning.energy``), which adaptive budgets need."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Protocol
 from torch import Tensor
 
 from . import baselines
-from .resprune import resprune_select
+from .resprune import resprune_select, resprune_trace
 
 
 class PruneMethod(Protocol):
@@ -27,6 +28,22 @@ class PruneMethod(Protocol):
         ...
 
 
+class TracedMethod(Protocol):
+    def __call__(
+        self,
+        visual: Tensor,
+        keep: int,
+        *,
+        relevance: Tensor | None = None,
+        scores: Tensor | None = None,
+        alpha: float = 0.75,
+        gated: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """As ``PruneMethod``, run to min(keep, N) picks, plus the energy each prefix of the picks
+        explains: (indices [B, K] in the order selected, explained [B, K] non-decreasing)."""
+        ...
+
+
 def _resprune(
     visual: Tensor,
     keep: int,
@@ -41,6 +58,18 @@ def _resprune(
     return resprune_select(visual, keep, relevance_scores=relevance, alpha=alpha, seed=scores)
 
 
+def _resprune_traced(
+    visual: Tensor,
+    keep: int,
+    *,
+    relevance: Tensor | None = None,
+    scores: Tensor | None = None,
+    alpha: float = 0.75,
+    gated: bool = False,
+) -> tuple[Tensor, Tensor]:
+    return resprune_trace(visual, keep, relevance_scores=relevance, alpha=alpha, seed=scores, gated=gated)
+
+
 METHODS: dict[str, PruneMethod] = {
     "none": baselines.keep_all_tokens,
     "random": baselines.random_select,
@@ -48,6 +77,9 @@ METHODS: dict[str, PruneMethod] = {
     "divprune": baselines.divprune,
     "resprune": _resprune,
 }
+
+# Methods with an energy trace (the same picks as their METHODS entry): only these take pruning.energy.
+ENERGY_TRACED: dict[str, TracedMethod] = {"resprune": _resprune_traced}
 
 # Methods whose result depends on the prompt: the stages compute text relevance only for these.
 TEXT_GUIDED = frozenset({"resprune"})

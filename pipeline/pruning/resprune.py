@@ -113,6 +113,50 @@ def resprune_select(
     b, n, _ = v.shape
     if keep >= n:
         return unbatch(keep_all(b, n, v.device), batched)
+    w, seed_idx = _weights_and_seed(v, text, alpha, seed, relevance_scores)
+    idx, _ = greedy_residual(v, keep, w, seed_idx, max_gram_bytes=max_gram_bytes)
+    return unbatch(idx, batched)
+
+
+def resprune_trace(
+    visual: Tensor,
+    keep: int,
+    *,
+    text: Tensor | list[Tensor | None] | None = None,
+    alpha: float = 0.75,
+    seed: int | Tensor | None = None,
+    relevance_scores: Tensor | None = None,
+    gated: bool = False,
+    max_gram_bytes: int = _DEFAULT_MAX_GRAM_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """``resprune_select``'s picks with the energy each prefix of them explains.
+
+    Runs the greedy to ``min(keep, N)`` picks (even when that is every token: the order is what
+    an adaptive budget cuts). Returns ``(indices, explained)``: LongTensor [B, K] / [K] in the
+    order selected, and float64 [B, K] / [K] where ``explained[..., k - 1]`` is the share of the
+    image's token energy inside the span of the first k picks (``pipeline.pruning.energy``):
+    ``1 - sum_i w_i ||v_i - P_k v_i||^2 / sum_i w_i ||v_i||^2`` over all N tokens, with w = 1
+    (``gated=False``) or the text gate's weights (``gated=True``). Non-decreasing in k; 1 once
+    the picks span every token. Costs one GEMM of the last block's rows over ``resprune_select``.
+    """
+    check_keep(keep)
+    v, batched = as_batch(visual)
+    keep = min(keep, v.shape[1])
+    w, seed_idx = _weights_and_seed(v, text, alpha, seed, relevance_scores)
+    idx, traces = greedy_residual(v, keep, w, seed_idx, max_gram_bytes=max_gram_bytes, trace=True)
+    trace = traces[1] if gated else traces[0]
+    total, gain = trace[:, :1], trace[:, 1:]
+    # An all-zero image has nothing to explain: every prefix explains all of it.
+    explained = torch.where(total > 0, gain.cumsum(-1) / total.clamp_min(1e-300), torch.ones_like(gain))
+    return unbatch(idx, batched), unbatch(explained.clamp_(0.0, 1.0), batched)
+
+
+def _weights_and_seed(
+    v: Tensor, text: Tensor | list[Tensor | None] | None, alpha: float, seed: int | Tensor | None,
+    relevance_scores: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Gate weights [B, N] float64 (ones without text) and seed indices [B]."""
+    b, n, _ = v.shape
     if relevance_scores is None:
         relevance_scores = relevance(v, text) if text is not None else None
     elif text is not None:
@@ -124,23 +168,30 @@ def resprune_select(
         if rel.shape != (b, n):
             raise ValueError(f"relevance_scores must have shape [B, N] = [{b}, {n}], got {tuple(rel.shape)}")
         w = gate(rel.to(v.device), alpha).double()
-    seed_idx = _seed_index(seed, v)
-    idx = greedy_residual(v, keep, w, seed_idx, max_gram_bytes=max_gram_bytes)
-    return unbatch(idx, batched)
+    return w, _seed_index(seed, v)
 
 
 def greedy_residual(
-    v: Tensor, keep: int, weights: Tensor, seed_idx: Tensor, *, max_gram_bytes: int = _DEFAULT_MAX_GRAM_BYTES
-) -> Tensor:
-    """Weighted greedy max-residual selection as pivoted Cholesky. v [B,N,D], weights [B,N] > 0."""
+    v: Tensor, keep: int, weights: Tensor, seed_idx: Tensor, *, max_gram_bytes: int = _DEFAULT_MAX_GRAM_BYTES,
+    trace: bool = False,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Weighted greedy max-residual selection as pivoted Cholesky. v [B,N,D], weights [B,N] > 0.
+
+    Returns the picks [B, keep] and, with ``trace``, the energy traces plain and weighted (float64
+    [B, keep + 1] each): column 0 the total ``sum_i G_ii`` (``sum_i w_i G_ii``), column t + 1 pick
+    t's gain ``sum_i L_ti^2`` (``sum_i w_i L_ti^2``) for its Cholesky row ``L_t``, the drop it causes
+    in the residual energy. Both from the greedy's own G, so they agree to rounding."""
     b, n, d = v.shape
     gram = torch.bmm(v, v.transpose(1, 2)) if _full_gram_pays(b, n, keep, max_gram_bytes) else None
     chol_t = torch.zeros((n, keep), dtype=torch.float64, device=v.device)  # L^T, reused by every sample
+    gains = torch.zeros((2, b, keep + 1), dtype=torch.float64, device=v.device) if trace else None
     order = [
-        _greedy_one(v[i], None if gram is None else gram[i], keep, weights[i].double(), int(seed_idx[i]), chol_t)
+        _greedy_one(v[i], None if gram is None else gram[i], keep, weights[i].double(), int(seed_idx[i]), chol_t,
+                    None if gains is None else gains[:, i])
         for i in range(b)
     ]
-    return torch.tensor(order, dtype=torch.long, device=v.device)
+    idx = torch.tensor(order, dtype=torch.long, device=v.device)
+    return idx, None if gains is None else (gains[0], gains[1])
 
 
 def _full_gram_pays(b: int, n: int, keep: int, max_gram_bytes: int) -> bool:
@@ -175,8 +226,14 @@ def _gram_diagonal(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _greedy_one(x: Tensor, g: Tensor | None, keep: int, w: Tensor, seed: int, chol_t: Tensor) -> list[int]:
+def _greedy_one(
+    x: Tensor, g: Tensor | None, keep: int, w: Tensor, seed: int, chol_t: Tensor, gains: Tensor | None = None
+) -> list[int]:
     """One sample: the first ``keep`` pivots of gated pivoted Cholesky on ``G = x x^T``, in order.
+    ``gains`` ([2, keep + 1], zeros): filled with the total energy ``sum_i G_ii`` and ``sum_i w_i
+    G_ii`` (column 0) and each pick's row energy ``sum_i L_ti^2`` and ``sum_i w_i L_ti^2`` (the
+    last block's rows are then computed too; picks after the rank is exhausted, and a zero seed,
+    gain nothing).
 
     The pivots are those of the recurrence "pick j = argmax score; row ``L_t = (G_j - L_{<t}^T
     L_{<t,j}) / sqrt(d_j)``; ``d -= L_t^2``", computed by blocks:
@@ -220,6 +277,9 @@ def _greedy_one(x: Tensor, g: Tensor | None, keep: int, w: Tensor, seed: int, ch
         resid = torch.diagonal(g).to(torch.float64, copy=True)  # a copy even when g is float64
     # resid: d_i = G_ii - sum_t L_ti^2, residual energy outside span(S).
     floor = resid * (math.sqrt(dim) * torch.finfo(torch.float32).eps)
+    if gains is not None:
+        gains[0, 0] = resid.sum()
+        gains[1, 0] = w @ resid
     spanned_score = w - 2.0  # spanned tokens score w - 2 < 0: after every live token, highest gate first
     chosen = torch.zeros(n, dtype=torch.bool, device=dev)
     order: list[int] = []
@@ -311,7 +371,7 @@ def _greedy_one(x: Tensor, g: Tensor | None, keep: int, w: Tensor, seed: int, ch
             sqrt_d.append(root_d)
         order += slots[picks].tolist()
         q = len(picks)
-        if t + q == keep:
+        if t + q == keep and gains is None:
             break
         # The picks' full rows: W = G[P] - L[:t, P]^T L[:t] (one GEMM), then T rows = W solved
         # by substitution, row a = (W_a - sum_{c<a} T_ac row_c) / sqrt(d_a): the recurrence.
@@ -326,7 +386,13 @@ def _greedy_one(x: Tensor, g: Tensor | None, keep: int, w: Tensor, seed: int, ch
             rows = torch.addmm(rows, chol_t[:, :t].index_select(0, piv_pad), chol_t[:, :t].T, alpha=-1.0)
         new_t = chol_t[:, t : t + q]  # L^T of the new rows
         new_t.copy_(torch.linalg.solve_triangular(torch.from_numpy(tri).to(dev), rows[:q], upper=False).T)
-        resid -= (new_t * new_t).sum(dim=1)
+        row_energy = new_t * new_t  # [N, q]: L_ti^2
+        resid -= row_energy.sum(dim=1)
+        if gains is not None:
+            gains[0, t + 1 : t + q + 1] = row_energy.sum(dim=0)
+            gains[1, t + 1 : t + q + 1] = w @ row_energy
+            if t + q == keep:
+                break
         rows_s = new_t.index_select(0, slots_t)
         schur.addmm_(rows_s, rows_s.T, alpha=-1.0)  # S up to step t + q
         chosen[piv] = True

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig, StorageConfig
 from pipeline.io.images import decode_image
 from pipeline.models import load_adapter
-from pipeline.pruning import TEXT_GUIDED, get_method, relevance
+from pipeline.pruning import ENERGY_TRACED, TEXT_GUIDED, energy_keep, get_method, relevance
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
 from .faults import crash, fail_if_poisoned
@@ -29,9 +29,10 @@ class EncodedRow(NamedTuple):
 class EncodeStage:
     """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``kept_indices``
     (ascending), ``visual_layout`` (the family's token layout, for the decode stage), ``method``,
-    ``keep`` (the budget applied to the row), ``visual_tokens_in/kept``, ``encoder_patches``,
-    ``relevance_min/mean/max`` (null without nouns or for methods that ignore text),
-    ``encode_ms`` and ``prune_ms``."""
+    ``keep`` (the budget applied to the row; with ``pruning.energy``, its cap), ``visual_tokens_in/kept``,
+    ``energy_explained`` (ResPrune: the share of the image's token energy its kept tokens span;
+    null for other methods), ``encoder_patches``, ``relevance_min/mean/max`` (null without nouns
+    or for methods that ignore text), ``encode_ms`` and ``prune_ms``."""
 
     def __init__(
         self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig,
@@ -40,7 +41,7 @@ class EncodeStage:
         limit_torch_threads(stage.num_cpus)
         self.adapter = load_adapter(model, "vision", storage)
         self.pruning = pruning
-        self.select = get_method(pruning.method)
+        get_method(pruning.method)  # an unknown method fails here, in the constructor
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)
         self.max_pixels = inputs.max_image_pixels
         self.min_side = inputs.min_image_side
@@ -69,26 +70,28 @@ class EncodeStage:
         encode_ms = watch.per_row_ms(errors)
 
         watch = Stopwatch()
-        kept, budgets, rel_stats = self._prune(feats)
+        pruned = prune_rows(feats, self.pruning, self.alpha)
         prune_ms = watch.per_row_ms(errors)
 
         empty = np.zeros((0, 0), dtype=np.float32)
         visual_kept = np.empty(n, dtype=object)
         for i in range(n):
-            visual_kept[i] = feats[i].features[kept[i]].numpy() if i in kept else empty
+            visual_kept[i] = feats[i].features[pruned[i].kept].numpy() if i in pruned else empty
         batch.pop("image")
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
-        batch["kept_indices"] = [kept[i].tolist() if i in kept else [] for i in range(n)]
+        batch["kept_indices"] = [pruned[i].kept.tolist() if i in pruned else [] for i in range(n)]
         batch["visual_layout"] = [feats[i].layout if i in feats else [] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
         tokens_in = [feats[i].features.shape[0] if i in feats else 0 for i in range(n)]
-        batch["keep"] = np.array([budgets.get(i, 0) for i in range(n)], dtype=np.int64)
+        batch["keep"] = np.array([pruned[i].budget if i in pruned else 0 for i in range(n)], dtype=np.int64)
         batch["visual_tokens_in"] = np.array(tokens_in, dtype=np.int64)
-        batch["visual_tokens_kept"] = np.array([len(kept[i]) if i in kept else 0 for i in range(n)], dtype=np.int64)
+        batch["visual_tokens_kept"] = np.array([len(pruned[i].kept) if i in pruned else 0 for i in range(n)],
+                                               dtype=np.int64)
+        batch["energy_explained"] = [pruned[i].energy_explained if i in pruned else None for i in range(n)]
         batch["encoder_patches"] = np.array([feats[i].encoder_patches if i in feats else 0 for i in range(n)])
         for k, name in enumerate(("relevance_min", "relevance_mean", "relevance_max")):
-            batch[name] = [rel_stats[i][k] if i in rel_stats else None for i in range(n)]
+            batch[name] = [pruned[i].relevance[k] if i in pruned and pruned[i].relevance else None for i in range(n)]
         batch["error"] = np.array(errors, dtype=object)
         batch["encode_ms"] = encode_ms
         batch["prune_ms"] = prune_ms
@@ -106,31 +109,48 @@ class EncodeStage:
             )
         ]
 
-    def _prune(
-        self, feats: dict[int, EncodedRow]
-    ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, tuple[float, float, float]]]:
-        """Select per row, batched over rows with the same token count (and so the same budget).
-        Returns per row the ascending (spatial-order) kept indices, the budget applied (every
-        token for method ``none``) and relevance stats."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, row in feats.items():
-            groups[row.features.shape[0]].append(i)
-        kept, budgets, stats = {}, {}, {}
-        guided = self.pruning.method in TEXT_GUIDED
-        for members in groups.values():
-            visual = torch.stack([feats[i].features for i in members])
-            has_scores = all(feats[i].seed_scores is not None for i in members)
-            scores = torch.stack([feats[i].seed_scores for i in members]) if has_scores else None
-            rel = relevance(visual, [feats[i].words for i in members]) if guided else None
-            n = visual.shape[1]
-            keep = n if self.pruning.method == "none" else self.pruning.keep_for(n)
-            idx = self.select(
-                visual, keep, relevance=rel, scores=scores, alpha=self.alpha, rng_seed=self.pruning.rng_seed
+
+class Pruned(NamedTuple):
+    kept: torch.Tensor  # kept token indices, ascending (spatial order)
+    budget: int  # the budget applied: every token for method ``none``; an adaptive budget's cap
+    energy_explained: float | None  # methods with an energy trace (ResPrune), else None
+    relevance: tuple[float, float, float] | None  # min / mean / max text relevance, when used
+
+
+def prune_rows(rows: dict[int, EncodedRow], pruning: PruningConfig, alpha: float) -> dict[int, Pruned]:
+    """Select per row, batched over rows with the same token count (and so the same budget).
+
+    ResPrune always traces its energy (``energy_explained`` per row); with ``pruning.energy`` a
+    batch runs the greedy once to the cap and cuts each row at its own count
+    (``pipeline.pruning.energy_keep``): the picks are nested, so the cut rows are exactly what a
+    fixed budget of that count would keep."""
+    select, traced = get_method(pruning.method), ENERGY_TRACED.get(pruning.method)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, row in rows.items():
+        groups[row.features.shape[0]].append(i)
+    out: dict[int, Pruned] = {}
+    for members in groups.values():
+        visual = torch.stack([rows[i].features for i in members])
+        has_scores = all(rows[i].seed_scores is not None for i in members)
+        scores = torch.stack([rows[i].seed_scores for i in members]) if has_scores else None
+        rel = relevance(visual, [rows[i].words for i in members]) if pruning.method in TEXT_GUIDED else None
+        n = visual.shape[1]
+        keep = n if pruning.method == "none" else pruning.keep_for(n)
+        if traced is not None and (pruning.energy is not None or keep < n):
+            idx, trace = traced(visual, keep, relevance=rel, scores=scores, alpha=alpha,
+                                gated=pruning.energy_weighting == "gated")
+            counts = energy_keep(trace, pruning.energy, pruning.min_keep) if pruning.energy is not None else None
+        else:  # every token kept (explains all of the energy: nothing to trace), or no trace
+            idx = select(visual, keep, relevance=rel, scores=scores, alpha=alpha, rng_seed=pruning.rng_seed)
+            trace = torch.ones((len(members), keep), dtype=torch.float64) if traced is not None else None
+            counts = None
+        for row, i in enumerate(members):
+            k = int(counts[row]) if counts is not None else idx.shape[1]
+            r = rel[row] if rel is not None and not torch.isnan(rel[row]).any() else None
+            out[i] = Pruned(
+                kept=idx[row, :k].sort().values,
+                budget=keep,
+                energy_explained=None if trace is None else float(trace[row, k - 1]),
+                relevance=None if r is None else (float(r.min()), float(r.mean()), float(r.max())),
             )
-            for row, i in enumerate(members):
-                kept[i] = idx[row].sort().values
-                budgets[i] = keep
-                if rel is not None and not torch.isnan(rel[row]).any():
-                    r = rel[row]
-                    stats[i] = (float(r.min()), float(r.mean()), float(r.max()))
-        return kept, budgets, stats
+    return out
