@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{spread} ({cfg.pruning.method}, {cfg.pruning.describe()})")
     if summary.energy_explained.get("mean") is not None:
         e = summary.energy_explained
-        print(f"token energy explained by the kept tokens: mean {e['mean']:.5g}, p50 {e['p50']:.5g}, min {e['min']:.5g}")
+        print(f"token energy explained by the kept tokens: mean {e['mean']:.6f}, p50 {e['p50']:.6f}, "
+              f"min {e['min']:.6f}")
     mean = summary.cost_mean_per_image
     if mean.get("flops_total"):
         print(
