@@ -261,6 +261,7 @@ def run_grid(base: JobConfig, cells: list[Cell], input_path: str, out: Path, *, 
     from pipeline.job import run_job
 
     runs: dict[Cell, str] = {}
+    outputs: dict[Cell, list[dict[str, Any]]] = {}  # each run's output, read once
 
     def run(cell: Cell) -> None:
         path = str(out / "runs" / cell.slug)
@@ -272,17 +273,17 @@ def run_grid(base: JobConfig, cells: list[Cell], input_path: str, out: Path, *, 
                 f"cell {cell.slug}: {summary.missing_ids} ids missing from the output and {summary.duplicate_ids} "
                 f"duplicated ({summary.expected_rows} expected, {summary.output_rows} written): see {path}")
         runs[cell] = path
+        outputs[cell] = read_run(path)
 
     for cell in cells:
         run(cell)
     if match_fixed:
         for cell in [c for c in cells if c.energy is not None]:
-            tokens = [r["visual_tokens_kept"] for r in read_run(runs[cell]) if not r["error"]]
+            tokens = [r["visual_tokens_kept"] for r in outputs[cell] if not r["error"]]
             fixed = Cell(cell.method, max(1, round(sum(tokens) / len(tokens))) if tokens else cell.keep, cell.alpha)
             if fixed not in runs:
                 run(fixed)
-    reference = read_run(runs[cells[0]])
-    results = [score(cell, path, read_run(path), reference) for cell, path in runs.items()]
+    results = [score(cell, path, outputs[cell], outputs[cells[0]]) for cell, path in runs.items()]
     add_relative(results)
     return results
 

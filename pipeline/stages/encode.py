@@ -41,7 +41,6 @@ class EncodeStage:
         limit_torch_threads(stage.num_cpus)
         self.adapter = load_adapter(model, "vision", storage)
         self.pruning = pruning
-        get_method(pruning.method)  # an unknown method fails here, in the constructor
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)
         self.max_pixels = inputs.max_image_pixels
         self.min_side = inputs.min_image_side
