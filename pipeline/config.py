@@ -77,10 +77,10 @@ class OutputConfig(_Strict):
 class ModelConfig(_Strict):
     path: str = Field(
         description="Anything from_pretrained accepts (hub id or local directory), or `tiny:<recipe>` for an "
-        "offline tiny checkpoint (tiny:llava, tiny:llava_next, tiny:qwen2_5_vl: built once into $RESPRUNE_CACHE or "
+        "offline tiny checkpoint (tiny:llava, tiny:llava_next, tiny:qwen2_5_vl, tiny:qwen3_vl: built once into $RESPRUNE_CACHE or "
         "~/.cache/resprune-pipeline; tiny:llava-shapes: trained, committed)."
     )
-    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
+    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl", "qwen3_vl"] = Field(
         "auto", description="Adapter; `auto` reads the checkpoint's model_type."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -88,11 +88,11 @@ class ModelConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available, else cpu.")
     min_pixels: int | None = Field(
-        None, ge=28 * 28, description="Qwen2.5-VL dynamic resolution: images are resized to at least this many "
+        None, ge=28 * 28, description="Qwen2.5-VL / Qwen3-VL dynamic resolution: images are resized to at least this many "
         "pixels (None: the checkpoint's processor setting). Other families ignore it.",
     )
     max_pixels: int | None = Field(
-        None, ge=28 * 28, description="Qwen2.5-VL dynamic resolution: images are resized to at most this many "
+        None, ge=28 * 28, description="Qwen2.5-VL / Qwen3-VL dynamic resolution: images are resized to at most this many "
         "pixels, which bounds the visual tokens per image to max_pixels / 784 (None: the processor's setting).",
     )
     architecture: str | None = Field(

@@ -1,5 +1,5 @@
-"""Every family through the same Ray job: LLaVA-1.5 (tiny:llava-shapes), LLaVA-NeXT and
-Qwen2.5-VL on their tiny checkpoints, images of several sizes in one batch, each config's budget
+"""Every family through the same Ray job: LLaVA-1.5 (tiny:llava-shapes), LLaVA-NeXT, Qwen2.5-VL
+and Qwen3-VL on their tiny checkpoints, images of several sizes in one batch, each config's budget
 (a count, or a ratio of each image's tokens) as the cap of an adaptive one (pruning.energy), per-row
 counts and costs."""
 
@@ -29,7 +29,7 @@ from .conftest import REPO
 from .test_job import _env, _run_cli
 
 CONFIGS = {"llava": "configs/local.yaml", "llava_next": "configs/local-llava-next.yaml",
-           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml"}
+           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml"}
 ROWS = 10
 ENERGY, MIN_KEEP = 0.999, 16
 
@@ -104,17 +104,19 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
 
 
 @pytest.mark.parametrize(("recipe", "size"), [("llava_next", (640, 360)), ("qwen2_5_vl", (448, 252)),
-                                              ("qwen2_5_vl", (300, 500))])
+                                              ("qwen2_5_vl", (300, 500)), ("qwen3_vl", (448, 252)),
+                                              ("qwen3_vl", (300, 500))])
 def test_vision_flops_follow_the_encoder_patches_as_the_flop_counter_counts(recipe: str, size: tuple[int, int]) -> None:
     """Views x CLIP for LLaVA-NeXT; window and full attention over one dynamic-size sequence for
-    Qwen2.5-VL (windows cut at the image edge make the count an upper bound there)."""
+    Qwen2.5-VL (windows cut at the image edge make the count an upper bound there); full attention
+    and the main merger plus one per DeepStack level for Qwen3-VL."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.config import ModelConfig
     from pipeline.models import load_adapter
 
     vision = load_adapter(ModelConfig(path=f"tiny:{recipe}", device="cpu"), "vision")
-    if recipe == "qwen2_5_vl":  # the counter does not see CPU SDPA kernels; eager attention is plain matmuls
+    if recipe.startswith("qwen"):  # the counter does not see CPU SDPA kernels; eager attention is plain matmuls
         vision.core.visual.set_attn_implementation("eager")
     image = Image.new("RGB", size, (200, 30, 30))
     with FlopCounterMode(display=False) as counter:

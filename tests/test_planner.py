@@ -86,7 +86,8 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("config", "checkpoint"), [("configs/llava-next-7b.yaml", "llava-v1.6-vicuna-7b-hf"),
-                                                  ("configs/qwen2.5-vl-7b.yaml", "Qwen2.5-VL-7B-Instruct")])
+                                                  ("configs/qwen2.5-vl-7b.yaml", "Qwen2.5-VL-7B-Instruct"),
+                                                  ("configs/qwen3-vl-8b.yaml", "Qwen3-VL-8B-Instruct")])
 def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budgets(
     tmp_path: Path, config: str, checkpoint: str
 ) -> None:

@@ -72,14 +72,16 @@ def _stock_generate(model, tokenizer, image_processor, image, prompt: str, n: in
     return out[0, inputs["input_ids"].shape[1] :].tolist(), inputs["input_ids"].shape[1]
 
 
-def _observe(model: Qwen2_5_VLForConditionalGeneration, fn: Callable[[], Any]) -> tuple[Any, list[dict]]:
+def _observe(
+    model: Qwen2_5_VLForConditionalGeneration, fn: Callable[[], Any], extra: tuple[str, ...] = ()
+) -> tuple[Any, list[dict]]:
     """Run ``fn``; per forward of ``model``'s language model, what it received (position_ids,
-    inputs_embeds, attention_mask: None where generate dropped an all-ones mask) and the logits
-    ``lm_head`` gave for the last position."""
+    inputs_embeds, attention_mask: None where generate dropped an all-ones mask, and the ``extra``
+    keywords) and the logits ``lm_head`` gave for the last position."""
     seen: list[dict] = []
 
     def inputs(_m, _a, kw):
-        seen.append({k: kw.get(k) for k in ("position_ids", "inputs_embeds", "attention_mask")})
+        seen.append({k: kw.get(k) for k in ("position_ids", "inputs_embeds", "attention_mask", *extra)})
 
     def logits(_m, _a, out):
         seen[-1]["logits"] = out[:, -1].clone()

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import (
@@ -177,7 +178,7 @@ def test_decode_stage_bounds_padded_tokens_per_call(tiny_llava: str, encode_out:
     batch = _decode_batch(encode_out, [0, 5, 0, 5], prompts)
     calls = []
     real = stage.adapter.generate
-    stage.adapter.generate = lambda p, *a: calls.append(len(p)) or real(p, *a)  # count the calls, run them for real
+    stage.adapter.generate = lambda p, *a, **kw: calls.append(len(p)) or real(p, *a, **kw)  # count the calls, run them for real
     out = stage(batch)
     assert all(out["answer"]) and not any(out["error"])
     # The 190-token row runs alone; the three short ones (under 100 tokens with 32 visual) share a call.
@@ -200,3 +201,34 @@ def test_split_on_failure_retries_halves_and_isolates_bad_rows() -> None:
     out = map_splitting_failures(fn, list(range(8)), "step")
     assert out[:6] == [0, -1, -2, -3, -4, -5] and out[7] == -7 and out[6] == "step failed: ValueError: poison"
     assert seen == [8, 4, 4, 2, 2, 1, 1]  # halves, then smaller only where the poison is: 7 calls, not 8 rows + 1
+
+
+def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_out: dict) -> None:
+    """Qwen3-VL: the encode stage keeps the SAME indices in every DeepStack level as in the main
+    tokens, and the decode stage hands them to the LLM: its answers are the adapter's on exactly
+    those rows (and another family's rows carry no levels)."""
+    model = ModelConfig(path="tiny:qwen3_vl", device="cpu")
+    encode = EncodeStage(model, PruningConfig(prune_ratio=0.75), InputConfig(path="x"), StageConfig())
+    rows = [0, 5]  # two valid rows of different image sizes
+    two = {k: v[rows].copy() if isinstance(v, np.ndarray) else [v[i] for i in rows] for k, v in text_out.items()}
+    out = encode(two)
+    images = [Image.open(io.BytesIO(text_out["image"][i])).convert("RGB") for i in rows]
+    enc = encode.adapter.encode(images)
+    assert enc.features[0].shape[0] != enc.features[1].shape[0]
+    for i in range(2):
+        kept = out["kept_indices"][i]
+        assert len(kept) == out["visual_tokens_kept"][i] < out["visual_tokens_in"][i]
+        np.testing.assert_allclose(out["visual_deepstack"][i], enc.deepstack[i][:, kept].numpy(), rtol=1e-5, atol=1e-5)
+    decode = DecodeStage(model, GenerationConfig(max_new_tokens=6), InputConfig(path="x"), DecodeStageConfig())
+    answers = decode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in out.items()})
+    assert "visual_deepstack" not in answers
+    direct = decode.adapter.generate(
+        [str(p) for p in out["prompt"]], [torch.from_numpy(np.array(v)) for v in out["visual_kept"]],
+        [torch.tensor(k) for k in out["kept_indices"]], [list(x) for x in out["visual_layout"]],
+        GenerationConfig(max_new_tokens=6), [torch.from_numpy(np.array(d)) for d in out["visual_deepstack"]],
+    )
+    assert list(answers["answer"]) == [g.text for g in direct]
+
+
+def test_families_without_deepstack_carry_no_levels(encode_out: dict) -> None:
+    assert all(np.asarray(d).size == 0 for d in encode_out["visual_deepstack"])

@@ -58,14 +58,16 @@ def _requests(path: str, rows: list[dict], budgets: list[int]) -> list[DecodeReq
     vision = load_adapter(ModelConfig(path=path, device="cpu"), "vision")
     enc = vision.encode([decode_image(r["image"], 10**8, 8) for r in rows])
     scores = enc.seed_scores or [None] * len(rows)
+    levels = enc.deepstack or [None] * len(rows)
     out = []
     for keep in budgets:
-        for r, f, s, layout in zip(rows, enc.features, scores, enc.layouts, strict=True):
+        for r, f, s, layout, d in zip(rows, enc.features, scores, enc.layouts, levels, strict=True):
             n = len(f)
             idx = torch.arange(n) if keep >= n else get_method("resprune")(
                 f[None], keep, scores=None if s is None else s[None]
             )[0].sort().values
-            out.append(DecodeRequest(f"{r['id']}@{keep}", r["prompt"], f[idx].clone(), idx, list(layout)))
+            deepstack = d[:, idx].clone() if d is not None else None  # the same indices in every level
+            out.append(DecodeRequest(f"{r['id']}@{keep}", r["prompt"], f[idx].clone(), idx, list(layout), deepstack))
     return out
 
 
@@ -85,6 +87,7 @@ def _vllm_generate(python: str, path: str, requests: list[DecodeRequest], new: i
         ("llava-shapes", [576, 128, 64], 16, 8),  # trained: answers that mean something
         ("llava_next", [1500, 96], 4, 12),  # random weights: token ids; newlines among the kept (all: > its context)
         ("qwen2_5_vl", [10_000, 24], 4, 12),  # pruned: a wrong M-RoPE position changes the ids
+        ("qwen3_vl", [10_000, 24], 4, 12),  # pruned: interleaved M-RoPE and the kept DeepStack rows
     ],
 )
 def test_vllm_gives_the_hf_engines_greedy_tokens(
@@ -98,6 +101,13 @@ def test_vllm_gives_the_hf_engines_greedy_tokens(
     for r, w, g in zip(requests, want, got, strict=True):
         assert (g["ids"], g["prompt_tokens"], g["text"]) == (w.token_ids, w.prompt_tokens, w.text), r.id
     assert len({len(r.visual) for r in requests}) >= len(budgets)  # the budgets really differed
+    if recipe == "qwen3_vl":
+        # The same pruned rows without their DeepStack rows (what vLLM's stock class does with no
+        # vision tower loaded) answer differently: equality above is evidence they were added.
+        pruned = [r for r in requests if len(r.visual) == 24]
+        bare = hf.generate([r._replace(deepstack=torch.zeros_like(r.deepstack)) for r in pruned],
+                           GenerationConfig(max_new_tokens=new))
+        assert [b.token_ids for b in bare] != [g["ids"] for r, g in zip(requests, got) if len(r.visual) == 24]
     if recipe == "qwen2_5_vl":
         # The same pruned rows with contiguous positions (what a plain inputs_embeds call gives)
         # answer differently: equality above is evidence of the 3-D positions, not luck.
@@ -165,3 +175,29 @@ def test_the_job_on_vllm_answers_as_on_hf(
     if keep == 128:  # the trained model still answers on the held-out rows
         ok = [r for r in vllm.values() if not r["error"] and r["expected"]]
         assert sum(r["answer"] == r["expected"] for r in ok) >= 0.75 * len(ok)
+
+
+def test_qwen3_vl_through_the_job_on_vllm_answers_as_on_hf(vllm_python: str, tmp_path: Path) -> None:
+    """configs/local-qwen3_vl.yaml on both engines: images of several sizes, each pruned to a third;
+    the encode stage's kept DeepStack rows reach vLLM's LLM (the request test shows that without
+    them the ids differ), so the answers are the HF engine's."""
+    rows = make_rows(8, seed=HELD_OUT_SEED)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "in" / "a.parquet")
+    cfg = yaml.safe_load((REPO / "configs/local-qwen3_vl.yaml").read_text())
+    cfg["input"].pop("create_sample_rows")
+    cfg["generation"]["max_new_tokens"] = 6
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    outputs = {}
+    for engine in ("hf", "vllm"):
+        summary = _job(config, tmp_path / "in", tmp_path / engine, "--engine", engine)
+        assert summary["ok_rows"] == summary["output_rows"] == 8 and summary["engine"]["name"] == engine
+        outputs[engine] = {r["id"]: r for r in pads.dataset(tmp_path / engine).to_table().to_pylist()}
+    columns = ("answer", "prompt_tokens", "generated_tokens", "visual_tokens_kept", "kept_indices")
+    for rid, hf in outputs["hf"].items():
+        assert [hf[c] for c in columns] == [outputs["vllm"][rid][c] for c in columns], rid
+    vllm = list(outputs["vllm"].values())
+    assert len({r["visual_tokens_in"] for r in vllm}) > 1  # mixed sizes
+    assert all(r["visual_tokens_kept"] < r["visual_tokens_in"] for r in vllm)
+    assert len({r["answer"] for r in vllm}) > 1

@@ -24,7 +24,7 @@ class VisionShape:
 
     Fixed-size views (``image_size`` > 0; LLaVA-1.5, LLaVA-NeXT): each view (the image, or the
     base view and every tile) is its own sequence of ``patches`` patches plus ``class_tokens``.
-    Dynamic resolution (``image_size`` = 0; Qwen2.5-VL): the whole image is one sequence of any
+    Dynamic resolution (``image_size`` = 0; Qwen2.5-VL, Qwen3-VL): the whole image is one sequence of any
     length; with ``attention_window`` > 0 every layer but ``full_attention_layers`` of them
     attends only inside windows of that many patches.
     """
@@ -38,6 +38,7 @@ class VisionShape:
     mlp_matrices: int = 2  # 2: fc1/fc2; 3: gated (gate/up/down)
     class_tokens: int = 1  # tokens besides the patches (CLS), per view
     projector: tuple[int, ...] = ()  # widths of the projector's linear chain: in, hidden..., out
+    projectors: int = 1  # projector chains over the merged tokens (Qwen3-VL: the main one + one per DeepStack level)
     temporal_patch: int = 1  # frames per patch (Qwen2.5-VL: 2, a still image repeated)
     spatial_merge: int = 1  # patches merged into one LLM token along each side (Qwen2.5-VL: 2)
     attention_window: int = 0  # patches per attention window; 0: full attention in every layer
@@ -96,7 +97,7 @@ def vision_flops(v: VisionShape, encoder_patches: int) -> int:
         attention = full * 4 * seq * seq * v.width + (v.layers - full) * 4 * seq * window * v.width
         layers = v.layers * seq * linear + attention
     tokens = encoder_patches // v.spatial_merge**2
-    projector = sum(2 * tokens * a * b for a, b in zip(v.projector, v.projector[1:]))
+    projector = v.projectors * sum(2 * tokens * a * b for a, b in zip(v.projector, v.projector[1:]))
     return patch_embed + layers + projector
 
 

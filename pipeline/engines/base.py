@@ -23,6 +23,7 @@ class DecodeRequest(NamedTuple):
     visual: Tensor  # [K, D] kept visual tokens, float32, in the LLM's input-embedding space
     kept_indices: Tensor  # [K] ascending indices into the image's N visual tokens
     layout: list[int]  # the family's token layout from the encode stage (Qwen2.5-VL: [t, h, w])
+    deepstack: Tensor | None = None  # [L, K, D] the kept tokens' DeepStack levels (Qwen3-VL), else None
 
 
 class DecodeEngine(ABC):

@@ -16,4 +16,5 @@ class HFEngine(DecodeEngine):
         return self.adapter.generate(
             [r.prompt for r in requests], [r.visual for r in requests], [r.kept_indices for r in requests],
             [r.layout for r in requests], gen,
+            deepstack=[r.deepstack for r in requests] if any(r.deepstack is not None for r in requests) else None,
         )

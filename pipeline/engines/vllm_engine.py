@@ -65,7 +65,10 @@ class VLLMEngine(DecodeEngine):
         from vllm import SamplingParams
 
         prompts = [
-            self.adapter.vllm_request(r.prompt, r.visual.to(self.adapter.dtype), r.kept_indices, r.layout)
+            self.adapter.vllm_request(
+                r.prompt, r.visual.to(self.adapter.dtype), r.kept_indices, r.layout,
+                r.deepstack.to(self.adapter.dtype) if r.deepstack is not None else None,
+            )
             for r in requests
         ]
         params = SamplingParams(

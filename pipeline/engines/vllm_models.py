@@ -7,13 +7,19 @@ subset would lose its 3-D positions. These classes hold only the LLM (vLLM's own
 implementation, weights mapped from the stock checkpoint; the vision tower and projector are never
 loaded) and take each row's kept tokens as one image item:
 
-    {"image_embeds": [1, K, D], "image_grid_thw": [1, 3] (optional), "kept_indices": [1, K] (optional)}
+    {"image_embeds": [1, K, D], "image_grid_thw": [1, 3] (optional), "kept_indices": [1, K] (optional),
+     "deepstack_embeds": [1, L, K, D] (Qwen3-VL)}
 
 The single image placeholder in the prompt's ids is expanded to K placeholders, whose embeddings
 are the kept tokens. ``ResPruneLlavaForCausalLM`` (LLaVA-1.5, LLaVA-NeXT) gives them contiguous
 positions, as the stock models do; ``ResPruneQwen2_5_VLForCausalLM`` gives them their full-grid
 M-RoPE positions and shifts the text after them as the unpruned sequence would
-(``pipeline.models.qwen2_5_vl.kept_mrope_positions``), as vLLM's own EVS does for video.
+(``pipeline.models.qwen2_5_vl.kept_mrope_positions``), as vLLM's own EVS does for video;
+``ResPruneQwen3VLForCausalLM`` does the same on vLLM's Qwen3 LLM (whose rotary embedding
+interleaves the M-RoPE sections as the checkpoint's rope config says) and adds each kept token's
+DeepStack rows to the first L layers' hidden states at its position, as vLLM's stock Qwen3-VL
+does for whole images. The stock class cannot take them: with no vision tower loaded it turns
+DeepStack off, and the answers would still be fluent.
 
 Registered through vLLM's plugin entry point (``vllm.general_plugins`` in pyproject.toml), so
 every vLLM process (the engine core runs in its own) has them; an engine selects one with
@@ -26,8 +32,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -42,7 +52,7 @@ from vllm.multimodal.processing import (
 
 from pipeline.models.qwen2_5_vl import kept_mrope_positions
 
-FIELDS = {"image_embeds": False, "image_grid_thw": True, "kept_indices": True}  # name -> kept on CPU
+FIELDS = {"image_embeds": False, "image_grid_thw": True, "kept_indices": True, "deepstack_embeds": False}  # name -> on CPU
 
 
 def _field_config(data: Mapping[str, torch.Tensor]) -> dict[str, MultiModalFieldConfig]:
@@ -59,7 +69,7 @@ class KeptTokensParser(MultiModalDataParser):
         if isinstance(data, dict):
             return DictEmbeddingItems(
                 data, modality="image", required_fields={"image_embeds"},
-                optional_fields={"image_grid_thw", "kept_indices"}, fields_factory=_field_config,
+                optional_fields={"image_grid_thw", "kept_indices", "deepstack_embeds"}, fields_factory=_field_config,
             )
         raise ValueError("this model takes the kept visual tokens only, as {'image_embeds': [1, K, D], ...}")
 
@@ -165,10 +175,60 @@ class ResPruneLlavaForCausalLM(_KeptTokensLM):
     """LLaVA-1.5 and LLaVA-NeXT: the kept tokens at contiguous positions, as in the stock model."""
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0, "deepstack": 1})
+class DeepStackQwen3Model(Qwen3Model):
+    """vLLM's Qwen3 decoder with DeepStack, as vLLM's stock Qwen3-VL LLM (whose module imports
+    torchvision, so it cannot be imported here): ``deepstack`` [L, T, D] is added to the hidden
+    states after layers 0 .. L-1 (zeros at text tokens). One pipeline stage only."""
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+        deepstack: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for index, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual)
+            if deepstack is not None and index < deepstack.shape[0]:
+                hidden = hidden + deepstack[index]
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DeepStackQwen3ForCausalLM(Qwen3ForCausalLM):
+    """``Qwen3ForCausalLM`` (LM head, logits, weight loading) around ``DeepStackQwen3Model``."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config
+        self.config, self.vllm_config, self.quant_config = config, vllm_config, vllm_config.quant_config
+        self.model = DeepStackQwen3Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+
+class _KeptMRoPELM(_KeptTokensLM, SupportsMRoPE):
+    """The LLM fed kept tokens at their full-grid 3-D positions (Qwen2-VL's rule for images, which Qwen2.5-VL
+    and Qwen3-VL share; equality with each model's own ``get_rope_index`` is tested)."""
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        images = []
+        for feature in mm_features:
+            data = feature.data
+            if data is None or "image_grid_thw" not in data or "kept_indices" not in data:
+                raise ValueError("kept tokens need image_grid_thw and kept_indices to be placed")
+            images.append((feature.mm_position.offset, data["image_grid_thw"].data.tolist(), data["kept_indices"].data))
+        return kept_mrope_positions(len(input_tokens), images, self.config.vision_config.spatial_merge_size)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     KeptTokensProcessor, info=KeptTokensProcessingInfo, dummy_inputs=KeptTokensDummyInputs
 )
-class ResPruneQwen2_5_VLForCausalLM(_KeptTokensLM, SupportsMRoPE):
+class ResPruneQwen2_5_VLForCausalLM(_KeptMRoPELM):
     """Qwen2.5-VL: the kept tokens at their full-grid 3-D positions."""
 
     # Qwen2.5-VL checkpoints come in two layouts: transformers 5.x (model.language_model.*,
@@ -184,17 +244,88 @@ class ResPruneQwen2_5_VLForCausalLM(_KeptTokensLM, SupportsMRoPE):
         # As the stock class does: the Qwen2 decoder reads its M-RoPE sections from the full config.
         return init_vllm_registered_model(vllm_config=vllm_config, prefix=prefix, architectures=["Qwen2ForCausalLM"])
 
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        images = []
-        for feature in mm_features:
-            data = feature.data
-            if data is None or "image_grid_thw" not in data or "kept_indices" not in data:
-                raise ValueError("Qwen2.5-VL kept tokens need image_grid_thw and kept_indices to be placed")
-            images.append((feature.mm_position.offset, data["image_grid_thw"].data.tolist(), data["kept_indices"].data))
-        return kept_mrope_positions(len(input_tokens), images, self.config.vision_config.spatial_merge_size)
+
+@MULTIMODAL_REGISTRY.register_processor(
+    KeptTokensProcessor, info=KeptTokensProcessingInfo, dummy_inputs=KeptTokensDummyInputs
+)
+class ResPruneQwen3VLForCausalLM(_KeptMRoPELM):
+    """Qwen3-VL: the kept tokens at their full-grid 3-D positions (interleaved M-RoPE), and each
+    kept token's DeepStack rows added after LLM layers 0 .. L-1 at its position.
+
+    As in vLLM's stock class: ``embed_multimodal`` gives per row [K, D * (1 + L)] (main tokens,
+    then the levels), ``embed_input_ids`` scatters the main part into the placeholders and the
+    levels into a persistent per-token buffer (fixed storage, as CUDA graphs need), which
+    ``forward`` hands the LLM and then clears."""
+
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "model.language_model.": "language_model.model.",
+        "model.visual.": "visual.",
+        "lm_head.": "language_model.lm_head.",
+    })
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.levels = len(self.config.vision_config.deepstack_visual_indexes)
+        self.hidden = self.config.text_config.hidden_size
+        tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.deepstack = torch.zeros(self.levels, tokens, self.hidden, dtype=vllm_config.model_config.dtype)
+        self.pending = 0  # tokens of the buffer holding DeepStack rows not yet consumed
+
+    def _build_language_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        text = vllm_config.with_hf_config(self.config.text_config, architectures=["Qwen3ForCausalLM"])
+        return DeepStackQwen3ForCausalLM(vllm_config=text, prefix=prefix)
+
+    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:
+        embeds, levels = kwargs.get("image_embeds"), kwargs.get("deepstack_embeds")
+        if embeds is None:
+            return []
+        if levels is None:
+            raise ValueError("Qwen3-VL kept tokens need their DeepStack rows (deepstack_embeds [1, L, K, D])")
+        # per item [K, D] and [L, K, D] -> [K, D * (1 + L)]
+        return [torch.cat([e, d.permute(1, 0, 2).flatten(1).to(e.dtype)], dim=-1) for e, d in zip(embeds, levels)]
+
+    def embed_input_ids(
+        self, input_ids: torch.Tensor, multimodal_embeddings: list[torch.Tensor] | None = None, *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = self._embed_text_input_ids(input_ids, self.language_model.embed_input_ids, is_multimodal=is_multimodal)
+        if not multimodal_embeddings:
+            return embeds
+        rows = torch.cat(list(multimodal_embeddings))
+        main, levels = rows.split([self.hidden, self.levels * self.hidden], dim=-1)
+        mask = is_multimodal.to(embeds.device)
+        embeds[mask] = main.to(embeds.dtype)
+        n = len(input_ids)
+        if self.deepstack.device != embeds.device or n > self.deepstack.shape[1]:
+            self.deepstack = torch.zeros(self.levels, max(n, self.deepstack.shape[1]), self.hidden,
+                                         dtype=embeds.dtype, device=embeds.device)
+        self.deepstack[:, :n][:, mask] = levels.view(-1, self.levels, self.hidden).permute(1, 0, 2).to(embeds.dtype)
+        self.pending = n
+        return embeds
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: object = None,
+        inputs_embeds: torch.Tensor | None = None, **kwargs: object,
+    ) -> torch.Tensor:
+        if intermediate_tensors is not None:
+            raise ValueError("pipeline parallelism is not supported: a decode actor holds the whole LLM")
+        deepstack = None
+        if inputs_embeds is not None:
+            n = inputs_embeds.shape[0]
+            if self.deepstack.device != inputs_embeds.device or n > self.deepstack.shape[1]:
+                self.deepstack = torch.zeros(self.levels, max(n, self.deepstack.shape[1]), self.hidden,
+                                             dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            deepstack = self.deepstack[:, :n]
+        hidden = self.language_model.model(input_ids, positions, inputs_embeds=inputs_embeds, deepstack=deepstack)
+        if self.pending:  # consumed: the next step (decode) adds nothing unless new rows are set
+            self.deepstack[:, : self.pending].zero_()
+            self.pending = 0
+        return hidden
 
 
-ARCHITECTURES = {cls.__name__: cls for cls in (ResPruneLlavaForCausalLM, ResPruneQwen2_5_VLForCausalLM)}
+ARCHITECTURES = {
+    cls.__name__: cls for cls in (ResPruneLlavaForCausalLM, ResPruneQwen2_5_VLForCausalLM, ResPruneQwen3VLForCausalLM)
+}
 
 
 def register() -> None:

@@ -9,10 +9,11 @@ from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .sources import resolve_model_path
 
 ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {
-    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
+    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 }
 
 

@@ -8,10 +8,12 @@ changes one file. The stages see plain tensors:
   per-token seed scores (LLaVA: CLS attention) [N_i], a per-image ``layout`` and the number of
   patches the vision encoder ran over (for FLOP counts);
 - ``embed_words(words)`` -> the LLM input embeddings of each row's words, [M_i, D];
-- ``generate(prompts, visual, kept_indices, layouts, gen)`` -> answers from the kept tokens.
-  ``kept_indices`` (ascending, into the image's N_i tokens) and the ``layout`` that ``encode``
-  gave (carried between the stages unchanged) let families whose positions depend on the token
-  grid (Qwen2.5-VL's 3-D M-RoPE) place each kept token where it was.
+- ``generate(prompts, visual, kept_indices, layouts, gen, deepstack)`` -> answers from the kept
+  tokens. ``kept_indices`` (ascending, into the image's N_i tokens) and the ``layout`` that
+  ``encode`` gave (carried between the stages unchanged) let families whose positions depend on
+  the token grid (Qwen2.5-VL's and Qwen3-VL's 3-D M-RoPE) place each kept token where it was;
+  ``deepstack`` carries, per row, the kept tokens' rows of ``EncodedImages.deepstack`` [L, K, D]
+  (Qwen3-VL), None for the other families.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class EncodedImages:
     # Per image, patch tokens the vision encoder ran over, every view/tile included (LLaVA-1.5:
     # 576; LLaVA-NeXT: 576 x views; Qwen2.5-VL: t * h * w before the 2x2 merge).
     encoder_patches: list[int]
+    # Per image [L, N_i, D]: features the LLM also receives for each visual token besides
+    # ``features``, one row per level (Qwen3-VL's DeepStack, added to its first L layers' hidden
+    # states); pruning keeps the same indices in every level. None for families without them.
+    deepstack: list[Tensor] | None = None
 
 
 @dataclass
@@ -124,10 +130,13 @@ class VisionLanguageAdapter(ABC):
             )
         return ids
 
-    def vllm_request(self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]) -> dict:
+    def vllm_request(
+        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int], deepstack: Tensor | None = None
+    ) -> dict:
         """One row as a vLLM request for ``vllm_architecture``: the templated prompt's ids with one
         placeholder, which vLLM expands to the K kept tokens given as embeddings. Families whose
-        positions depend on the token grid also send the grid and the kept indices."""
+        positions depend on the token grid also send the grid and the kept indices; families with
+        DeepStack levels, the kept tokens' rows of them."""
         return {"prompt_token_ids": self.prompt_ids(prompt), "multi_modal_data": {"image": {"image_embeds": visual[None]}}}
 
     @abstractmethod
@@ -141,6 +150,7 @@ class VisionLanguageAdapter(ABC):
         kept_indices: list[Tensor],
         layouts: list[list[int]],
         gen: GenerationConfig,
+        deepstack: list[Tensor] | None = None,
     ) -> list[Generation]: ...
 
 
@@ -192,24 +202,30 @@ def generate_from_embeddings(
         extra["position_ids"] = torch.stack(
             [torch.cat([p.new_zeros((p.shape[0], width - p.shape[1])), p], dim=1) for p in positions], dim=1
         ).to(device)
+    new = model.generate(
+        inputs_embeds=embeds, attention_mask=mask, pad_token_id=pad_id, **extra, **generate_options(gen)
+    )
+    return cut_at_eos(model, tokenizer, [len(r) for r in rows], new)
+
+
+def generate_options(gen: GenerationConfig) -> dict:
+    """``model.generate`` keywords for ``gen`` (seeding the global generator when sampling)."""
+    options: dict = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
     if gen.do_sample:
         torch.manual_seed(gen.seed)
-        extra |= {"temperature": gen.temperature, "top_p": gen.top_p}
-    new = model.generate(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        max_new_tokens=gen.max_new_tokens,
-        do_sample=gen.do_sample,
-        pad_token_id=pad_id,
-        **extra,
-    )
+        options |= {"temperature": gen.temperature, "top_p": gen.top_p}
+    return options
+
+
+def cut_at_eos(model: object, tokenizer: object, prompt_lengths: list[int], new: Tensor) -> list[Generation]:
+    """Per row, the generated ids [B, T] (new tokens only) up to and including the first EOS, decoded."""
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = []
-    for row, seq in zip(rows, new.tolist(), strict=True):
+    for length, seq in zip(prompt_lengths, new.tolist(), strict=True):
         n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
         text = tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
-        out.append(Generation(text=text, prompt_tokens=len(row), generated_tokens=n, token_ids=seq[:n]))
+        out.append(Generation(text=text, prompt_tokens=length, generated_tokens=n, token_ids=seq[:n]))
     return out
 
 

@@ -134,6 +134,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         kept_indices: list[Tensor],
         layouts: list[list[int]],
         gen: GenerationConfig,
+        deepstack: list[Tensor] | None = None,  # no DeepStack levels in this family
     ) -> list[Generation]:
         rows = []
         for prompt, vis in zip(prompts, visual, strict=True):

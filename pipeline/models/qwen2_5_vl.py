@@ -55,6 +55,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
 
     # Kept tokens at their full-grid 3-D positions, text after the image shifted as in the full sequence.
     vllm_architecture = "ResPruneQwen2_5_VLForCausalLM"
+    model_class = Qwen2_5_VLForConditionalGeneration
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
@@ -66,7 +67,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
             return
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         self.size = pixel_bounds(self.image_processor, cfg)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=self.dtype).eval()
+        model = self.model_class.from_pretrained(path, dtype=self.dtype).eval()
         self.embed = model.get_input_embeddings().to(self.device)
         if part == "vision":
             del model.model.language_model  # encoding needs the vision tower and merger only
@@ -122,8 +123,12 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         )
         return EncodedImages(
             features=[f.float() for f in out.pooler_output], seed_scores=None,
-            layouts=grid.tolist(), encoder_patches=grid.prod(dim=-1).tolist(),
+            layouts=grid.tolist(), encoder_patches=grid.prod(dim=-1).tolist(), deepstack=self.deepstack_levels(out),
         )
+
+    def deepstack_levels(self, vision_output: object) -> list[Tensor] | None:
+        """Per image [L, N_i, D] features the LLM also receives (Qwen3-VL's DeepStack); none here."""
+        return None
 
     @torch.inference_mode()
     def embed_words(self, words: list[list[str]]) -> list[Tensor]:
@@ -133,27 +138,18 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
-    def full_sequence(self, prompt: str, layout: list[int]) -> tuple[Tensor, int, int]:
-        """The prompt's ids with every image placeholder, as the stock processor builds them;
-        where the placeholders start and how many there are."""
+    @torch.inference_mode()
+    def pruned_sequence(self, prompt: str, kept_indices: Tensor, layout: list[int]) -> tuple[Tensor, Tensor, int]:
+        """One row's pruned prompt: token ids [L] (one image placeholder per kept token), 3-D
+        position ids [3, L] and where the kept tokens start. The full sequence (every placeholder,
+        as the stock processor builds it) goes through the model's own ``get_rope_index``; the
+        pruned one keeps its columns at the text tokens and the kept visual tokens."""
         ids = torch.tensor(self.prompt_ids(prompt), device=self.device)
         start, n = int((ids == self.image_token_id).nonzero()[0]), layout[0] * layout[1] * layout[2] // self.merge**2
         full = torch.cat([ids[:start], ids.new_full((n,), self.image_token_id), ids[start + 1 :]])
-        return full, start, n
-
-    @torch.inference_mode()
-    def prompt_inputs(
-        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]
-    ) -> tuple[Tensor, Tensor]:
-        """One row's pruned prompt: embeddings [L, D] and 3-D position ids [3, L], the columns of
-        the full sequence's positions at the text tokens and the kept visual tokens. ``generate``
-        left-pads these rows into one batch (``generate_from_embeddings``)."""
-        full, start, n = self.full_sequence(prompt, layout)
         kept = kept_indices.to(self.device)
-        if len(kept) != len(visual) or (
-            len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= n or (kept.diff() <= 0).any())
-        ):
-            raise ValueError(f"kept_indices must be {len(visual)} ascending indices below {n}")
+        if len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= n or (kept.diff() <= 0).any()):
+            raise ValueError(f"kept_indices must be ascending indices below {n}")
         positions, _ = self.model.model.get_rope_index(
             full[None], mm_token_type_ids=(full == self.image_token_id).int()[None],
             image_grid_thw=torch.tensor([layout], device=self.device),
@@ -161,9 +157,21 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         keep = torch.ones(len(full), dtype=torch.bool, device=self.device)
         keep[start : start + n] = False
         keep[start + kept] = True
-        emb = self.embed(full[keep])
-        emb[start : start + len(kept)] = visual.to(self.device, emb.dtype)
-        return emb, positions[:, 0, keep]
+        return full[keep], positions[:, 0, keep], start
+
+    @torch.inference_mode()
+    def prompt_inputs(
+        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """One row's pruned prompt as embeddings [L, D] (the kept features in the placeholders'
+        place) and its 3-D position ids [3, L]. ``generate`` left-pads these rows into one batch
+        (``generate_from_embeddings``)."""
+        if len(kept_indices) != len(visual):
+            raise ValueError(f"kept_indices must be {len(visual)} ascending indices, one per kept token")
+        ids, positions, start = self.pruned_sequence(prompt, kept_indices, layout)
+        emb = self.embed(ids)
+        emb[start : start + len(visual)] = visual.to(self.device, emb.dtype)
+        return emb, positions
 
     @torch.inference_mode()
     def generate(
@@ -173,13 +181,16 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         kept_indices: list[Tensor],
         layouts: list[list[int]],
         gen: GenerationConfig,
+        deepstack: list[Tensor] | None = None,  # no DeepStack levels in this family
     ) -> list[Generation]:
         rows = [self.prompt_inputs(*args) for args in zip(prompts, visual, kept_indices, layouts, strict=True)]
         return generate_from_embeddings(
             self.model, self.tokenizer, self.embed, [e for e, _ in rows], gen, positions=[p for _, p in rows]
         )
 
-    def vllm_request(self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]) -> dict:
+    def vllm_request(
+        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int], deepstack: Tensor | None = None
+    ) -> dict:
         """The kept tokens with the grid and their indices in it, from which the vLLM model class
         places them (``kept_mrope_positions``)."""
         image = {"image_embeds": visual[None], "image_grid_thw": torch.tensor([layout]),

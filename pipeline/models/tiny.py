@@ -21,7 +21,7 @@ Recipes (``RECIPES``; same classes, tokenizer, chat template and seed for all):
     python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
     model.path: "tiny:llava" in a config                          # resolves to the cached directory
 
-The other families' tiny checkpoints (``tiny:llava_next``, ``tiny:qwen2_5_vl``) are built by a
+The other families' tiny checkpoints (``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:qwen3_vl``) are built by a
 builder beside each family (``FAMILY_BUILDERS``), cached the same way.
 """
 
@@ -85,6 +85,7 @@ TRAINED = {"llava-shapes"}  # committed checkpoints, never built with random wei
 FAMILY_BUILDERS: dict[str, str] = {
     "llava_next": "pipeline.models.tiny_llava_next:new_tiny_llava_next",
     "qwen2_5_vl": "pipeline.models.tiny_qwen2_5_vl:new_tiny_qwen2_5_vl",
+    "qwen3_vl": "pipeline.models.tiny_qwen3_vl:new_tiny_qwen3_vl",
 }
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 

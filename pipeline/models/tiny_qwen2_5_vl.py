@@ -26,24 +26,37 @@ CHAT_TEMPLATE = (
 )
 
 
-def new_tiny_qwen2_5_vl() -> tuple[Any, tuple[Any, Any]]:
-    """A freshly initialised, seeded ``(Qwen2_5_VLForConditionalGeneration, (tokenizer, image processor))``."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from .tiny import _SEED, randomize_weights, tiny_tokenizer
-
-    try:
-        import torchvision  # noqa: F401  (the default processor needs it)
-        from transformers import Qwen2VLImageProcessor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+def qwen_tokenizer() -> Any:
+    """``tiny:llava``'s BPE with Qwen's special tokens and chat template (shared by the Qwen families)."""
+    from .tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(
         SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen_image_processor(**kwargs: Any) -> Any:
+    """Qwen2-VL's image processor (Qwen2.5-VL's and Qwen3-VL's), the PIL one without torchvision."""
+    try:
+        import torchvision  # noqa: F401  (the default processor needs it)
+        from transformers import Qwen2VLImageProcessor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+    return Qwen2VLImageProcessor(**kwargs)
+
+
+def new_tiny_qwen2_5_vl() -> tuple[Any, tuple[Any, Any]]:
+    """A freshly initialised, seeded ``(Qwen2_5_VLForConditionalGeneration, (tokenizer, image processor))``."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .tiny import _SEED, randomize_weights
+
+    tokenizer = qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         vision_config={
@@ -60,12 +73,11 @@ def new_tiny_qwen2_5_vl() -> tuple[Any, tuple[Any, Any]]:
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
-    image_processor = Qwen2VLImageProcessor(
+    image_processor = qwen_image_processor(
         size={"shortest_edge": 56 * 56, "longest_edge": 448 * 448}, patch_size=14, merge_size=2, temporal_patch_size=2,
     )
     # Saved as tokenizer + image processor: Qwen2_5_VLProcessor also wants a video processor, which
     # needs torchvision (not installed here); the adapter uses the two parts directly.
-    tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(_SEED)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     randomize_weights(model, {"visual.merger": 0.1, "visual": 0.02})

@@ -21,7 +21,7 @@ class DecodeRow(NamedTuple):
 
 
 class DecodeStage:
-    """Drops ``visual_kept`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
+    """Drops ``visual_kept``, ``visual_deepstack`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
     ``generated_tokens``, ``prompt_truncated``, ``decode_ms``.
 
     The engine (``decode_stage.engine``, ``pipeline.engines``) is built once per actor. Prompts
@@ -58,9 +58,11 @@ class DecodeStage:
                 errors[i] = problem
                 continue
             truncated[i] = prompt != batch["prompt"][i]
+            levels = np.array(batch["visual_deepstack"][i], dtype=np.float32)
             request = DecodeRequest(
                 str(batch["id"][i]), prompt, visual, torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
                 [int(x) for x in batch["visual_layout"][i]],
+                torch.from_numpy(levels) if levels.size else None,
             )
             rows[i] = DecodeRow(request, tokens + len(visual))
         answers, prompt_tokens, generated = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -72,6 +74,7 @@ class DecodeStage:
                 else:
                     answers[i], prompt_tokens[i], generated[i] = res.text, res.prompt_tokens, res.generated_tokens
         batch.pop("visual_kept")
+        batch.pop("visual_deepstack")
         batch.pop("visual_layout")
         batch["nouns"] = list_column(batch["nouns"])
         batch["kept_indices"] = list_column(batch["kept_indices"])

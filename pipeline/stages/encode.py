@@ -24,11 +24,13 @@ class EncodedRow(NamedTuple):
     words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
     layout: list[int]  # what the family's generate needs to place the tokens (Qwen2.5-VL: [t, h, w])
     encoder_patches: int  # patches the vision encoder ran over, all views
+    deepstack: torch.Tensor | None  # [L, N, D] DeepStack levels (Qwen3-VL), pruned like ``features``
 
 
 class EncodeStage:
-    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``kept_indices``
-    (ascending), ``visual_layout`` (the family's token layout, for the decode stage), ``method``,
+    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``visual_deepstack``
+    (the same K indices of every DeepStack level, [L, K, D]; [0, 0, 0] for families without),
+    ``kept_indices`` (ascending), ``visual_layout`` (the family's token layout, for the decode stage), ``method``,
     ``keep`` (the budget applied to the row; with ``pruning.energy``, its cap), ``visual_tokens_in/kept``,
     ``energy_explained`` (ResPrune: the share of the image's token energy its kept tokens span;
     null for other methods), ``encoder_patches``, ``relevance_min/mean/max`` (null without nouns
@@ -72,13 +74,17 @@ class EncodeStage:
         pruned = prune_rows(feats, self.pruning, self.alpha)
         prune_ms = watch.per_row_ms(errors)
 
-        empty = np.zeros((0, 0), dtype=np.float32)
-        visual_kept = np.empty(n, dtype=object)
+        empty, no_levels = np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0, 0), dtype=np.float32)
+        visual_kept, deepstack = np.empty(n, dtype=object), np.empty(n, dtype=object)
         for i in range(n):
             visual_kept[i] = feats[i].features[pruned[i].kept].numpy() if i in pruned else empty
+            levels = feats[i].deepstack if i in pruned else None
+            # The same indices in every level: level l's row j belongs to kept token j.
+            deepstack[i] = levels[:, pruned[i].kept].numpy() if levels is not None else no_levels
         batch.pop("image")
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
+        batch["visual_deepstack"] = deepstack
         batch["kept_indices"] = [pruned[i].kept.tolist() if i in pruned else [] for i in range(n)]
         batch["visual_layout"] = [feats[i].layout if i in feats else [] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
@@ -101,10 +107,12 @@ class EncodeStage:
         enc = self.adapter.encode([img for _, img, _ in items])
         words = self.adapter.embed_words([nouns for _, _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
+        levels = enc.deepstack or [None] * len(items)
         return [
-            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), list(layout), int(patches))
-            for f, s, t, layout, patches in zip(
-                enc.features, scores, words, enc.layouts, enc.encoder_patches, strict=True
+            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), list(layout), int(patches),
+                       d.cpu() if d is not None else None)
+            for f, s, t, layout, patches, d in zip(
+                enc.features, scores, words, enc.layouts, enc.encoder_patches, levels, strict=True
             )
         ]
 
