@@ -296,12 +296,18 @@ class ResPruneQwen3VLForCausalLM(_KeptMRoPELM):
         mask = is_multimodal.to(embeds.device)
         embeds[mask] = main.to(embeds.dtype)
         n = len(input_ids)
-        if self.deepstack.device != embeds.device or n > self.deepstack.shape[1]:
-            self.deepstack = torch.zeros(self.levels, max(n, self.deepstack.shape[1]), self.hidden,
-                                         dtype=embeds.dtype, device=embeds.device)
-        self.deepstack[:, :n][:, mask] = levels.view(-1, self.levels, self.hidden).permute(1, 0, 2).to(embeds.dtype)
+        self._fit_buffer(embeds, n)[:, mask] = levels.view(-1, self.levels, self.hidden).permute(1, 0, 2).to(embeds.dtype)
         self.pending = n
         return embeds
+
+    def _fit_buffer(self, like: torch.Tensor, n: int) -> torch.Tensor:
+        """The DeepStack buffer's first ``n`` tokens [L, n, D]; the buffer is only ever replaced
+        when it is too small or elsewhere (never in a captured step: it is sized to the scheduler's
+        token budget)."""
+        if self.deepstack.device != like.device or n > self.deepstack.shape[1]:
+            self.deepstack = torch.zeros(self.levels, max(n, self.deepstack.shape[1]), self.hidden,
+                                         dtype=like.dtype, device=like.device)
+        return self.deepstack[:, :n]
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: object = None,
@@ -309,13 +315,7 @@ class ResPruneQwen3VLForCausalLM(_KeptMRoPELM):
     ) -> torch.Tensor:
         if intermediate_tensors is not None:
             raise ValueError("pipeline parallelism is not supported: a decode actor holds the whole LLM")
-        deepstack = None
-        if inputs_embeds is not None:
-            n = inputs_embeds.shape[0]
-            if self.deepstack.device != inputs_embeds.device or n > self.deepstack.shape[1]:
-                self.deepstack = torch.zeros(self.levels, max(n, self.deepstack.shape[1]), self.hidden,
-                                             dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-            deepstack = self.deepstack[:, :n]
+        deepstack = self._fit_buffer(inputs_embeds, inputs_embeds.shape[0]) if inputs_embeds is not None else None
         hidden = self.language_model.model(input_ids, positions, inputs_embeds=inputs_embeds, deepstack=deepstack)
         if self.pending:  # consumed: the next step (decode) adds nothing unless new rows are set
             self.deepstack[:, : self.pending].zero_()
