@@ -198,14 +198,18 @@ def generate_from_embeddings(
         [torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows]
     ).to(device)
     extra = {}
-    if positions is not None:  # padding positions are masked out; 0 is as good as any
-        extra["position_ids"] = torch.stack(
-            [torch.cat([p.new_zeros((p.shape[0], width - p.shape[1])), p], dim=1) for p in positions], dim=1
-        ).to(device)
+    if positions is not None:
+        extra["position_ids"] = left_padded_positions(positions, width).to(device)
     new = model.generate(
         inputs_embeds=embeds, attention_mask=mask, pad_token_id=pad_id, **extra, **generate_options(gen)
     )
     return cut_at_eos(model, tokenizer, [len(r) for r in rows], new)
+
+
+def left_padded_positions(positions: list[Tensor], width: int) -> Tensor:
+    """Per-row position ids [P, L_i] left-padded into one [P, B, width] batch; padding positions
+    are masked out, so 0 is as good as any."""
+    return torch.stack([torch.cat([p.new_zeros((p.shape[0], width - p.shape[1])), p], dim=1) for p in positions], dim=1)
 
 
 def generate_options(gen: GenerationConfig) -> dict:

@@ -40,7 +40,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from pipeline.config import GenerationConfig
 from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import Generation, cut_at_eos, decoder_shape, generate_options
+from .base import Generation, cut_at_eos, decoder_shape, generate_options, left_padded_positions
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 
@@ -98,8 +98,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         pad_id = self.tokenizer.pad_token_id
         ids = torch.stack([torch.cat([i.new_full((width - len(i),), pad_id), i]) for i, _ in rows])
         mask = torch.stack([torch.arange(width, device=self.device) >= width - len(i) for i, _ in rows]).long()
-        # Left padding: pad columns take position 0 and are masked out.
-        positions = torch.stack([torch.cat([p.new_zeros((3, width - p.shape[1])), p], dim=1) for _, p in rows], dim=1)
+        positions = left_padded_positions([p for _, p in rows], width)
         dtype = self.embed.weight.dtype
         # Pre-encoded vision output in the layout get_image_features returns: per image, in batch
         # order, which is the order the model fills placeholders (and DeepStack rows) over (batch, seq).
