@@ -6,7 +6,10 @@ assumed) with what they do to decode FLOPs, KV cache and dollars."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +35,25 @@ REQUIRED = {
 IMAGES = 10_000_000
 
 
-def _plan(args: list[str]) -> subprocess.CompletedProcess:
+def _plan_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """jobs/plan_cost.py as a user runs it: its own interpreter, from the repository root."""
     return subprocess.run([sys.executable, "jobs/plan_cost.py", *args], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=120)
+
+
+def _plan(args: list[str]) -> subprocess.CompletedProcess:
+    """jobs/plan_cost.py's main() in this process (the same exit status and output as _plan_cli, without a
+    fresh interpreter's seconds of imports per call)."""
+    spec = importlib.util.spec_from_file_location("plan_cost", REPO / "jobs" / "plan_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = module.main(args)
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["plan_cost.py", *args], rc, out.getvalue(), err.getvalue())
 
 
 def _rows(out: Path) -> list[dict]:
@@ -43,7 +62,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
-    proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+    proc = _plan_cli(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
                   "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(tmp_path)

@@ -229,10 +229,11 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     assert 0 < sum(before.values()) < len(want)
     assert read_manifest(str(tmp_path / "out"))["status"] == "running"
 
-    rc, _, log = _cli(args)  # the same command without --resume refuses to mix runs
-    assert rc == 2 and "--resume" in log
-    rc, _, log = _cli([*args, "--resume", "--keep", "64"])  # a resume must not change what a row gets
-    assert rc == 2 and "pruning.keep: 128 then, 64 now" in log
+    if engine == "hf":  # checks made before any engine starts: once is enough
+        rc, _, log = _cli(args)  # the same command without --resume refuses to mix runs
+        assert rc == 2 and "--resume" in log
+        rc, _, log = _cli([*args, "--resume", "--keep", "64"])  # a resume must not change what a row gets
+        assert rc == 2 and "pruning.keep: 128 then, 64 now" in log
 
     rc, summary, log = _cli([*args, "--resume"])
     assert rc == 0 and summary and summary["engine"]["name"] == engine, log
@@ -244,8 +245,9 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     assert manifest["attempt"] == 2 and [a["status"] for a in manifest["attempts"]] == ["running", "completed"]
     assert manifest["rows"]["output"] == len(want) and manifest["rows"]["skipped_already_done"] > 0
 
-    rc, summary, log = _cli([*args, "--resume"])  # a finished run resumed: nothing to do, nothing repeated
-    assert rc == 0 and summary["written_this_attempt"] == 0 and summary["output_rows"] == len(want), log
+    if engine == "hf":  # a finished run resumed: nothing to do, nothing repeated (the same for any engine)
+        rc, summary, log = _cli([*args, "--resume"])
+        assert rc == 0 and summary["written_this_attempt"] == 0 and summary["output_rows"] == len(want), log
 
 
 @pytest.fixture

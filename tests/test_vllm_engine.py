@@ -150,11 +150,13 @@ def held_out_with_hostile_rows(tmp_path_factory: pytest.TempPathFactory) -> tupl
     return root, config
 
 
-@pytest.mark.parametrize("keep", [576, 128, 64])
 def test_the_job_on_vllm_answers_as_on_hf(
-    keep: int, held_out_with_hostile_rows: tuple[Path, Path], vllm_python: str, tmp_path: Path
+    held_out_with_hostile_rows: tuple[Path, Path], vllm_python: str, tmp_path: Path
 ) -> None:
+    """The trained model through the whole job on both engines at 128 of 576 (the request test
+    above covers keep-all and other budgets; a job run per budget added minutes, not coverage)."""
     inp, config = held_out_with_hostile_rows
+    keep = 128
     outputs, summaries = {}, {}
     for engine in ("hf", "vllm"):
         summaries[engine] = _job(config, inp, tmp_path / engine, "--engine", engine, "--keep", str(keep))
@@ -168,13 +170,12 @@ def test_the_job_on_vllm_answers_as_on_hf(
                "kept_indices")
     for rid in hf:
         assert [hf[rid][c] for c in columns] == [vllm[rid][c] for c in columns], rid
-    assert all(r["visual_tokens_kept"] == min(keep, 576) for r in vllm.values() if not r["error"])
+    assert all(r["visual_tokens_kept"] == keep for r in vllm.values() if not r["error"])
     assert summaries["vllm"]["engine"]["name"] == "vllm" and summaries["hf"]["engine"]["name"] == "hf"
     manifest = read_manifest(str(tmp_path / "vllm"))
     assert manifest["engine"]["python"] == vllm_python and manifest["config"]["decode_stage"]["engine"] == "vllm"
-    if keep == 128:  # the trained model still answers on the held-out rows
-        ok = [r for r in vllm.values() if not r["error"] and r["expected"]]
-        assert sum(r["answer"] == r["expected"] for r in ok) >= 0.75 * len(ok)
+    ok = [r for r in vllm.values() if not r["error"] and r["expected"]]  # the trained model still answers
+    assert sum(r["answer"] == r["expected"] for r in ok) >= 0.75 * len(ok)
 
 
 def test_qwen3_vl_through_the_job_on_vllm_answers_as_on_hf(vllm_python: str, tmp_path: Path) -> None:

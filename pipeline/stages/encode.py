@@ -24,7 +24,7 @@ class EncodedRow(NamedTuple):
     words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
     layout: list[int]  # what the family's generate needs to place the tokens (Qwen2.5-VL: [t, h, w])
     encoder_patches: int  # patches the vision encoder ran over, all views
-    deepstack: torch.Tensor | None  # [L, N, D] DeepStack levels (Qwen3-VL), pruned like ``features``
+    deepstack: torch.Tensor | None = None  # [L, N, D] DeepStack levels (Qwen3-VL), pruned like ``features``
 
 
 class EncodeStage:
