@@ -10,6 +10,7 @@ import contextlib
 import csv
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +48,15 @@ def _plan(args: list[str]) -> subprocess.CompletedProcess:
     spec = importlib.util.spec_from_file_location("plan_cost", REPO / "jobs" / "plan_cost.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(REPO)  # the CLI's relative paths, as _plan_cli's cwd (contextlib.chdir needs Python 3.11)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = module.main(args)
-        except SystemExit as e:  # argparse's usage errors
-            rc = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
     return subprocess.CompletedProcess(["plan_cost.py", *args], rc, out.getvalue(), err.getvalue())
 
 
