@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib.util
 import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -42,12 +44,19 @@ def _plan_cli(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def _plan(args: list[str]) -> subprocess.CompletedProcess:
-    """jobs/plan_cost.py's main() in this process (the same exit status and output as _plan_cli, without a
-    fresh interpreter's seconds of imports per call)."""
+@functools.cache
+def _plan_cost_module() -> ModuleType:
+    """jobs/plan_cost.py loaded once (it is a script, not a package module)."""
     spec = importlib.util.spec_from_file_location("plan_cost", REPO / "jobs" / "plan_cost.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _plan(args: list[str]) -> subprocess.CompletedProcess:
+    """jobs/plan_cost.py's main() in this process (the same exit status and output as _plan_cli, without a
+    fresh interpreter's seconds of imports per call)."""
+    module = _plan_cost_module()
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(REPO)  # the CLI's relative paths, as _plan_cli's cwd (contextlib.chdir needs Python 3.11)
     try:
