@@ -174,7 +174,8 @@ def test_the_job_on_vllm_answers_as_on_hf(
     assert summaries["vllm"]["engine"]["name"] == "vllm" and summaries["hf"]["engine"]["name"] == "hf"
     manifest = read_manifest(str(tmp_path / "vllm"))
     assert manifest["engine"]["python"] == vllm_python and manifest["config"]["decode_stage"]["engine"] == "vllm"
-    ok = [r for r in vllm.values() if not r["error"] and r["expected"]]  # the trained model still answers
+    # The trained model still answers (short questions; captions are cut at 8 tokens here).
+    ok = [r for r in vllm.values() if not r["error"] and r["expected"] and r["question_type"] != "caption"]
     assert sum(r["answer"] == r["expected"] for r in ok) >= 0.75 * len(ok)
 
 

@@ -6,9 +6,9 @@ The world is a contract (other corpora are drawn from it):
 - a plain light background of any shade; images of any size and aspect ratio, 200 to 800 px a side;
 - 1 to 4 non-overlapping objects, each a circle, square or triangle, coloured red, green, blue,
   yellow or purple (shades jittered), anywhere in the image, of varied sizes: a radius (half the
-  side) drawn uniformly from 8 % to 20 % of the image's long side (``SIZE_RANGE``; about 4 to 10
+  side) drawn uniformly from 4 % to 20 % of the image's long side (``SIZE_RANGE``; about 2 to 10
   patches across after LLaVA's pad-to-square resize to 24 x 24 patches), capped at 45 % of the
-  short side (widening it to 4 % waits for a model trained on it: README, Quality);
+  short side;
 - five question types, verbatim templates; four answered by one bare lower-case word, and a
   caption:
 
@@ -55,9 +55,7 @@ COLOURS = {"red": (215, 35, 35), "green": (35, 165, 60), "blue": (40, 70, 215), 
 SHAPES = ("circle", "square", "triangle")
 QUESTION_TYPES = ("color", "presence", "count", "position", "caption")
 SHORT_TYPES = QUESTION_TYPES[:4]  # answered by one word, scored by exact match
-# What sample corpora draw unless told otherwise: the short types, until the committed
-# tiny:llava-shapes describes images (README, Quality); `--types` adds captions.
-DEFAULT_TYPES = SHORT_TYPES
+DEFAULT_TYPES = QUESTION_TYPES  # what sample corpora draw unless told otherwise (`--types`)
 FORMATS = ("JPEG", "PNG", "WEBP")
 SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
@@ -66,7 +64,7 @@ SCHEMA = pa.schema([
 MIN_SIDE, MAX_SIDE = 200, 800
 SINGLE_WORD = "\nAnswer the question using a single word or phrase."
 CAPTION_PROMPT = "Describe the image."
-SIZE_RANGE = (0.08, 0.2)  # object radius as a share of the image's long side
+SIZE_RANGE = (0.04, 0.2)  # object radius as a share of the image's long side
 COLOUR_JITTER = 25  # per channel, uniform
 MIDDLE_MARGIN = 0.1  # `position` is asked only when |centre x - middle| > this share of the width
 
@@ -130,7 +128,7 @@ def draw_scene(rng: random.Random, size: tuple[int, int] | None = None, n_object
         if len(objects) == n:
             break
         # Sizes relative to the long side: after padding to square and resizing to the encoder's
-        # 24 x 24 patch grid an object spans about 4 to 10 patches across, whatever the aspect ratio.
+        # 24 x 24 patch grid an object spans about 2 to 10 patches across, whatever the aspect ratio.
         r = min(rng.uniform(*SIZE_RANGE) * long_side, 0.45 * short_side)
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
         if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.r + 0.02 * long_side for o in objects):
