@@ -50,6 +50,7 @@ Recipe (seeded; every choice is here):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -67,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.io.sample_corpus import (  # noqa: E402
-    CAPTION_PROMPT, COLOURS, SHAPES, SHORT_TYPES, Scene, ask, caption_text, draw_scene,
+    CAPTION_PROMPT, COLOURS, SHAPES, SHORT_TYPES, Scene, Shape, ask, caption_text, draw_scene,
 )
 from pipeline.models.tiny import CHECKPOINTS, new_tiny_llava, save_checkpoint  # noqa: E402
 from pipeline.quality.scoring import caption_summary, is_correct  # noqa: E402
@@ -90,6 +91,7 @@ PATCH = 14
 X_BINS = 16
 
 
+@functools.cache  # drawn once, not per synthetic scene
 def x_directions(width: int) -> torch.Tensor:
     """[X_BINS, width] fixed, seeded unit directions (near orthogonal at width 128)."""
     return F.normalize(torch.randn(X_BINS, width, generator=torch.Generator().manual_seed(20_019)), dim=-1)
@@ -101,7 +103,7 @@ def x_weights(x: torch.Tensor) -> torch.Tensor:
     return (1 - (x[..., None] - centres).abs() * (X_BINS - 1)).clamp(min=0)
 
 
-def padded_x(obj, scene: Scene) -> float:
+def padded_x(obj: Shape, scene: Scene) -> float:
     """The object's centre x as a share of the pad-to-square side (what the tower sees)."""
     w, h = scene.size
     side = max(w, h)
@@ -291,7 +293,7 @@ class AuxHead(torch.nn.Module):
         self.register_buffer("colour_ids", torch.tensor([word_id(tokenizer, w) for w in ("background", *COLOURS)]))
         self.register_buffer("shape_ids", torch.tensor([word_id(tokenizer, w) for w in SHAPES]))
         self.register_buffer("side_ids", torch.tensor([word_id(tokenizer, w) for w in ("right", "left")]))
-        self.register_buffer("x_dirs", x_directions(width))
+        self.register_buffer("x_dirs", x_directions(width).clone())
         self.centre = torch.nn.Linear(width, 1)
         self.scale = 10.0
         self.x_weight = 1.0
