@@ -540,8 +540,9 @@ def test_resprune_keeps_the_questions_that_read_objects_at_128_of_576(evaluation
 
 @pytest.mark.xfail(strict=False, reason=(
     "count: tiny:llava-shapes counts the one 'centre' token per object its training marks; any "
-    "pruning that drops it loses the count (500 held-out rows: 91 % kept-all, 64 % ResPrune and 69 % "
-    "random at 128); README, Quality"))
+    "pruning that drops it loses the count (500 held-out rows: 88 % kept-all, 65 % ResPrune and 70 % "
+    "random at 128), so short answers at 128 keep 93-95 % (95.3 % on this corpus, 93.2 % on the "
+    "README's 500 rows); README, Quality"))
 def test_resprune_keeps_accuracy_at_128_of_576(evaluation: Path) -> None:
     """The issue's bar, kept as written: >= 95 % of keep-all on every short question, and above random."""
     base = _accuracy(_short(_run(evaluation, "none-all")))
@@ -557,19 +558,16 @@ def _captions(rows: list[dict]) -> list[dict]:
 def test_trained_model_describes_held_out_images(evaluation: Path) -> None:
     """With every visual token kept, through the real job, on caption rows training never saw
     (their own seed): every caption is a list of the world's objects, and object F1 is at least
-    0.80 (the committed checkpoint measured 0.89-0.91 on three held-out corpora; a model that does
-    not describe scores 0)."""
+    0.80 (a model that does not describe scores 0; the bar itself is the next test)."""
     rows = _captions(_run(evaluation, "none-all"))
     assert len(rows) == CAPTION_ROWS
     assert all(not r["error"] and r["answer"].endswith(".") and _objects(r["answer"]) for r in rows)
     assert _caption_scores(rows)["f1"] >= 0.80, _caption_scores(rows)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "caption F1 0.90 (issue 19's bar) is the committed checkpoint's edge: 0.899 on this corpus, 0.908 "
-    "on the README's 500 rows, 0.889 on the training script's 120; its misses repeat an object or skip "
-    "one in busy scenes (README, tiny:llava-shapes)"))
 def test_trained_model_meets_the_caption_bar(evaluation: Path) -> None:
+    """Issue 19's bar: object F1 >= 0.90 with every token kept (0.914 measured on this corpus, 0.906
+    on the README's 500 rows, 0.904 on the training script's 120)."""
     assert _caption_scores(_captions(_run(evaluation, "none-all")))["f1"] >= 0.90
 
 
@@ -583,10 +581,11 @@ def test_resprune_names_objects_better_than_random_at_64(evaluation: Path) -> No
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "captions at 128 of 576 keep ~95 % of keep-all's F1 (0.846 vs 0.899 here, 94.1 %; 95.9 % on the "
-    "README's 500 rows): precision drops more than recall (0.90 -> 0.85): with centre tokens pruned "
-    "the model names an object twice, the same centre-token counting that fails the count xfail; "
-    "README, Quality"))
+    "captions at 128 of 576 keep 92-93 % of keep-all's F1 (0.840 vs 0.914 here; 0.845 vs 0.906 on the "
+    "README's 500 rows): ResPrune keeps mostly outline patches, which the tower was taught to colour as "
+    "background, so an object's colour is read from its neighbour and it is named twice; a model "
+    "trained with --outline-colour kept 97 % here but 94 % on the 500 rows: within ~100 captions' "
+    "noise of the bar; README, Quality"))
 def test_resprune_keeps_captions_at_128_of_576(evaluation: Path) -> None:
     """The issue's caption bar, kept as written: ResPrune at 128 keeps >= 95 % of keep-all's F1."""
     assert _caption_f1(evaluation, "resprune-128") >= 0.95 * _caption_f1(evaluation, "none-all")

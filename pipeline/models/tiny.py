@@ -15,7 +15,7 @@ Recipes (``RECIPES``; same classes, tokenizer, chat template and seed for all):
 - ``tiny:llava-shapes``: trained, not random, to answer questions about the shapes world
   (``pipeline.io.sample_corpus``) by ``jobs/train_tiny_vlm.py`` from transformers' own
   initialisation; the committed checkpoint in ``pipeline/models/checkpoints/`` (95 % on short
-  questions and caption object F1 0.89-0.91 held-out, every token kept; see the README), never built at run time. Its image processor pads to
+  questions and caption object F1 0.90-0.91 held-out, every token kept; see the README), never built at run time. Its image processor pads to
   square as LLaVA-1.5 does. The embedded default (``configs/local.yaml``).
 
     python -m pipeline.models.tiny [--recipe llava] [--out DIR]   # prints the directory
