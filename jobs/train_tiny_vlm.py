@@ -419,13 +419,15 @@ def main() -> None:
     ap.add_argument("--images-per-step", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0)
-    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock bound on training (all stages; the recipe takes 36 min here)")
+    ap.add_argument("--minutes", type=float, default=45.0,
+                    help="wall-clock bound on training (all stages; the recipe takes 36 min here)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--eval-caption-rows", type=int, default=100, help="held-out caption rows (seed HELD_OUT_SEED + 1)")
     ap.add_argument("--caption-from", type=int, default=1000,
                     help="stage-0 step from which each scene also has a caption branch (stage 2: always)")
-    ap.add_argument("--caption-weight", type=float, default=2.0, help="stage 2's weight of the caption loss (stage 0: 1)")
+    ap.add_argument("--caption-weight", type=float, default=2.0,
+                    help="stage 2's weight of the caption loss (stage 0: 1)")
     ap.add_argument("--snapshot", type=Path, default=None,
                     help="experiments: save the state at the start of stage 2 here, or resume from it if it exists")
     ap.add_argument("--x-weight", type=float, default=1.0, help="weight of the centre-x bin target")
