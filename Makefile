@@ -28,7 +28,7 @@ $(VLLM_STAMP): pyproject.toml $(STAMP)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)" \
-		"ray[data]==$$($(PY) -c 'import ray; print(ray.__version__)')" boto3 pyyaml
+		"ray[data]==$$($(PY) -c 'import ray; print(ray.__version__)')" boto3 pyyaml psutil
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)

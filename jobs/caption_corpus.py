@@ -3,7 +3,8 @@
 Works the same under `ray job submit --working-dir . -- python jobs/caption_corpus.py ...`.
 Exit status: 0 when every input row is in the output exactly once (rows with an `error`
 included), 1 when ids are missing or repeated there, 2 on a configuration or input error
-(nothing was run), 3 when the run stopped part-way (storage, workers): what it committed is
+(nothing was run), 3 when the run stopped part-way (storage, workers, decode engines failing more
+than decode_stage.max_engine_restarts times): what it committed is
 kept, and the same command with `--resume` finishes it; 4 when another driver on the Ray
 cluster is writing the same output (nothing was run). With `--incremental` and no new input
 shard it prints so and exits 0.
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOT COMPLETE: {summary.missing_ids} ids missing, {summary.duplicate_ids} repeated", file=sys.stderr)
     engine = summary.engine
     print(f"decode engine: {engine['name']} ({engine['package']} {engine['version']})")
+    if summary.engine_restarts:
+        print(f"decode engines that died or got stuck and were replaced: {summary.engine_restarts} "
+              f"({summary.retried_batches} batch(es) ran again; reasons: engine_failures in {summary.manifest})")
     kept = summary.visual_tokens_kept
     spread = f" (p50 {kept['p50']:g}, p90 {kept['p90']:g}, {kept['min']:g}-{kept['max']:g})" if kept.get("p50") else ""
     print(f"visual tokens per image: {summary.mean_visual_tokens_in:g} in, {summary.mean_visual_tokens_kept:g} kept"

@@ -265,6 +265,20 @@ class DecodeStageConfig(StageConfig):
         "to its length. A row over it alone still runs (its length is bounded by input.max_prompt_tokens). engine: hf "
         "only: vLLM schedules each Ray batch itself.",
     )
+    call_timeout_s: float | None = Field(
+        None, gt=0.0, le=86_400.0, description="Bound on one engine call, in seconds: a call still running then counts "
+        "as a stuck engine (the actor restarts with a fresh engine and the batch runs again). None: 120 s plus, per "
+        "token of prefill and generation of the call's rows, 0.005 s on a GPU or 0.25 s on a CPU (docs/reliability.md).",
+    )
+    start_timeout_s: float = Field(
+        1800.0, gt=0.0, le=86_400.0, description="Bound on an engine's start (loading the model, compiling, "
+        "allocating its cache), in seconds: a start still running then counts as a stuck engine. A start that fails "
+        "once an engine of the run has started is an engine failure too; the first start's error stops the run.",
+    )
+    max_engine_restarts: int = Field(
+        10, ge=0, le=10_000, description="Engine failures (a dead or stuck engine, each answered by a fresh engine and "
+        "the batch run again) the run tolerates; one more stops it with exit 3 (--resume finishes it).",
+    )
 
 
 class TextStageConfig(StageConfig):

@@ -49,6 +49,7 @@ from pipeline.pruning import per_image_stats
 from pipeline.quality.scoring import is_caption, label_scores
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.engine_failures import EngineFailureLedger, close_ledger
 from pipeline.stages.faults import ENV as FAULTS_ENV
 from pipeline.stages.text import TextStage
 
@@ -96,6 +97,8 @@ class JobSummary:
     examples: list[dict[str, str]] = field(default_factory=list)  # a few rows, for a person to check
     manifest: str = ""
     engine: dict[str, str] = field(default_factory=dict)  # decode engine: name, package, version, interpreter
+    engine_restarts: int = 0  # decode engines that died or got stuck and were replaced (pipeline.engines.watchdog)
+    retried_batches: int = 0  # distinct decode batches that ran again on a fresh engine
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -162,23 +165,32 @@ def run_job(cfg: JobConfig) -> JobSummary:
     }
     write_manifest(out, {**base, "status": "running", "attempts": [*attempts, attempt]}, storage)
     start = time.perf_counter()
+    failures = EngineFailureLedger.remote(cfg.decode_stage.max_engine_restarts)
     try:
-        _execute(cfg, costs, plan, checkpoint, engine)
+        _execute(cfg, costs, plan, checkpoint, engine, failures)
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the caller
         attempt |= {"finished_at": _utc_now(), "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+        engine_failures = close_ledger(failures)
+        if engine_failures["restarts"]:
+            log.error("decode engines failed %d time(s) in this attempt; first: %s", engine_failures["restarts"],
+                      engine_failures["events"][0]["why"])
         try:
-            write_manifest(out, {**base, "status": "failed", "attempts": [*attempts, attempt]}, storage)
+            write_manifest(out, {**base, "status": "failed", "attempts": [*attempts, attempt],
+                                 "engine_failures": engine_failures}, storage)
         except Exception:  # noqa: BLE001 - storage may be what failed; the `running` manifest stays
             log.warning("could not record the failed attempt in the manifest", exc_info=True)
+        cause = engine_failures["exhausted"] or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise RunFailed(
-            f"the run stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Rows already committed "
+            f"the run stopped: {cause}. Rows already committed "
             f"are kept in {out}: run the same command with --resume (output.mode: resume) to finish it"
         ) from e
     wall = time.perf_counter() - start
+    engine_failures = close_ledger(failures)
     rows = read_output_rows(out, storage)
     run_cost = costs.run_totals(rows, wall, cfg.ray.io_num_cpus)
     summary = summarize(rows, plan, already_done, out, run_cost)
     summary.engine = engine.as_dict()
+    summary.engine_restarts, summary.retried_batches = engine_failures["restarts"], engine_failures["retried_batches"]
     attempt |= {"finished_at": _utc_now(), "status": "completed", "rows_written": summary.written_this_attempt}
     summary.manifest = write_manifest(
         out,
@@ -197,13 +209,16 @@ def run_job(cfg: JobConfig) -> JobSummary:
             "visual_tokens": {"mean_in": summary.mean_visual_tokens_in, "mean_kept": summary.mean_visual_tokens_kept,
                               "kept": summary.visual_tokens_kept, "energy_explained": summary.energy_explained},
             "cost": run_cost,
+            "engine_failures": engine_failures,
         },
         storage,
     )
     return summary
 
 
-def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str, engine: EngineEnvironment) -> None:
+def _execute(
+    cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str, engine: EngineEnvironment, failures: Any
+) -> None:
     """Read -> stages -> write, checkpointed on ``id``."""
     context = ray.data.DataContext.get_current()
     # Ray 2.60's DataSource V2 read adds a ListFiles task that always reserves 1 CPU, ignoring
@@ -216,12 +231,14 @@ def _execute(cfg: JobConfig, costs: CostModel, plan: InputPlan, checkpoint: str,
         override_filesystem=filesystem_for(checkpoint, cfg.storage),
     )
     try:
-        _read_process_write(cfg, costs, plan, engine)
+        _read_process_write(cfg, costs, plan, engine, failures)
     finally:  # the process may run more datasets (the evaluation grid): none inherits this run's checkpoint
         context.checkpoint_config = None
 
 
-def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan, engine: EngineEnvironment) -> None:
+def _read_process_write(
+    cfg: JobConfig, costs: CostModel, plan: InputPlan, engine: EngineEnvironment, failures: Any
+) -> None:
     storage, io_cpus = cfg.storage, cfg.ray.io_num_cpus
     in_fs = filesystem_for(cfg.input.path, storage)
     ds = ray.data.read_parquet([_ray_file(cfg.input.path, f) for f in plan.files], filesystem=in_fs, num_cpus=io_cpus)
@@ -234,7 +251,7 @@ def _read_process_write(cfg: JobConfig, costs: CostModel, plan: InputPlan, engin
     if staged:  # a second read, so the checkpoint filter covers both branches
         out_fs = filesystem_for(cfg.output.path, storage)
         ds = ds.union(ray.data.read_parquet(ray_path(staged), filesystem=out_fs, num_cpus=io_cpus))
-    ds = build_pipeline(ds, cfg, costs, engine)
+    ds = build_pipeline(ds, cfg, costs, engine, failures)
     ds.write_parquet(
         ray_path(cfg.output.path),
         filesystem=filesystem_for(cfg.output.path, storage),
@@ -326,10 +343,12 @@ def cost_model(cfg: JobConfig) -> CostModel:
 
 
 def build_pipeline(
-    ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None, engine: EngineEnvironment | None = None
+    ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None, engine: EngineEnvironment | None = None,
+    failures: Any = None,
 ) -> ray.data.Dataset:
     """The three stages and the cost/schema step on ``ds``. The decode actors run in the engine's
-    interpreter (``engine``: resolved from ``cfg.decode_stage`` when not given)."""
+    interpreter (``engine``: resolved from ``cfg.decode_stage`` when not given) and record engine
+    failures in ``failures`` (an ``EngineFailureLedger``; None: the restart budget is not enforced)."""
     retries = cfg.ray.max_task_retries
     engine = engine or engine_environment(cfg.decode_stage)
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
@@ -345,7 +364,7 @@ def build_pipeline(
         DecodeStage,
         fn_constructor_kwargs={
             "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
-            "storage": cfg.storage,
+            "storage": cfg.storage, "failures": failures,
         },
         **_pool(cfg.decode_stage, retries, engine.runtime_env()),
     )

@@ -233,3 +233,25 @@ def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_ou
 
 def test_families_without_deepstack_carry_no_levels(encode_out: dict) -> None:
     assert all(np.asarray(d).size == 0 for d in encode_out["visual_deepstack"])
+
+
+def test_an_error_from_a_live_engine_stays_a_row_error_under_the_watchdog(
+    tiny_llava: str, encode_out: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog ends the actor only for a dead or stuck engine: an exception from a live one
+    reaches the stage, which splits the call down to the failing row (this process lives on)."""
+    import json
+
+    from pipeline.stages import faults
+
+    stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=2), InputConfig(path="x"), DecodeStageConfig())
+    batch = _decode_batch(encode_out, [0, 5, 0], ["Is it red?", "What colour is the square?", "Is it blue?"])
+    batch["id"] = np.array(["a", "b", "c"], dtype=object)
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "decode", "fail_ids": ["b"]}]))
+    faults._faults.cache_clear()
+    try:
+        out = stage(batch)
+    finally:
+        faults._faults.cache_clear()
+    assert out["error"][1].startswith("decode failed: InjectedFault") and out["answer"][1] == ""
+    assert out["answer"][0] and out["answer"][2] and not out["error"][0] and not out["error"][2]

@@ -45,3 +45,15 @@ class DecodeEngine(ABC):
 
     @abstractmethod
     def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]: ...
+
+    # Health, for the watchdog (``pipeline.engines.watchdog``): an engine that can die apart from
+    # its actor (a process of its own) says so here, and the actor restarts with a fresh one.
+    def failure(self) -> str | None:
+        """Why the engine can no longer answer (its process is gone), or None. Cheap: polled
+        once a second during a call."""
+        return None
+
+    def fatal(self, error: Exception) -> str | None:
+        """Why ``error``, raised by ``generate``, means the engine is dead (not the rows at fault),
+        or None."""
+        return None

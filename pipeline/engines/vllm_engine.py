@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+
+import psutil
 
 from pipeline.config import DecodeStageConfig, GenerationConfig
 from pipeline.models import Generation, VisionLanguageAdapter
@@ -42,6 +45,7 @@ class VLLMEngine(DecodeEngine):
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
         self.max_model_len = cfg.max_model_len or adapter.context_length
         options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if on_gpu else {}
+        before = {p.pid for p in psutil.Process().children()}
         self.llm = LLM(
             model=adapter.path,
             tokenizer=adapter.path,
@@ -56,6 +60,13 @@ class VLLMEngine(DecodeEngine):
             seed=0,
             **options,
         )
+        # The engine core runs in a process of its own (VLLM::EngineCore), found as the child this
+        # constructor started rather than through vLLM's internals, which change between versions.
+        # Only direct children: vLLM's executor answers for its GPU workers (a dead worker fails the
+        # core), and short-lived helpers further down (compile workers) may end on purpose.
+        self.processes = [p for p in psutil.Process().children() if p.pid not in before and not _is_helper(p)]
+        self.process_names = {p.pid: _name(p) for p in self.processes}  # for the report once they are gone
+        log.info("vLLM engine processes: %s", ", ".join(f"{pid} ({n})" for pid, n in self.process_names.items()))
 
     @property
     def context_length(self) -> int:
@@ -87,3 +98,46 @@ class VLLMEngine(DecodeEngine):
                 generated_tokens=len(ids), token_ids=ids,
             ))
         return results
+
+    def failure(self) -> str | None:
+        for p in self.processes:
+            try:
+                alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                return f"vLLM engine process {p.pid} ({self.process_names[p.pid]}) is gone{_exit_status(p)}"
+        return None
+
+    def fatal(self, error: Exception) -> str | None:
+        # vLLM raises EngineDeadError (vllm.v1.engine.exceptions; matched by name, whose module
+        # moved between versions) once its client has seen the engine core die.
+        if any(c.__name__ == "EngineDeadError" for c in type(error).__mro__):
+            return f"vLLM reports its engine dead: {type(error).__name__}: {str(error)[:300]}"
+        return None
+
+
+def _is_helper(process: psutil.Process) -> bool:
+    """multiprocessing's resource tracker: not part of the engine, and not fatal when gone."""
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()).strip()[:60] or process.name()
+    except psutil.Error:
+        return "?"
+
+
+def _exit_status(process: psutil.Process) -> str:
+    """How a child of this process ended (it is reaped here: the actor exits next)."""
+    try:
+        code = process.wait(timeout=0)
+    except (psutil.Error, ChildProcessError):
+        return ""
+    if code is None:
+        return ""
+    return f" (killed by {signal.Signals(-code).name})" if code < 0 else f" (exit status {code})"

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+import os
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
 
 import numpy as np
+import ray
 import torch
 
 from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig, StorageConfig
 from pipeline.engines import DecodeRequest, load_engine
+from pipeline.engines.watchdog import Watchdog, call_bound_s
 from pipeline.models import Generation
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
-from .faults import crash, fail_if_poisoned
+from .engine_failures import CALL_TIMEOUT_S, EngineRestartsExhausted, batch_key
+from .faults import crash, fail_if_poisoned, stall
+
+log = logging.getLogger(__name__)
 
 
 class DecodeRow(NamedTuple):
@@ -30,21 +38,42 @@ class DecodeStage:
     (``input.long_prompt``), the same for every engine. An engine that schedules rows itself
     (vLLM) gets the whole batch in one call; otherwise (HF) rows go in length order, in calls of
     at most ``max_batch_tokens`` padded tokens, so one long prompt does not pad the whole batch.
-    A call that fails is split down to the row that fails (``decode failed: ...``)."""
+    A call that fails is split down to the row that fails (``decode failed: ...``).
+
+    The engine's start and every call run under a watchdog (``pipeline.engines.watchdog``): a
+    dead or stuck engine ends the actor, so Ray restarts it with a fresh engine and runs the batch
+    again; each such failure is recorded in ``failures`` (the run's ``EngineFailureLedger``), and
+    once there have been more than ``decode_stage.max_engine_restarts`` a restarted actor loads no
+    engine and fails its first batch, which stops the run."""
 
     def __init__(
         self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig,
-        storage: StorageConfig | None = None,
+        storage: StorageConfig | None = None, failures: Any = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
-        self.engine = load_engine(model, stage, storage)
+        self.failures = failures
+        self.refusal = ray.get(failures.exhausted.remote(), timeout=CALL_TIMEOUT_S) if failures is not None else None
+        if self.refusal:  # checked before the engine loads: a spent budget costs no engine start
+            return
+        self.watchdog = Watchdog(self._report_failure)
+        self.engine_name = stage.engine
+        self.batch_ids: list[str] = []
+        self.max_engine_restarts = stage.max_engine_restarts
+        self.engine = self.watchdog.start(lambda: load_engine(model, stage, storage), stage.start_timeout_s,
+                                          self._an_engine_started_before)
+        if failures is not None:
+            failures.engine_started.remote()  # from now on a failed start is an engine failure, not the config
         self.adapter = self.engine.adapter
         self.generation = generation
         self.inputs = inputs
         self.max_batch_tokens = stage.max_batch_tokens
+        self.call_timeout_s = stage.call_timeout_s
 
     def __call__(self, batch: Batch) -> Batch:
-        crash("decode", [str(i) for i in batch["id"]])
+        if self.refusal:
+            raise EngineRestartsExhausted(f"{self.refusal}; the run stops: --resume finishes it")
+        self.batch_ids = [str(i) for i in batch["id"]]
+        crash("decode", self.batch_ids)
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()
@@ -108,8 +137,44 @@ class DecodeStage:
                             self.max_batch_tokens)
 
     def _generate(self, items: list[DecodeRow]) -> list[Generation]:
+        work = sum(r.length + self.generation.max_new_tokens for r in items)
+        bound = call_bound_s(work, self.adapter.device.type == "cuda", self.call_timeout_s)
+        return self.watchdog.call(lambda: self._answer(items), bound)
+
+    def _answer(self, items: list[DecodeRow]) -> list[Generation]:
         fail_if_poisoned("decode", [r.request.id for r in items])
+        stall("decode")  # a drill's stuck engine: inside the watched call
         return self.engine.generate([r.request for r in items], self.generation)
+
+    def _an_engine_started_before(self) -> bool:
+        """Whether an engine of this run has started (then a failed start is not the config)."""
+        try:
+            return self.failures is not None and ray.get(self.failures.started.remote(), timeout=CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - unknown: raise the start's error, which stops the run
+            return False
+
+    def _report_failure(self, why: str) -> None:
+        """Record and log (once) that this actor's engine failed, just before the actor exits."""
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        event = {
+            "why": why, "engine": self.engine_name, "actor": context.get_actor_id() if context else None,
+            "node": context.get_node_id() if context else None,
+            "pid": os.getpid(), "batch": batch_key(self.batch_ids) if self.batch_ids else None, "rows": len(self.batch_ids),
+            "first_id": min(self.batch_ids, default=""), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        count = "?"
+        if self.failures is not None:
+            try:
+                count = ray.get(self.failures.record.remote(event), timeout=CALL_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - the actor exits either way; the log still says why
+                count = f"? (not recorded: {type(e).__name__})"
+        batch = (f"its batch of {event['rows']} rows (first id {event['first_id']}) runs again" if self.batch_ids
+                 else "it was starting: no batch was lost")
+        log.error(
+            "decode actor %s (pid %d, node %s): %s. The actor exits and restarts with a fresh engine (engine failure "
+            "%s of this run; at most %d restarts); %s", event["actor"], event["pid"], event["node"], why, count,
+            self.max_engine_restarts, batch,
+        )
 
 
 def padded_calls(lengths: dict[int, int], new_tokens: int, max_batch_tokens: int) -> list[list[int]]:

@@ -12,7 +12,9 @@
   time (a row that segfaults or exhausts memory: retried ``ray.max_task_retries`` times, then
   the run stops);
 - ``"delay_s": <seconds>``: every batch the stage sees waits this long first (a slow worker;
-  keeps a fast engine's run going long enough to be interrupted mid-run).
+  keeps a fast engine's run going long enough to be interrupted mid-run);
+- ``"stall_once": "<marker file>"`` (decode): the first engine call, anywhere, hangs inside the
+  watched call for ``"stall_s"`` seconds (default 3600), once: a stuck engine, for the watchdog.
 
 Unset, nothing here runs. The driver forwards the variable to its workers (``runtime_env``).
 """
@@ -46,6 +48,22 @@ def fail_if_poisoned(stage: str, ids: Iterable[str]) -> None:
                 raise InjectedFault(f"injected fault in {stage} for id(s) {sorted(hit)}")
 
 
+def stall(stage: str) -> None:
+    """Inside an engine call: hang if a ``stall_once`` fault for ``stage`` has not fired yet."""
+    for fault in _faults():
+        if fault["stage"] == stage and "stall_once" in fault and _first_time(fault["stall_once"]):
+            time.sleep(float(fault.get("stall_s", 3600)))
+
+
+def _first_time(marker: str) -> bool:
+    """True once, anywhere the marker's directory is shared: it is created atomically."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def crash(stage: str, ids: Iterable[str]) -> None:
     """At the start of a batch: wait if a ``delay_s`` fault for ``stage`` applies, then kill this
     process if a ``crash_once`` or ``crash_ids`` one does."""
@@ -54,9 +72,5 @@ def crash(stage: str, ids: Iterable[str]) -> None:
             time.sleep(float(fault["delay_s"]))
         if fault["stage"] == stage and set(fault.get("crash_ids", ())).intersection(ids):
             os._exit(17)
-        if fault["stage"] == stage and "crash_once" in fault:
-            try:
-                os.close(os.open(fault["crash_once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
+        if fault["stage"] == stage and "crash_once" in fault and _first_time(fault["crash_once"]):
             os._exit(17)
