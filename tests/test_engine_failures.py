@@ -46,6 +46,34 @@ def test_the_bound_and_the_budget_are_validated_by_name() -> None:
     assert DecodeStageConfig().call_timeout_s is None and DecodeStageConfig().max_engine_restarts == 10
 
 
+STUCK_START = """
+import subprocess, sys, time
+from pipeline.engines.watchdog import Watchdog
+child = subprocess.Popen(["sleep", "600"])  # a process the engine started (an engine core)
+print("child", child.pid, flush=True)
+dog = Watchdog(lambda why: print("report:", why, flush=True), poll_s=0.2)
+dog.start(lambda: time.sleep(600), bound_s=1.0, restart_on_error=lambda: False)
+print("returned", flush=True)
+"""
+
+
+def test_a_stuck_start_ends_the_process_and_what_it_started(tmp_path: Path) -> None:
+    """The watchdog itself, in a process of its own: a start past its bound is reported once,
+    the processes it started are killed, and the process exits with the restart status."""
+    from pipeline.engines.watchdog import EXIT_CODE
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STUCK_START], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_CODE, proc.stdout + proc.stderr
+    assert time.monotonic() - start < 30
+    lines = proc.stdout.splitlines()
+    child = int(lines[0].split()[1])
+    assert [ln for ln in lines if ln.startswith("report:")] == [
+        "report: the engine's start (decode_stage.start_timeout_s) did not finish within its bound of 1 s: stuck"]
+    assert "returned" not in proc.stdout
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
 def _rows(out: Path) -> list[dict]:
     return pads.dataset(out).to_table(columns=["id", "error", "answer"]).to_pylist()
 

@@ -52,7 +52,7 @@ class DecodeStage:
     ) -> None:
         limit_torch_threads(stage.num_cpus)
         self.failures = failures
-        self.refusal = ray.get(failures.exhausted.remote(), timeout=CALL_TIMEOUT_S) if failures is not None else None
+        self.refusal = self._restarts_exhausted()
         if self.refusal:  # checked before the engine loads: a spent budget costs no engine start
             return
         self.watchdog = Watchdog(self._report_failure)
@@ -145,6 +145,14 @@ class DecodeStage:
         fail_if_poisoned("decode", [r.request.id for r in items])
         stall("decode")  # a drill's stuck engine: inside the watched call
         return self.engine.generate([r.request for r in items], self.generation)
+
+    def _restarts_exhausted(self) -> str | None:
+        """Why the run's restart budget forbids another engine, or None (also when unknown)."""
+        try:
+            return ray.get(self.failures.exhausted.remote(), timeout=CALL_TIMEOUT_S) if self.failures is not None else None
+        except Exception:  # noqa: BLE001 - an unreachable ledger must not stop a healthy actor
+            log.warning("the run's engine-failure ledger did not answer; starting the engine", exc_info=True)
+            return None
 
     def _an_engine_started_before(self) -> bool:
         """Whether an engine of this run has started (then a failed start is not the config)."""
