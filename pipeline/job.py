@@ -49,7 +49,7 @@ from pipeline.pruning import per_image_stats
 from pipeline.quality.scoring import is_caption, label_scores
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
-from pipeline.stages.engine_failures import EngineFailureLedger, close_ledger
+from pipeline.stages.engine_failures import close_ledger, open_ledger
 from pipeline.stages.faults import ENV as FAULTS_ENV
 from pipeline.stages.text import TextStage
 
@@ -165,7 +165,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     }
     write_manifest(out, {**base, "status": "running", "attempts": [*attempts, attempt]}, storage)
     start = time.perf_counter()
-    failures = EngineFailureLedger.remote(cfg.decode_stage.max_engine_restarts)
+    failures = open_ledger(cfg.decode_stage.max_engine_restarts)
     try:
         _execute(cfg, costs, plan, checkpoint, engine, failures)
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the caller

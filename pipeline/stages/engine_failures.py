@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 MAX_EVENTS = 50  # kept in full for the manifest; counts cover every event
 CALL_TIMEOUT_S = 30.0  # a dying actor waits this long at most to be recorded
@@ -71,6 +72,13 @@ class EngineFailureLedger:
 
 
 NO_FAILURES: dict[str, Any] = {"restarts": 0, "retried_batches": 0, "exhausted": None, "events": []}
+
+
+def open_ledger(max_restarts: int) -> Any:
+    """A ledger for one run, on the driver's node: it lives exactly as long as the driver, and a
+    worker node lost mid-run (the failures it records) cannot take it along."""
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return EngineFailureLedger.options(scheduling_strategy=here).remote(max_restarts)
 
 
 def close_ledger(ledger: Any) -> dict[str, Any]:
