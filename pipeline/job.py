@@ -170,10 +170,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         _execute(cfg, costs, plan, checkpoint, engine, failures)
     except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the caller
         attempt |= {"finished_at": _utc_now(), "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-        engine_failures = close_ledger(failures)
-        if engine_failures["restarts"]:
-            log.error("decode engines failed %d time(s) in this attempt; first: %s", engine_failures["restarts"],
-                      engine_failures["events"][0]["why"])
+        engine_failures = close_ledger(failures)  # each failure was logged once, by its actor
         try:
             write_manifest(out, {**base, "status": "failed", "attempts": [*attempts, attempt],
                                  "engine_failures": engine_failures}, storage)

@@ -10,9 +10,9 @@ memory is free), then ``os._exit``. Ray restarts the actor (a fresh engine) and 
 it was running, so no row is written as an error because the engine died. An exception from a
 live engine is raised to the stage as it is: a row error, split down to the failing row.
 
-A start that raises is a configuration problem until an engine of the run has started (the stage
-asks the run's ledger): then it is raised, and the run stops at once; afterwards it counts as an
-engine failure and the actor restarts.
+A start that raises before any engine of the run has started is most likely the configuration:
+its error is raised and the run stops at once. Once an engine of the run has started (the stage
+asks the run's ledger), a failed start counts as an engine failure and the actor restarts.
 
 The bound of a call (``call_bound_s``) is ``decode_stage.call_timeout_s`` when set, else derived
 from the call's work: ``CALL_BASE_S`` plus, per token of prefill and generation of each row,
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CALL_BASE_S = 120.0  # first-call warm-up (allocator, autotuning) and scheduling noise
-CALL_S_PER_TOKEN_GPU = 0.005  # LLaVA-1.5-7B on an H100: ~0.0002 s per token of work in a 64-row batch
-CALL_S_PER_TOKEN_CPU = 0.25  # the tiny models here: ~0.002; a 7B in fp32 on a few cores: ~0.1
+CALL_S_PER_TOKEN_GPU = 0.005  # LLaVA-1.5-7B on an H100, estimated: ~0.0001 s per token of work in a 64-row batch
+CALL_S_PER_TOKEN_CPU = 0.25  # the tiny models here, measured: ~0.002; a 7B in fp32 on a few cores, estimated: ~0.1
 POLL_S = 1.0  # how often a start or call in flight is checked
 EXIT_CODE = 75  # the actor's exit status when its engine failed (EX_TEMPFAIL: retry)
 
