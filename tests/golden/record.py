@@ -1,0 +1,76 @@
+"""Record (or check) the job's output on the demo corpus, per tiny config and engine: the
+behaviour a refactor must keep (answers, kept indices, token counts, FLOPs and KV bytes; not
+times). `python -m tests.golden.record` rewrites the JSON files beside this one; the test
+(tests/test_golden.py) runs the same jobs and compares."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CORPUS_ROWS = 48  # the demo's corpus (write_corpus's defaults: seed 0, two shards)
+# (config file, engine): the four tiny families on the reference engine, the default on vLLM.
+CASES = (
+    ("local.yaml", "hf"),
+    ("local-llava-next.yaml", "hf"),
+    ("local-qwen2_5_vl.yaml", "hf"),
+    ("local-qwen3_vl.yaml", "hf"),
+    ("local.yaml", "vllm"),
+)
+COLUMNS = (
+    "id", "answer", "error", "method", "keep", "visual_tokens_in", "visual_tokens_kept", "kept_indices",
+    "encoder_patches", "nouns", "extractor", "prompt_tokens", "generated_tokens", "prompt_truncated",
+    "flops_vision", "flops_prefill", "flops_prefill_unpruned", "flops_decode", "flops_total",
+    "flops_total_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned",
+)
+
+
+def case_name(config: str, engine: str) -> str:
+    return f"{config.removesuffix('.yaml')}-{engine}"
+
+
+def write_demo_corpus(path: Path) -> None:
+    from pipeline.io.sample_corpus import write_corpus
+
+    write_corpus(path, rows=CORPUS_ROWS)
+
+
+def run_case(repo: Path, config: str, engine: str, corpus: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """Run the job in this process (Ray already up or started here) and key its rows by id."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+
+    cfg = load_config(repo / "configs" / config, {"input.path": str(corpus), "output.path": str(out),
+                                                   "decode_stage.engine": engine})
+    run_job(cfg)
+    rows = pads.dataset(str(out), format="parquet").to_table(columns=list(COLUMNS)).to_pylist()
+    return {r["id"]: {k: r[k] for k in COLUMNS if k != "id"} for r in sorted(rows, key=lambda r: r["id"])}
+
+
+def main() -> None:
+    import tempfile
+
+    import ray
+
+    repo = HERE.parents[1]
+    only = set(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        write_demo_corpus(corpus)
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
+        for config, engine in CASES:
+            name = case_name(config, engine)
+            if only and name not in only:
+                continue
+            rows = run_case(repo, config, engine, corpus, Path(tmp) / name)
+            (HERE / f"{name}.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+            print(name, len(rows), "rows", flush=True)
+
+
+if __name__ == "__main__":
+    main()
