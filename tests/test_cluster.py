@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
 
@@ -107,7 +108,7 @@ def test_scheduled_runs_on_a_head_plus_gpu_worker_cluster_take_only_new_shards(t
     assert rc == 0 and "succeeded" in log, log[-6000:]
     [run1] = _runs(root)
     assert sorted(_ids(run1)) == sorted(first)
-    m1 = read_manifest(str(run1))
+    m1 = read_manifest(locate(str(run1)))
     assert m1["status"] == "completed" and m1["input"]["shards"] == ["a.parquet", "b.parquet"]
     assert m1["rows"]["ok"] == len(first) and m1["cost"]["accelerator"] == "h100-sxm"  # priced as GPU rows
 
@@ -124,8 +125,8 @@ def test_scheduled_runs_on_a_head_plus_gpu_worker_cluster_take_only_new_shards(t
     second = _shard(data, "c", 3)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, ray; from pipeline.job import _claim_output; ray.init(address=sys.argv[1]); "
-         "claim = _claim_output(sys.argv[2]); print('held', flush=True); sys.stdin.read()",
+         "import sys, ray; from pipeline.job import claim_output; from pipeline.io.storage import locate; "
+         "ray.init(address=sys.argv[1]); claim = claim_output(locate(sys.argv[2])); print('held', flush=True); sys.stdin.read()",
          f"127.0.0.1:{cluster['gcs']}", str(root)],
         cwd=REPO, env=cluster["env"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -145,7 +146,7 @@ def test_scheduled_runs_on_a_head_plus_gpu_worker_cluster_take_only_new_shards(t
     assert rc == 0, log[-6000:]
     run1_, run2 = _runs(root)
     assert run1_ == run1 and sorted(_ids(run2)) == sorted(second)  # only the new shard
-    m2 = read_manifest(str(run2))
+    m2 = read_manifest(locate(str(run2)))
     assert m2["input"]["shards"] == ["c.parquet"]
     assert m2["incremental"] == {"root": str(root), "resumed": False, "earlier_runs": 1, "shards_taken_before": 2}
 

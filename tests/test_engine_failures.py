@@ -20,6 +20,7 @@ import pytest
 
 from pipeline.config import ConfigError, DecodeStageConfig, validate_config
 from pipeline.engines.watchdog import CALL_BASE_S, call_bound_s
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import write_corpus
 
@@ -101,7 +102,7 @@ def test_a_stuck_hf_decode_call_restarts_the_actor_and_runs_the_batch_again(tmp_
     assert marker.exists()  # the first decode call really hung
     _assert_complete(tmp_path / "out", want)
     assert summary["engine_restarts"] == 1 and summary["retried_batches"] == 1
-    failures = read_manifest(str(tmp_path / "out"))["engine_failures"]
+    failures = read_manifest(locate(str(tmp_path / "out")))["engine_failures"]
     assert failures["restarts"] == 1 and len(failures["events"]) == 1
     event = failures["events"][0]
     assert "within its bound of 5 s" in event["why"] and event["engine"] == "hf" and event["rows"] == 4
@@ -208,7 +209,7 @@ def test_a_killed_or_stuck_vllm_engine_is_replaced_and_nothing_is_lost(
     assert rc == 0 and summary, log[-6000:]
     _assert_complete(out, want)
     assert summary["engine_restarts"] == 1 and summary["retried_batches"] == 1, summary
-    (event,) = read_manifest(str(out))["engine_failures"]["events"]
+    (event,) = read_manifest(locate(str(out)))["engine_failures"]["events"]
     expected = "is gone" if fault == "SIGKILL" else "within its bound of 20 s"
     assert expected in event["why"] and event["engine"] == "vllm" and event["rows"] == 4, event
     assert log.count(RESTART_LINE) == 1, log[-6000:]
@@ -242,7 +243,7 @@ def test_engines_killed_past_the_restart_budget_stop_the_run_and_resume_finishes
     stopped_s = time.monotonic() - start
     assert rc == 3 and summary is None and "max_engine_restarts = 1" in log and "--resume" in log, log[-6000:]
     assert len(killed) == 2, killed  # the first engine and its one replacement; no third was started
-    manifest = read_manifest(str(out))
+    manifest = read_manifest(locate(str(out)))
     assert manifest["status"] == "failed" and manifest["engine_failures"]["restarts"] == 2
     whys = [e["why"] for e in manifest["engine_failures"]["events"]]
     assert "is gone" in whys[0] and whys[1].startswith("the engine failed to start"), whys

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.models import ADAPTERS, load_adapter, model_shapes, token_counts
@@ -56,7 +57,7 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     cfg = load_config(config)
     path = resolve_model_path(cfg.model.path)
     shapes = model_shapes(path)
-    manifest = read_manifest(str(tmp_path / "out"))
+    manifest = read_manifest(locate(str(tmp_path / "out")))
     bytes_per_element = manifest["model"]["kv_bytes_per_element"]
     vision = load_adapter(cfg.model, "vision")
     alpha = cfg.pruning.alpha_for(vision.default_alpha)

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import CAPTION_PROMPT, SCHEMA, make_rows
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
-from pipeline.io.storage import has_files
 
 from .conftest import REPO, free_port
 
@@ -109,7 +109,7 @@ def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Pat
             assert r["prompt_tokens"] > 64 and r["generated_tokens"] >= 1
             assert min(r["encode_ms"], r["prune_ms"], r["decode_ms"]) > 0
     assert by_id[rows[13]["id"]]["error"].startswith("corrupt image")
-    _check_costs(out.to_pylist(), summary, read_manifest(str(tmp_path / "out")), keep=64)
+    _check_costs(out.to_pylist(), summary, read_manifest(locate(str(tmp_path / "out"))), keep=64)
 
 
 def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> None:
@@ -205,8 +205,8 @@ def test_job_reads_and_writes_s3(
         assert key_id not in proc.stdout + proc.stderr and secret not in proc.stdout + proc.stderr  # never printed
         for key, value in {"AWS_ENDPOINT_URL": endpoint, **creds}.items():
             monkeypatch.setenv(key, value)
-        assert has_files("s3://corpus/out/") and not has_files("s3://corpus/elsewhere/")
-        manifest = read_manifest("s3://corpus/out/")
+        assert locate("s3://corpus/out/").has_files() and not locate("s3://corpus/elsewhere/").has_files()
+        manifest = read_manifest(locate("s3://corpus/out/"))
         assert manifest["rows"]["ok"] == 6 and manifest["config"]["pruning"]["method"] == "divprune"
         assert manifest["model"]["configured_path"] == "s3://corpus/models/tiny-llava/"
         assert key_id not in json.dumps(manifest) and secret not in json.dumps(manifest)  # nor stored

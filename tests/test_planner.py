@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.cost.flops import decode_flops, kv_cache_bytes, prefill_flops, vision_flops
 from pipeline.cost.planner import CSV_COLUMNS
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.models import model_shapes
 
@@ -175,7 +176,7 @@ def test_plan_from_measured_runs(tmp_path: Path, finished_runs: dict[str, Path])
     assert (int(measured["none"]["keep"]), int(measured["resprune"]["keep"])) == (576, 64)
     local_model = load_config(REPO / "configs/local.yaml").model.path  # the runs' model
     for method, r in measured.items():
-        m = read_manifest(str(finished_runs[method]))
+        m = read_manifest(locate(str(finished_runs[method])))
         assert r["model"] == local_model and r["accelerator"] == "cpu" and r["source"] == str(finished_runs[method])
         assert r["engine"] == "hf" == m["config"]["decode_stage"]["engine"]  # configs/local.yaml decodes with hf
         assert float(r["usd_per_1k_images"]) == pytest.approx(1000 * m["cost"]["mean_per_image"]["cost_usd"])
@@ -311,7 +312,7 @@ def _hand_run(out: Path, *, method: str, keep: int, usd: float, engine: str | No
     if engine is not None:
         package = {"vllm": "vllm", "hf": "transformers"}[engine]
         manifest["engine"] = {"name": engine, "package": package, "version": "0.33.0", "python": "/opt/vllm/bin/python"}
-    write_manifest(str(out), manifest)
+    write_manifest(locate(str(out)), manifest)
     return out
 
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows, write_corpus
 from pipeline.io.schema import ERROR_KINDS
@@ -138,7 +139,7 @@ def test_hostile_input_and_injected_faults_lose_nothing(tmp_path: Path, tiny_lla
     assert summary["dropped"] == {"missing id": 2, "repeated id": 1}
     assert summary["errors_by_kind"] == dict(Counter(expected_errors.values()))
     assert set(summary["errors_by_kind"]) <= set(ERROR_KINDS)  # every kind documented
-    manifest = read_manifest(str(tmp_path / "out"))
+    manifest = read_manifest(locate(str(tmp_path / "out")))
     assert manifest["status"] == "completed" and manifest["rows"]["dropped"] == summary["dropped"]
     assert manifest["rows"]["missing_ids"] == manifest["rows"]["duplicate_ids"] == 0
     assert rows[repeated]["prompt"] != "a later copy, dropped"  # the first row of a repeated id stays
@@ -158,7 +159,7 @@ def test_a_row_that_kills_its_actor_every_time_stops_the_run_instead_of_looping(
     )
     assert rc == 3 and summary is None and "run failed: " in log and "--resume" in log, log
     assert time.perf_counter() - start < JOB_TIMEOUT_S
-    manifest = read_manifest(str(tmp_path / "out"))
+    manifest = read_manifest(locate(str(tmp_path / "out")))
     assert manifest["status"] == "failed" and manifest["attempts"][0]["error"]
     written = _output_ids(tmp_path / "out") if any((tmp_path / "out").glob("*.parquet")) else Counter()
     assert ids[5] not in written and max(written.values(), default=1) == 1
@@ -227,7 +228,7 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     _wait_until_quiet(checkpoint, quiet_s=5, limit_s=60)
     before = _output_ids(tmp_path / "out")
     assert 0 < sum(before.values()) < len(want)
-    assert read_manifest(str(tmp_path / "out"))["status"] == "running"
+    assert read_manifest(locate(str(tmp_path / "out")))["status"] == "running"
 
     if engine == "hf":  # checks made before any engine starts: once is enough
         rc, _, log = _cli(args)  # the same command without --resume refuses to mix runs
@@ -241,7 +242,7 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     assert set(ids) == want and max(ids.values()) == 1  # every row exactly once
     assert summary["skipped_already_done"] >= sum(before.values()) - 8  # an uncommitted file may be dropped
     assert summary["written_this_attempt"] == len(want) - summary["skipped_already_done"]
-    manifest = read_manifest(str(tmp_path / "out"))
+    manifest = read_manifest(locate(str(tmp_path / "out")))
     assert manifest["attempt"] == 2 and [a["status"] for a in manifest["attempts"]] == ["running", "completed"]
     assert manifest["rows"]["output"] == len(want) and manifest["rows"]["skipped_already_done"] > 0
 

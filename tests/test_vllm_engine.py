@@ -23,6 +23,7 @@ import yaml
 from pipeline.config import DecodeStageConfig, GenerationConfig, ModelConfig
 from pipeline.engines import DecodeRequest, engine_environment, load_engine
 from pipeline.io.images import decode_image
+from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.models import load_adapter
@@ -172,7 +173,7 @@ def test_the_job_on_vllm_answers_as_on_hf(
         assert [hf[rid][c] for c in columns] == [vllm[rid][c] for c in columns], rid
     assert all(r["visual_tokens_kept"] == keep for r in vllm.values() if not r["error"])
     assert summaries["vllm"]["engine"]["name"] == "vllm" and summaries["hf"]["engine"]["name"] == "hf"
-    manifest = read_manifest(str(tmp_path / "vllm"))
+    manifest = read_manifest(locate(str(tmp_path / "vllm")))
     assert manifest["engine"]["python"] == vllm_python and manifest["config"]["decode_stage"]["engine"] == "vllm"
     # The trained model still answers (short questions; captions are cut at 8 tokens here).
     ok = [r for r in vllm.values() if not r["error"] and r["expected"] and r["question_type"] != "caption"]

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pipeline.io.manifest import read_manifest
-from pipeline.io.storage import parquet_dataset
+from pipeline.io.storage import locate
 
 from .flops import ModelShapes, decode_flops, kv_cache_bytes, prefill_flops, vision_flops
 from .prices import Accelerator, Price, Utilisation
@@ -192,10 +192,10 @@ def parse_budgets(text: str) -> list[tuple[int | None, float | None]]:
 
 def measured(run: str, *, images: int, gpus: int) -> PlanRow:
     """A plan row from a finished run's manifest (its output's row count checked against it)."""
-    m = read_manifest(run)
+    m = read_manifest(locate(run))
     if m is None or m.get("status", "completed") != "completed":
         raise ValueError(f"{run}: not a finished run ({'no manifest' if m is None else 'status ' + m['status']})")
-    written = parquet_dataset(run).count_rows()
+    written = locate(run).parquet_dataset().count_rows()
     if written != m["rows"]["output"]:
         raise ValueError(f"{run}: manifest says {m['rows']['output']} rows, the output holds {written}")
     if not m["rows"]["ok"]:
@@ -231,7 +231,7 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
 def run_kept_shares(run: str) -> list[float]:
     """Per answered row of a run's output: the share of its visual tokens it kept
     (``visual_tokens_kept / visual_tokens_in``), the distribution an adaptive budget produced."""
-    ds = parquet_dataset(run)
+    ds = locate(run).parquet_dataset()
     t = ds.to_table(columns=["visual_tokens_kept", "visual_tokens_in", "error"]).to_pylist()
     shares = [r["visual_tokens_kept"] / r["visual_tokens_in"] for r in t if not r["error"] and r["visual_tokens_in"]]
     if not shares:
@@ -244,7 +244,7 @@ def adaptive_budget(run: str) -> str | None:
     0.999, 16 to keep 192"; None for a fixed budget."""
     from pipeline.config import PruningConfig
 
-    m = read_manifest(run)
+    m = read_manifest(locate(run))
     if m is None:
         raise ValueError(f"{run}: no manifest")
     pruning = PruningConfig.model_validate(m["config"]["pruning"])
@@ -291,7 +291,7 @@ def estimate_distribution(shares: list[float], *, visual_tokens_in: int, kept_fr
 def run_generated_tokens(run: str) -> tuple[float, int]:
     """(mean generated tokens, answered rows) of a run's output: its ``generated_tokens`` column
     over the rows whose ``error`` is empty (error rows generated nothing worth counting)."""
-    ds = parquet_dataset(run)
+    ds = locate(run).parquet_dataset()
     missing = {"generated_tokens", "error"} - set(ds.schema.names)
     if missing:
         raise ValueError(f"{run}: the output has no {', '.join(sorted(missing))} column")

@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, StorageConfig
+from pipeline.config import ConfigError
 
-from .storage import filesystem_for, fs_path, join, local_or, parquet_dataset, retrying
+from .storage import Location
 
 STAGED_DIR = "_input"
 STAGED_FILE = "first_rows_of_repeated_ids.parquet"
@@ -53,19 +53,18 @@ class InputPlan:
         return self.rows - sum(self.dropped.values())
 
 
-def check_input(
-    path: str, policy: str, storage: StorageConfig | None = None, files: list[str] | None = None
-) -> InputPlan:
-    """Validate every shard's schema and the ids of ``path`` (or of its ``files`` only, relative
+def check_input(source: Location, policy: str, files: list[str] | None = None) -> InputPlan:
+    """Validate every shard's schema and the ids of ``source`` (or of its ``files`` only, relative
     to it: an incremental run's shards); the plan for ``policy``."""
-    dataset = parquet_dataset(path, storage, files)
+    path = source.uri
+    dataset = source.parquet_dataset(files)
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     if not fragments:
         raise InputError(f"input {path}: no Parquet files found")
-    schemas = [retrying(lambda f=f: f.physical_schema, f"reading the footer of {f.path}", storage) for f in fragments]
+    schemas = [source.retrying(lambda f=f: f.physical_schema, f"reading the footer of {f.path}") for f in fragments]
     _check_schemas([f.path for f in fragments], schemas)
 
-    ids = retrying(lambda: dataset.to_table(columns=["id"]).column("id"), f"reading the ids of {path}", storage)
+    ids = source.retrying(lambda: dataset.to_table(columns=["id"]).column("id"), f"reading the ids of {path}")
     plan = InputPlan(files=[f.path for f in fragments], rows=len(ids))
     missing = int(pc.sum(pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0)).fill_null(True)).as_py() or 0)
     counts = pa.table({"id": ids}).filter(pc.is_valid(pc.field("id"))).group_by("id").aggregate([("id", "count")])
@@ -89,7 +88,7 @@ def check_input(
     plan.dropped = {k: v for k, v in (("missing id", missing), ("repeated id", extra_rows)) if v}
     plan.excluded_ids = repeated_ids
     if repeated_ids:
-        plan.first_rows = _first_rows(fragments, repeated_ids, schemas[0], storage)
+        plan.first_rows = _first_rows(fragments, repeated_ids, schemas[0], source)
     return plan
 
 
@@ -117,14 +116,14 @@ def _check_schemas(paths: list[str], schemas: list[pa.Schema]) -> None:
 
 
 def _first_rows(
-    fragments: list[pads.Fragment], repeated_ids: list[str], schema: pa.Schema, storage: StorageConfig | None
+    fragments: list[pads.Fragment], repeated_ids: list[str], schema: pa.Schema, source: Location
 ) -> pa.Table:
     """The first row of each repeated id, files in path order and rows in file order."""
     wanted = pc.field("id").isin(pa.array(repeated_ids, type=schema.field("id").type))
     seen: set[str] = set()
     parts = []
     for frag in fragments:
-        table = retrying(lambda f=frag: f.to_table(filter=wanted, schema=schema), f"reading {frag.path}", storage)
+        table = source.retrying(lambda f=frag: f.to_table(filter=wanted, schema=schema), f"reading {frag.path}")
         keep = []
         for i, rid in enumerate(table.column("id").to_pylist()):
             if rid not in seen:
@@ -135,18 +134,19 @@ def _first_rows(
     return pa.concat_tables(parts)
 
 
-def stage_first_rows(plan: InputPlan, output: str, storage: StorageConfig | None = None) -> str | None:
-    """Write the plan's kept first rows under ``output``; returns the file's path (None: nothing)."""
+def stage_first_rows(plan: InputPlan, output: Location) -> Location | None:
+    """Write the plan's kept first rows under ``output``; returns the file (None: nothing)."""
     if plan.first_rows is None:
         return None
-    target = join(join(output, STAGED_DIR), STAGED_FILE)
-    fs = local_or(filesystem_for(output, storage))
+    folder = output.child(STAGED_DIR)
+    target = folder.child(STAGED_FILE)
+    fs = output.fs
 
     def write() -> None:
-        fs.create_dir(fs_path(join(output, STAGED_DIR)), recursive=True)
-        pq.write_table(plan.first_rows, fs_path(target), filesystem=fs)
+        fs.create_dir(folder.path, recursive=True)
+        pq.write_table(plan.first_rows, target.path, filesystem=fs)
 
-    retrying(write, f"writing {target}", storage)
+    output.retrying(write, f"writing {target.uri}")
     return target
 
 

@@ -28,9 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import StorageConfig
-
-from .storage import filesystem_for, fs_path, local_or, retrying
+from .storage import Location
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 2
@@ -47,13 +45,9 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _location(output: str, storage: StorageConfig | None) -> tuple[pafs.FileSystem, str]:
-    return local_or(filesystem_for(output, storage)), f"{fs_path(output).rstrip('/')}/{MANIFEST_NAME}"
-
-
-def write_manifest(output: str, manifest: dict[str, Any], storage: StorageConfig | None = None) -> str:
+def write_manifest(output: Location, manifest: dict[str, Any]) -> str:
     """Write ``manifest`` as ``<output>/_manifest.json``; returns where."""
-    fs, path = _location(output, storage)
+    fs, path = output.fs, output.child(MANIFEST_NAME).path
     body = json.dumps({"manifest_version": MANIFEST_VERSION, **manifest}, indent=2, sort_keys=True).encode()
 
     def write() -> None:
@@ -61,13 +55,13 @@ def write_manifest(output: str, manifest: dict[str, Any], storage: StorageConfig
         with fs.open_output_stream(path) as f:
             f.write(body)
 
-    retrying(write, f"writing {path}", storage)
+    output.retrying(write, f"writing {path}")
     return path
 
 
-def read_manifest(output: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
+def read_manifest(output: Location) -> dict[str, Any] | None:
     """The manifest under ``output``; None when there is none."""
-    fs, path = _location(output, storage)
+    fs, path = output.fs, output.child(MANIFEST_NAME).path
 
     def read() -> dict[str, Any] | None:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
@@ -75,4 +69,4 @@ def read_manifest(output: str, storage: StorageConfig | None = None) -> dict[str
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
 
-    return retrying(read, f"reading {path}", storage)
+    return output.retrying(read, f"reading {path}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.config import ModelConfig, StorageConfig
+from pipeline.config import ModelConfig
 from pipeline.cost.flops import ModelShapes
+from pipeline.io.storage import Location
 
 from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
 from .llava import LlavaAdapter
@@ -42,9 +43,10 @@ def token_counts(path: str, cfg: ModelConfig, width: int, height: int, family: s
     return ADAPTERS[family].token_counts(path, cfg, width, height)
 
 
-def load_adapter(cfg: ModelConfig, part: Part, storage: StorageConfig | None = None) -> VisionLanguageAdapter:
-    """The family adapter for ``part`` of ``cfg.path``, resolved on this node (``sources``)."""
-    path = resolve_model_path(cfg.path, storage)
+def load_adapter(cfg: ModelConfig, part: Part, source: Location | None = None) -> VisionLanguageAdapter:
+    """The family adapter for ``part`` of ``cfg.path`` (``source``: that path located with the
+    job's storage settings), resolved on this node (``sources``)."""
+    path = resolve_model_path(source or cfg.path)
     family = detect_family(path) if cfg.family == "auto" else cfg.family
     return ADAPTERS[family](cfg, path, part)
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.config import StorageConfig
-from pipeline.io.storage import filesystem_for, fs_path, retrying, strip_scheme
+from pipeline.io.storage import Location, locate
 
 TINY_PREFIX = "tiny:"
 S3_PREFIXES = ("s3://", "s3a://")
@@ -54,33 +53,35 @@ def materialize(target: Path, build: Callable[[Path], object]) -> Path:
     return target
 
 
-def resolve_model_path(path: str, storage: StorageConfig | None = None, metadata_only: bool = False) -> str:
-    """A local directory or hub id that ``from_pretrained`` takes, for ``model.path``.
+def resolve_model_path(source: Location | str, metadata_only: bool = False) -> str:
+    """A local directory or hub id that ``from_pretrained`` takes, for ``model.path`` (located
+    with the job's storage settings; a plain string: the default ones).
     ``metadata_only``: for an S3 prefix, copy only the JSON files (the driver's needs)."""
+    source = locate(source) if isinstance(source, str) else source
+    path = source.uri
     if path.startswith(TINY_PREFIX):
         from .tiny import tiny_checkpoint
 
         return tiny_checkpoint(path[len(TINY_PREFIX) :])
     if path.startswith(S3_PREFIXES):
-        return str(_s3_copy(path, storage, metadata_only))
+        return str(_s3_copy(source, metadata_only))
     return path
 
 
-def _s3_copy(uri: str, storage: StorageConfig | None, metadata_only: bool) -> Path:
-    key = strip_scheme(uri).strip("/")
-    target = cache_root() / ("s3-metadata" if metadata_only else "s3") / key
-    fs, prefix = filesystem_for(uri, storage), fs_path(uri).rstrip("/")
+def _s3_copy(source: Location, metadata_only: bool) -> Path:
+    uri, prefix, fs = source.uri, source.path.rstrip("/"), source.fs
+    target = cache_root() / ("s3-metadata" if metadata_only else "s3") / prefix.strip("/")
 
     def copy(tmp: Path) -> None:
-        infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(prefix, recursive=True)), f"listing {uri}", storage)
+        infos = source.retrying(lambda: fs.get_file_info(pafs.FileSelector(prefix, recursive=True)), f"listing {uri}")
         files = [i for i in infos if i.type == pafs.FileType.File and (not metadata_only or i.path.endswith(".json"))]
         if not any(i.path == f"{prefix}/config.json" for i in files):
             raise FileNotFoundError(f"{uri} holds no config.json: not a checkpoint prefix")
         for info in files:
             dest = tmp / info.path[len(prefix) + 1 :]
             dest.parent.mkdir(parents=True, exist_ok=True)
-            retrying(lambda i=info, d=dest: pafs.copy_files(i.path, str(d), source_filesystem=fs,
-                                                            destination_filesystem=pafs.LocalFileSystem()),
-                     f"copying {info.path}", storage)
+            source.retrying(lambda i=info, d=dest: pafs.copy_files(i.path, str(d), source_filesystem=fs,
+                                                                   destination_filesystem=pafs.LocalFileSystem()),
+                            f"copying {info.path}")
 
     return materialize(target, copy)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, validate_config
-from pipeline.io.storage import parquet_dataset
+from pipeline.io.storage import locate
 from pipeline.pruning import per_image_stats
 
 from .agreement import is_long, text_agreement
@@ -143,7 +143,7 @@ RUN_COLUMNS = ("id", "answer", "error", "visual_tokens_in", "visual_tokens_kept"
 
 def read_run(path: str) -> list[dict[str, Any]]:
     """The columns scoring needs from one run's output (labels when present)."""
-    ds = parquet_dataset(path)
+    ds = locate(path).parquet_dataset()
     names = set(ds.schema.names)
     columns = [c for c in (*RUN_COLUMNS, "energy_explained", "expected", "question_type") if c in names]
     return sorted(ds.to_table(columns=columns).to_pylist(), key=lambda r: r["id"])

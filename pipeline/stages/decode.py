@@ -11,9 +11,10 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig, StorageConfig
+from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig
 from pipeline.engines import DecodeRequest, load_engine
 from pipeline.engines.watchdog import Watchdog, call_bound_s
+from pipeline.io.storage import Location
 from pipeline.models import Generation
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
@@ -48,7 +49,7 @@ class DecodeStage:
 
     def __init__(
         self, model: ModelConfig, generation: GenerationConfig, inputs: InputConfig, stage: DecodeStageConfig,
-        storage: StorageConfig | None = None, failures: Any = None,
+        source: Location | None = None, failures: Any = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
         self.failures = failures
@@ -59,7 +60,7 @@ class DecodeStage:
         self.engine_name = stage.engine
         self.batch_ids: list[str] = []
         self.max_engine_restarts = stage.max_engine_restarts
-        self.engine = self.watchdog.start(lambda: load_engine(model, stage, storage), stage.start_timeout_s,
+        self.engine = self.watchdog.start(lambda: load_engine(model, stage, source), stage.start_timeout_s,
                                           self._an_engine_started_before)
         if failures is not None:
             failures.engine_started.remote()  # from now on a failed start is an engine failure, not the config

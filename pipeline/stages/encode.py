@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig, StorageConfig
+from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
 from pipeline.io.images import decode_image
+from pipeline.io.storage import Location
 from pipeline.models import load_adapter
 from pipeline.pruning import ENERGY_TRACED, TEXT_GUIDED, energy_keep, get_method, relevance
 
@@ -38,10 +39,10 @@ class EncodeStage:
 
     def __init__(
         self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig,
-        storage: StorageConfig | None = None,
+        source: Location | None = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
-        self.adapter = load_adapter(model, "vision", storage)
+        self.adapter = load_adapter(model, "vision", source)
         self.pruning = pruning
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)
         self.max_pixels = inputs.max_image_pixels

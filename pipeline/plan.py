@@ -1,0 +1,194 @@
+"""Step 1 of a run, ``prepare``: everything decided before Ray starts, in one frozen ``JobPlan``.
+
+It reads (never writes) storage and the checkpoint's configs: the run's identity, what the
+output holds (``output.mode`` checked against it), the input plan (schemas and ids), the model's
+family and the alpha applied, the cost model and the decode engine's environment. A bad field
+fails here as a ``ConfigError`` naming it, before any worker starts. Nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.cost.accounting import CostModel
+from pipeline.engines import EngineEnvironment, engine_environment
+from pipeline.io.inputs import InputPlan, check_input
+from pipeline.io.manifest import MANIFEST_NAME, read_manifest
+from pipeline.io.runs import IncrementalRun
+from pipeline.io.storage import Location, locate
+from pipeline.models import ADAPTERS, detect_family, model_shapes
+from pipeline.models.base import planned_dtype
+from pipeline.models.sources import resolve_model_path
+
+CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committed ids
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A run, fully resolved: what every later step reads (and nothing re-resolves)."""
+
+    cfg: JobConfig  # validated; model.family and pruning.alpha filled in; an incremental run's output path
+    identity: dict[str, Any]  # what decides each output row (a resume must match it)
+    input: Location
+    output: Location
+    model: Location  # model.path as configured: every actor resolves it on its own node
+    model_path: str  # the driver's local copy (an S3 checkpoint's JSON files only)
+    inputs: InputPlan
+    costs: CostModel
+    engine: EngineEnvironment
+    previous: dict[str, Any] | None  # the manifest of the run being resumed
+    incremental: IncrementalRun | None = None
+    incremental_root: str | None = None
+
+    @property
+    def checkpoint(self) -> Location:
+        return self.output.child(CHECKPOINT_DIR)
+
+    def manifest_base(self, attempt: dict[str, Any], packages: dict[str, str | None]) -> dict[str, Any]:
+        """The manifest's fields that this attempt's plan decides (``pipeline.io.manifest``)."""
+        cfg, run = self.cfg, self.incremental
+        return {
+            "attempt": attempt["attempt"],
+            "started_at": attempt["started_at"],
+            "run_identity": self.identity,
+            "config": cfg.model_dump(mode="json"),
+            "packages": packages,
+            "input": {"files": len(self.inputs.files), "rows": self.inputs.rows, "dropped": self.inputs.dropped,
+                      **({"shards": run.shards} if run else {})},
+            **({"incremental": {"root": self.incremental_root, "resumed": run.resumed,
+                                "earlier_runs": run.earlier_runs, "shards_taken_before": run.shards_taken_before}}
+               if run else {}),
+            "model": {"configured_path": cfg.model.path, "path": self.model_path, "family": cfg.model.family,
+                      "kv_bytes_per_element": self.costs.kv_bytes_per_element},
+            "engine": self.engine.as_dict(),
+        }
+
+
+def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPlan:
+    """The plan for ``cfg`` (``incremental``: the run ``pipeline.io.runs.plan_incremental`` chose
+    under ``output.path``, a root of runs)."""
+    root = None
+    if incremental is not None:
+        root = cfg.output.path
+        output = cfg.output.model_copy(update={"path": incremental.output.uri, "mode": "resume", "incremental": False})
+        cfg = cfg.model_copy(update={"output": output})
+    source, out = locate(cfg.input.path, cfg.storage), locate(cfg.output.path, cfg.storage)
+    identity = run_identity(cfg)
+    previous = check_output(cfg, out, identity)
+    if not source.is_remote and not Path(source.uri).exists():
+        raise ConfigError(f"input.path {source.uri!r} does not exist")
+    inputs = check_input(source, cfg.input.id_policy, incremental.shards if incremental else None)
+    model = locate(cfg.model.path, cfg.storage)
+    cfg, model_path = resolve_model(cfg, model)
+    costs = cost_model(cfg, model)  # reads the price table: a bad accelerator or price file fails before Ray starts
+    engine = engine_environment(cfg.decode_stage)  # a missing vLLM environment fails here, naming the field
+    return JobPlan(cfg, identity, source, out, model, model_path, inputs, costs, engine, previous, incremental, root)
+
+
+def run_identity(cfg: JobConfig) -> dict[str, Any]:
+    """What decides each output row; a resume must match the earlier attempts on all of it."""
+    keep = ("path", "max_image_pixels", "min_image_side", "id_policy", "max_prompt_tokens", "long_prompt")
+    return {
+        "input": {k: v for k, v in cfg.input.model_dump(mode="json").items() if k in keep},
+        "model": cfg.model.model_dump(mode="json", exclude={"architecture"}),
+        "pruning": cfg.pruning.model_dump(mode="json"),
+        "generation": cfg.generation.model_dump(mode="json"),
+        "engine": cfg.decode_stage.engine,  # engines agree on greedy answers, but numerics may differ
+    }
+
+
+def check_output(cfg: JobConfig, out: Location, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Check ``output.mode`` against what the output holds, reading only (``overwrite`` deletes
+    later, once the output is claimed); returns the previous attempt's manifest when resuming."""
+    if cfg.output.mode == "overwrite" or not out.has_files():
+        return None
+    if cfg.output.mode == "error":
+        raise ConfigError(
+            f"output.path {out.uri!r} already holds files and output.mode is 'error': resume that run with --resume "
+            "(output.mode: resume), replace it with output.mode: overwrite, or choose a new output path"
+        )
+    previous = read_manifest(out)
+    if previous is None:
+        raise ConfigError(
+            f"output.path {out.uri!r} holds files but no {MANIFEST_NAME}: it is not a run of this job, so it cannot "
+            "be resumed; choose a new output path or set output.mode: overwrite"
+        )
+    differ = _differences(previous.get("run_identity") or {}, identity)
+    if differ:
+        raise ConfigError(
+            f"cannot resume {out.uri!r}: the earlier attempt ran with different settings ({'; '.join(differ)}); "
+            "resume with the same config, or write to a new output path"
+        )
+    return previous
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def resolve_model(cfg: JobConfig, model: Location) -> tuple[JobConfig, str]:
+    """Locate the checkpoint (for an S3 prefix, its JSON files only) and pick its adapter once, in
+    the driver, so a bad path fails here with the field named, not as failing actors. Returns the
+    config with the family and alpha filled in, and the driver's local path. ``model.path`` stays
+    as configured: every actor resolves it on its own node (``pipeline.models.sources``)."""
+    try:
+        path = resolve_model_path(model, metadata_only=True)
+        family = detect_family(path) if cfg.model.family == "auto" else cfg.model.family
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from e
+    # The family's default alpha is written into the config, so the manifest records what was applied.
+    pruning = cfg.pruning.model_copy(update={"alpha": cfg.pruning.alpha_for(ADAPTERS[family].default_alpha)})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": family}), "pruning": pruning}), path
+
+
+def cost_model(cfg: JobConfig, model: Location | None = None) -> CostModel:
+    """FLOP/KV shapes from the checkpoint's own config, prices from the table, the LLM's dtype as
+    the decode actors will resolve it."""
+    model = model or locate(cfg.model.path, cfg.storage)
+    try:
+        shapes = model_shapes(resolve_model_path(model, metadata_only=True), cfg.model.family)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path {cfg.model.path!r}: cannot read its config for cost accounting: {e}") from e
+    kv_bytes = torch.empty(0, dtype=planned_dtype(cfg.model, cfg.decode_stage.num_gpus)).element_size()
+    return CostModel.for_job(cfg, shapes, kv_bytes)
+
+
+# Ray Data's checkpoint filter runs as an actor pool of its own; its actors reserve 1 CPU each
+# (Ray's default for map actors; CheckpointConfig offers no knob) and 1 GiB of memory.
+CHECKPOINT_FILTER_CPUS = 1.0
+
+
+def check_resources(cfg: JobConfig, cluster: dict[str, float], checkpoint_filter: bool = False) -> None:
+    """Fail fast if the pools cannot all start next to a read/write task: Ray Data would wait
+    forever. ``checkpoint_filter``: a resume, which adds Ray Data's checkpoint filter actor."""
+    stages = cfg.stages()
+    filter_cpus = CHECKPOINT_FILTER_CPUS if checkpoint_filter else 0.0
+    cpus = cfg.ray.io_num_cpus + filter_cpus + sum(s.pool_size * s.num_cpus for s in stages.values())
+    have_cpus = cluster.get("CPU", 0.0)
+    if cpus > have_cpus + 1e-9:
+        parts = " + ".join(f"{n}.pool_size*num_cpus={s.pool_size * s.num_cpus:g}" for n, s in stages.items())
+        resume = f" + the resume's checkpoint filter actor {filter_cpus:g}" if filter_cpus else ""
+        raise ConfigError(
+            f"the stages need {cpus:g} CPUs ({parts} + ray.io_num_cpus={cfg.ray.io_num_cpus:g}{resume}) but the "
+            f"cluster has {have_cpus:g}: lower num_cpus (fractions are fine) or pool_size"
+        )
+    gpus = sum(s.pool_size * s.num_gpus for s in stages.values())
+    have_gpus = cluster.get("GPU", 0.0)
+    if gpus > have_gpus + 1e-9:
+        asks = ", ".join(f"{n}.num_gpus={s.num_gpus:g}" for n, s in stages.items() if s.num_gpus)
+        raise ConfigError(
+            f"the stages need {gpus:g} GPUs ({asks}) but the cluster has {have_gpus:g}; "
+            "set num_gpus: 0 to run on CPU"
+        )
