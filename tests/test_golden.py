@@ -1,7 +1,9 @@
 """Behaviour kept: the job reproduces, row for row, the output recorded on the demo corpus before
-the redesign (issue 30) for the four tiny families on HF and the default on vLLM: answers,
-errors, kept indices, token counts, FLOPs and KV bytes (times excluded). One Ray instance for
-all five runs. Re-record only for an intended change: `python -m tests.golden.record`."""
+the redesign (issue 30) for the four tiny families on HF, and the vLLM engine reproduces the HF
+recording for the default (LLaVA-1.5) and Qwen3-VL (images of several sizes, each pruned to a
+third; its DeepStack rows and M-RoPE positions reach vLLM's LLM): answers, errors, kept indices,
+token counts, FLOPs and KV bytes (times excluded). One Ray instance for all the runs.
+Re-record only for an intended change: `python -m tests.golden.record`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import ray
 
 from .conftest import REPO
-from .golden.record import CASES, HERE, case_name, run_case, write_demo_corpus
+from .golden.record import CASES, RECORDED, case_name, recording, run_case, write_demo_corpus
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("config", "engine"), CASES, ids=[case_name(*c) for c in CASES])
 def test_output_matches_the_recording(config: str, engine: str, corpus: Path, tmp_path: Path) -> None:
-    expected = json.loads((HERE / f"{case_name(config, engine)}.json").read_text())
+    expected = json.loads(recording(config).read_text())
     got = json.loads(json.dumps(run_case(REPO, config, engine, corpus, tmp_path / "out")))  # JSON's own types
     assert sorted(got) == sorted(expected)
     changed = [i for i in expected if got[i] != expected[i]]
@@ -35,3 +37,13 @@ def test_output_matches_the_recording(config: str, engine: str, corpus: Path, tm
         f"{len(changed)} of {len(expected)} rows differ; first {first}: "
         f"{ {k: (expected[first][k], got[first][k]) for k in expected[first] if expected[first][k] != got[first][k]} }"
     )
+
+
+@pytest.mark.parametrize("config", RECORDED)
+def test_the_recordings_cover_what_they_guard(config: str) -> None:
+    """No row failed; pruning cut every image; the Qwen configs mix image sizes."""
+    rows = list(json.loads(recording(config).read_text()).values())
+    assert len(rows) == 48 and not any(r["error"] for r in rows)
+    assert all(0 < r["visual_tokens_kept"] == len(r["kept_indices"]) < r["visual_tokens_in"] for r in rows)
+    if "qwen" in config:
+        assert len({r["visual_tokens_in"] for r in rows}) > 1
