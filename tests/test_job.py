@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import CAPTION_PROMPT, SCHEMA, make_rows
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.io.storage import has_files
+from pipeline.tiny.shapes_world import CAPTION_PROMPT, SCHEMA, make_rows
 
 from .conftest import REPO, free_port
 

@@ -33,7 +33,7 @@ def case_name(config: str, engine: str) -> str:
 
 
 def write_demo_corpus(path: Path) -> None:
-    from pipeline.io.sample_corpus import write_corpus
+    from pipeline.tiny.shapes_world import write_corpus
 
     write_corpus(path, rows=CORPUS_ROWS)
 
