@@ -41,7 +41,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default (configs/local.yaml), through `ray job submit`
-# against a local head that the script starts and stops.
+# against a local head that the script starts and stops. The script draws the demo corpus
+# (data/sample, input.create_sample_rows rows of the shapes world) first if it is missing.
 demo: $(STAMP)
 	VENV=$(VENV) bash jobs/submit_local.sh configs/local.yaml
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.io.storage import is_uri  # noqa: E402
-from pipeline.quality import evaluation  # noqa: E402
+from pipeline import evaluation  # noqa: E402
 
 DEFAULT_METHODS = "none,resprune,resprune:alpha=0,divprune,score_topk,random"
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config)
         corpus = args.input or base.input.path
         if args.sample_rows and not is_uri(corpus) and not Path(corpus).exists():
-            from pipeline.io.sample_corpus import DEFAULT_TYPES, parse_types, write_corpus
+            from pipeline.tiny.shapes_world import DEFAULT_TYPES, parse_types, write_corpus
 
             try:
                 types = parse_types(args.sample_types) if args.sample_types else DEFAULT_TYPES

@@ -3,6 +3,8 @@
 # Ray head if none answers (and, with WORKER_GPUS, a worker node with logical GPUs: a local
 # rehearsal of a CPU head + GPU workers cluster), submit, follow the logs, stop what we started.
 #   jobs/submit_local.sh [CONFIG [JOB ARGS...]]   (default configs/local.yaml; e.g. --incremental)
+# The demo's corpus: when DATA is a missing local path and the config sets input.create_sample_rows
+# (demo only), a sample corpus of that many rows is drawn there first; the job never draws one.
 # Env: VENV (.venv), DATA (data/sample), OUT (out/local), DASHBOARD_PORT (8265), GCS_PORT (6379),
 #      JOB_TIMEOUT (seconds, 900), WORKER_GPUS (0: no worker node), WORKER_CPUS (2),
 #      HEAD_CPUS (all), OBJECT_STORE_BYTES (Ray's default), READY_TIMEOUT (seconds, 120).
@@ -34,6 +36,14 @@ if [ -z "${RESPRUNE_VLLM_PYTHON:-}" ] && [ -x "$ROOT/.venv-vllm/bin/python" ]; t
 fi
 if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
   ray get-auth-token --generate >/dev/null 2>&1
+fi
+if [[ "$DATA" != *://* ]] && [ ! -e "$DATA" ]; then
+  rows=$(python -c 'import sys; from pipeline.config import load_config
+print(load_config(sys.argv[1]).input.create_sample_rows or "")' "$CONFIG")
+  if [ -n "$rows" ]; then
+    echo "drawing the sample corpus ($rows rows) into $DATA"
+    python -m pipeline.tiny.shapes_world "$DATA" --rows "$rows" >/dev/null
+  fi
 fi
 store=()
 [ -n "${OBJECT_STORE_BYTES:-}" ] && store=(--object-store-memory "$OBJECT_STORE_BYTES")

@@ -3,10 +3,10 @@ questions about the shapes world and describes its images, from scratch, on a 2-
 40 minutes (35.8 min here; held-out with every visual token kept: 95.0 % on the short questions,
 caption object F1 0.90).
 
-    python jobs/train_tiny_vlm.py [--out pipeline/models/checkpoints/tiny-llava-shapes]
+    python jobs/train_tiny_vlm.py [--out pipeline/tiny/checkpoints/tiny-llava-shapes]
 
 Recipe (seeded; every choice is here):
-- Data: scenes drawn on the fly from ``pipeline.io.sample_corpus`` with training seeds
+- Data: scenes drawn on the fly from ``pipeline.tiny.shapes_world`` with training seeds
   (``TRAIN_SEED`` + step), never the evaluation seeds. Images go through the checkpoint's own
   processor (pad to square, resize to 336), so training sees exactly what inference sees.
 - Stage 0 (``--lm-steps``): the LLM alone learns to answer from short synthetic token sequences
@@ -71,11 +71,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.io.sample_corpus import (  # noqa: E402
+from pipeline.quality.scoring import is_correct  # noqa: E402
+from pipeline.tiny import CHECKPOINTS, save_checkpoint  # noqa: E402
+from pipeline.tiny.llava import new_tiny_llava  # noqa: E402
+from pipeline.tiny.scoring import caption_summary  # noqa: E402
+from pipeline.tiny.shapes_world import (  # noqa: E402
     CAPTION_PROMPT, COLOURS, SHAPES, SHORT_TYPES, Scene, Shape, ask, caption_text, draw_scene,
 )
-from pipeline.models.tiny import CHECKPOINTS, new_tiny_llava, save_checkpoint  # noqa: E402
-from pipeline.quality.scoring import caption_summary, is_correct  # noqa: E402
 
 TRAIN_SEED = 10_000_000  # scenes for step s use seed TRAIN_SEED + s
 HELD_OUT_SEED = 77  # held-out corpora use other seeds (tests: 4242)
@@ -370,7 +372,7 @@ def evaluate(path: Path, rows: int, seed: int, caption_rows: int = 0, caption_se
     recall / F1 and order accuracy on ``caption_rows`` caption rows (seed ``caption_seed``)."""
     from pipeline.config import GenerationConfig, InputConfig, ModelConfig
     from pipeline.io.images import decode_image
-    from pipeline.io.sample_corpus import make_rows
+    from pipeline.tiny.shapes_world import make_rows
     from pipeline.models.llava import LlavaAdapter
 
     adapter = LlavaAdapter(ModelConfig(path=str(path)), str(path), "language")

@@ -25,8 +25,7 @@ class InputConfig(_Strict):
     path: str = Field(description="Parquet file or directory: local path or URI (s3://bucket/prefix).")
     create_sample_rows: int | None = Field(
         None, ge=1, le=100_000,
-        description="Demo only: when `path` is a missing local directory, write the synthetic sample corpus "
-        "of this many rows there first. Leave unset for real data.",
+        description="demo only: jobs/submit_local.sh draws the sample corpus here first",
     )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Images with more pixels become error rows (`image too large`), decided from "

@@ -9,7 +9,8 @@ from pipeline.bench.prefill import PROMPT
 from pipeline.cost.flops import ModelShapes, prefill_flops, vision_flops
 from pipeline.models import model_shapes
 from pipeline.models.llava import LlavaAdapter
-from pipeline.models.tiny import CHAT_TEMPLATE, recipe_config, tiny_tokenizer
+from pipeline.tiny.common import tiny_tokenizer
+from pipeline.tiny.llava import CHAT_TEMPLATE, recipe_config
 
 REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "checkpoints" / "llava-1.5-7b-hf"
 

@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import SCHEMA, make_rows
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO, free_port
 from .test_job import JOB_TIMEOUT_S, _env

@@ -115,7 +115,7 @@ def test_reliability_fields_are_validated() -> None:
 
 
 def test_bad_model_path_fails_fast_naming_the_field(tmp_path: Path) -> None:
-    from pipeline.io.sample_corpus import write_corpus
+    from pipeline.tiny.shapes_world import write_corpus
 
     write_corpus(tmp_path / "in", rows=2, shards=1)
     cfg = validate_config({**BASE, "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "o")},

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, DecodeStageConfig, validate_config
 from pipeline.engines.watchdog import CALL_BASE_S, call_bound_s
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import write_corpus
+from pipeline.tiny.shapes_world import write_corpus
 
 from .conftest import REPO
 from .test_job import JOB_TIMEOUT_S, _env

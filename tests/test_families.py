@@ -21,10 +21,10 @@ from pipeline.config import load_config
 from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.models import ADAPTERS, load_adapter, model_shapes, token_counts
 from pipeline.models.sources import resolve_model_path
 from pipeline.pruning import budget, energy_keep, relevance, resprune_trace
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
 from .test_job import _env, _run_cli

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.io.inputs import InputError, check_input, drop_rows, stage_first_rows
 from pipeline.io.storage import locate
-from pipeline.io.sample_corpus import SCHEMA, make_rows
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 
 def _shard(path: Path, rows: list[dict], schema: pa.Schema = SCHEMA) -> None:

@@ -20,8 +20,8 @@ import yaml
 
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import CAPTION_PROMPT, SCHEMA, make_rows
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
+from pipeline.tiny.shapes_world import CAPTION_PROMPT, SCHEMA, make_rows
 
 from .conftest import REPO, free_port
 

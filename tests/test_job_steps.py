@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.io.manifest import write_manifest
-from pipeline.io.sample_corpus import write_corpus
+from pipeline.tiny.shapes_world import write_corpus
 from pipeline.io.storage import locate
 from pipeline.plan import prepare
 from pipeline.report import JobSummary

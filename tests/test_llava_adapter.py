@@ -10,10 +10,10 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.io.sample_corpus import make_rows
 from pipeline.models import detect_family, load_adapter
-from pipeline.models.tiny import build_tiny_llava
 from pipeline.pruning import relevance, resprune_select
+from pipeline.tiny import build
+from pipeline.tiny.shapes_world import make_rows
 
 PROMPTS = [
     "What color is the circle?",
@@ -120,6 +120,6 @@ def test_embed_words_uses_the_llm_embedding_table(vision) -> None:
 def test_tiny_checkpoint_is_deterministic(tmp_path, tiny_llava: str) -> None:
     from safetensors.torch import load_file
 
-    rebuilt = build_tiny_llava(tmp_path / "again")
+    rebuilt = build("llava", tmp_path / "again")
     a, b = load_file(f"{tiny_llava}/model.safetensors"), load_file(f"{rebuilt}/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

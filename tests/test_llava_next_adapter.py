@@ -159,7 +159,7 @@ def test_pruned_counts_follow_the_budget_and_the_llm_receives_them(adapters, enc
 
 
 def test_tiny_checkpoint_is_deterministic(stock) -> None:
-    from pipeline.models.tiny_llava_next import new_tiny_llava_next
+    from pipeline.tiny.llava_next import new_tiny_llava_next
 
     saved = stock[0].state_dict()  # built by another call and loaded back from disk
     fresh = new_tiny_llava_next()[0].state_dict()

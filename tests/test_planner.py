@@ -153,7 +153,7 @@ def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budget
 
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llava: str) -> dict[str, Path]:
-    from pipeline.io.sample_corpus import write_corpus
+    from pipeline.tiny.shapes_world import write_corpus
 
     root = tmp_path_factory.mktemp("runs")
     write_corpus(root / "in", rows=6)

@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.io.sample_corpus import (
+from pipeline.evaluation import parse_grid
+from pipeline.tiny.shapes_world import (
     COLOURS, MAX_SIDE, MIN_SIDE, QUESTION_TYPES, SCHEMA, SHAPES, SHORT_TYPES, askable, caption_text, draw_scene, make_rows,
 )
-from pipeline.quality.evaluation import parse_grid
 
 from .conftest import REPO
 
@@ -137,7 +137,7 @@ def test_grid_parsing() -> None:
 # --- scoring -----------------------------------------------------------------------------------------
 
 def test_score_normalises_answers_and_counts_errors_as_wrong() -> None:
-    from pipeline.quality.evaluation import Cell, add_relative, score
+    from pipeline.evaluation import Cell, add_relative, score
 
     def row(i: int, answer: str, expected: str, qtype: str, error: str = "", kept: int = 64) -> dict:
         return {"id": f"r{i}", "answer": answer, "expected": expected, "question_type": qtype, "error": error,
@@ -171,7 +171,7 @@ def test_score_splits_short_answers_from_captions() -> None:
     label and by ROUGE-L / semantic similarity against keep-all; an error row scores 0 and counts."""
     from rouge_score import rouge_scorer
 
-    from pipeline.quality.evaluation import Cell, add_relative, score
+    from pipeline.evaluation import Cell, add_relative, score
 
     two, three = "a red circle and a blue square.", "a green triangle, a red circle and a blue square."
     other = "a purple square and a yellow circle."
@@ -220,7 +220,7 @@ def test_a_caption_one_object_off_scores_between_identical_and_unrelated() -> No
     another scene's caption naming none of its objects, for object F1 against a label and for
     both agreement metrics."""
     from pipeline.quality.agreement import text_agreement
-    from pipeline.quality.scoring import caption_match, caption_objects
+    from pipeline.tiny.scoring import caption_match, caption_objects
 
     rng = random.Random(5)
     captions = [caption_text(draw_scene(rng)) for _ in range(80)]
@@ -254,7 +254,7 @@ def test_grid_fails_a_cell_on_missing_ids_not_on_row_counts(monkeypatch: pytest.
     repeated id: the next test.)"""
     import pipeline.job
     from pipeline.config import load_config
-    from pipeline.quality.evaluation import run_grid
+    from pipeline.evaluation import run_grid
 
     missing = 0
 
@@ -280,7 +280,7 @@ def test_grid_matches_each_adaptive_cell_with_a_fixed_budget(monkeypatch: pytest
     the pairs table compares them and interpolates the fixed tokens for the adaptive accuracy."""
     import pipeline.job
     from pipeline.config import load_config
-    from pipeline.quality.evaluation import fixed_tokens_for, matched_table, run_grid
+    from pipeline.evaluation import fixed_tokens_for, matched_table, run_grid
 
     ran = []
 
@@ -644,7 +644,7 @@ def test_training_script_runs_and_saves_a_loadable_checkpoint(tmp_path: Path) ->
     assert result["caption"]["rows"] == 2 and 0.0 <= result["caption"]["f1"] <= 1.0
     assert " caption " in proc.stdout  # the caption branch was trained (stage 0 from step 0, stage 2)
     assert all(f"stage {k}" in proc.stdout for k in (0, 1, 2)) and " lm " in proc.stdout  # all three stages ran
-    from pipeline.models.tiny import new_tiny_llava
+    from pipeline.tiny.llava import new_tiny_llava
 
     model = LlavaForConditionalGeneration.from_pretrained(out)
     fresh, _ = new_tiny_llava("llava-shapes")

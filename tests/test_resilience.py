@@ -25,8 +25,8 @@ from PIL import Image
 
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import SCHEMA, make_rows, write_corpus
 from pipeline.io.schema import ERROR_KINDS
+from pipeline.tiny.shapes_world import SCHEMA, make_rows, write_corpus
 
 from .conftest import REPO
 from .test_job import JOB_TIMEOUT_S, _env

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.io.storage import locate
 from pipeline.io.manifest import write_manifest
 from pipeline.io.runs import NothingToRun, list_shards, plan_incremental, run_name
-from pipeline.io.sample_corpus import SCHEMA, make_rows
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
 

@@ -18,7 +18,6 @@ from pipeline.config import (
     StageConfig,
     TextStageConfig,
 )
-from pipeline.io.sample_corpus import make_rows
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.pruning import gate, relevance, resprune_select
 from pipeline.stages.common import map_splitting_failures
@@ -26,6 +25,7 @@ from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.io.images import decode_image
 from pipeline.stages.text import TextStage
+from pipeline.tiny.shapes_world import make_rows
 
 MODEL = ModelConfig(path="tiny:llava")
 

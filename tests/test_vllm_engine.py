@@ -26,10 +26,10 @@ from pipeline.engines import DecodeRequest, engine_environment, load_engine
 from pipeline.io.images import decode_image
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.models import load_adapter
 from pipeline.models.base import generate_from_embeddings
 from pipeline.pruning import get_method
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
 from .test_job import JOB_TIMEOUT_S, _env

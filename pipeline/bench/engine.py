@@ -81,7 +81,7 @@ def kind_prompts(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Per kind of generation (LENGTHS), every row's prompt, so both kinds run on the same images:
     vqa asks the row's own question, or the count question (which every scene supports) where the
     corpus drew a caption; caption asks every image for one."""
-    from pipeline.io.sample_corpus import CAPTION_PROMPT, SINGLE_WORD
+    from pipeline.tiny.shapes_world import CAPTION_PROMPT, SINGLE_WORD
 
     count = f"How many shapes are in the picture?{SINGLE_WORD}"
     vqa = [count if r["question_type"] == "caption" else str(r["prompt"]) for r in rows]
@@ -95,7 +95,7 @@ def prepare_requests(model_path: str, images: int, keep: int, encode_batch: int 
 
     from pipeline.config import InputConfig, ModelConfig
     from pipeline.io.images import decode_image
-    from pipeline.io.sample_corpus import make_rows
+    from pipeline.tiny.shapes_world import make_rows
     from pipeline.models import load_adapter
     from pipeline.pruning import get_method
 

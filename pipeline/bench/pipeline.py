@@ -67,13 +67,13 @@ from pipeline.bench.engine import (LENGTHS, failure_line, kind_prompts, parse_en
 from pipeline.bench.prefill import cpu_seconds, descendants, process_cpu
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.engines import engine_environment
-from pipeline.io.sample_corpus import SCHEMA, make_rows
 from pipeline.job import build_pipeline, check_resources
 from pipeline.models.sources import resolve_model_path
 from pipeline.stages.common import Batch, limit_torch_threads
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.text import TextStage
+from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 REPO = Path(__file__).resolve().parents[2]
 # CPUs per actor on a 2-CPU machine: decode is the bottleneck, so it gets a whole core (one

@@ -36,9 +36,9 @@ from PIL import Image
 
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import prefill_flops, vision_flops
-from pipeline.io.sample_corpus import make_rows
 from pipeline.models import detect_family, load_adapter, model_shapes
 from pipeline.models.sources import resolve_model_path
+from pipeline.tiny.shapes_world import make_rows
 
 REFERENCE = Path(__file__).resolve().parents[2] / "configs" / "checkpoints" / "llava-1.5-7b-hf"
 KEEPS = (192, 128, 64)  # timed besides keep-all (the encoder's token count)

@@ -1,7 +1,7 @@
 """Where a checkpoint comes from, resolved on the node that loads it (``model.path``).
 
-- ``tiny:<recipe>``: a tiny checkpoint built here (``pipeline.models.tiny``), cached under
-  ``$RESPRUNE_CACHE``.
+- ``tiny:<recipe>``: a tiny test/demo checkpoint (``pipeline.tiny``, found by name in
+  ``RESOLVERS``), cached under ``$RESPRUNE_CACHE``.
 - ``s3://bucket/prefix/``: copied once per node to ``$RESPRUNE_CACHE/s3/bucket/prefix`` (local
   disk) and loaded from there; the driver copies only the JSON files (config, processor and
   tokenizer configs), which is all it reads. Use a versioned prefix per checkpoint: a copy is
@@ -16,6 +16,7 @@ half-written checkpoint, and an interrupted copy is never mistaken for a finishe
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import uuid
@@ -27,6 +28,10 @@ import pyarrow.fs as pafs
 from pipeline.io.storage import Location, locate
 
 TINY_PREFIX = "tiny:"
+# Path prefixes resolved outside the product: prefix -> "module:function" taking the rest of the
+# path and returning a local directory, imported only when a path uses it (as vLLM's registry
+# names out-of-tree model classes), so the product never imports its test and demo scaffolding.
+RESOLVERS: dict[str, str] = {TINY_PREFIX: "pipeline.tiny:checkpoint"}
 S3_PREFIXES = ("s3://", "s3a://")
 
 
@@ -59,10 +64,10 @@ def resolve_model_path(source: Location | str, metadata_only: bool = False) -> s
     ``metadata_only``: for an S3 prefix, copy only the JSON files (the driver's needs)."""
     source = locate(source) if isinstance(source, str) else source
     path = source.uri
-    if path.startswith(TINY_PREFIX):
-        from .tiny import tiny_checkpoint
-
-        return tiny_checkpoint(path[len(TINY_PREFIX) :])
+    for prefix, target in RESOLVERS.items():
+        if path.startswith(prefix):
+            module, function = target.split(":")
+            return getattr(importlib.import_module(module), function)(path[len(prefix) :])
     if path.startswith(S3_PREFIXES):
         return str(_s3_copy(source, metadata_only))
     return path

@@ -34,7 +34,7 @@ def recording(config: str) -> Path:
 
 
 def write_demo_corpus(path: Path) -> None:
-    from pipeline.io.sample_corpus import write_corpus
+    from pipeline.tiny.shapes_world import write_corpus
 
     write_corpus(path, rows=CORPUS_ROWS)
 

@@ -6,7 +6,7 @@ The vision encoder therefore runs once per cell: reusing it would need a second 
 through the stages, and on the models this is measured on it is a minority of the run's time.
 
 Scores, per cell, from the output Parquet alone (so anyone can recompute them):
-- with labels (column ``expected``; the rules of ``scoring``): ``accuracy``, normalised exact
+- with labels (column ``expected``; the rules of ``pipeline.quality.scoring``): ``accuracy``, normalised exact
   match over the short-answer rows (every row but the captions: the job summary's rule), its
   relative performance against keep-all (the paper's "Rel. Perf."), accuracy per short
   ``question_type``, and for ``caption`` rows the shapes world's object precision / recall / F1
@@ -29,9 +29,8 @@ from typing import Any
 from pipeline.config import ConfigError, JobConfig, validate_config
 from pipeline.io.storage import locate
 from pipeline.pruning import per_image_stats
-
-from .agreement import is_long, text_agreement
-from .scoring import caption_objects, caption_summary, is_caption, is_correct, label_scores, normalise
+from pipeline.quality.agreement import is_long, text_agreement
+from pipeline.quality.scoring import caption_scores, is_caption, is_correct, label_scores, normalise
 
 KEEP_ALL = "none"
 
@@ -204,10 +203,8 @@ def score(cell: Cell, run: str, rows: list[dict[str, Any]], reference: list[dict
         for r in rows:
             if not is_caption(r):
                 per_type.setdefault(r["question_type"], []).append(is_correct(r))
-        labelled_captions = [r for r in rows if is_caption(r)]
-        # The shapes world's scorer: meaningless (and None) when the labels name none of its objects.
-        if any(caption_objects(r["expected"]) for r in labelled_captions):
-            captions = caption_summary(labelled_captions)
+        # The shapes world's scorer, over the captions its labels name objects of (none: all None).
+        captions = caption_scores(rows)
 
     priced = [r["cost_usd"] for r in ok if r.get("cost_usd") is not None]
     flops = [r["flops_total"] for r in ok if r.get("flops_total") is not None]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import SEED, randomize_weights, tiny_tokenizer
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>")
 CHAT_TEMPLATE = (
@@ -28,8 +30,6 @@ CHAT_TEMPLATE = (
 
 def qwen_tokenizer() -> Any:
     """``tiny:llava``'s BPE with Qwen's special tokens and chat template (shared by the Qwen families)."""
-    from .tiny import tiny_tokenizer
-
     tokenizer = tiny_tokenizer(
         SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
@@ -54,8 +54,6 @@ def new_tiny_qwen2_5_vl() -> tuple[Any, tuple[Any, Any]]:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .tiny import _SEED, randomize_weights
-
     tokenizer = qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
@@ -78,7 +76,7 @@ def new_tiny_qwen2_5_vl() -> tuple[Any, tuple[Any, Any]]:
     )
     # Saved as tokenizer + image processor: Qwen2_5_VLProcessor also wants a video processor, which
     # needs torchvision (not installed here); the adapter uses the two parts directly.
-    torch.manual_seed(_SEED)
+    torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     randomize_weights(model, {"visual.merger": 0.1, "visual": 0.02})
     model.generation_config.pad_token_id = tokenizer.pad_token_id

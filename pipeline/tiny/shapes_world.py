@@ -22,7 +22,7 @@ The world is a contract (other corpora are drawn from it):
 
 The caption lists objects left to right (ties: top to bottom), e.g. ``a red circle, a blue square
 and a yellow triangle.``; one object: ``a green triangle.`` Scoring parses the objects back out
-(``pipeline.quality.scoring.caption_objects``).
+(``pipeline.tiny.scoring.caption_objects``).
 
 Input schema (what the job reads; extra columns pass through to the output):
 
@@ -33,9 +33,10 @@ Input schema (what the job reads; extra columns pass through to the output):
 | prompt          | string | the question or instruction for this image         |
 
 Sample corpora add ``expected`` (the true answer) and ``question_type`` (one of the types above),
-which the evaluation job (``jobs/evaluate_pruning.py``) scores against.
+which the job summary and the evaluation job (``jobs/evaluate_pruning.py``) score against; captions
+are scored by objects only where these labels are present (``pipeline.tiny.scoring``).
 
-    python -m pipeline.io.sample_corpus OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1] [--types color,...,caption]
+    python -m pipeline.tiny.shapes_world OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1] [--types color,...,caption]
 """
 
 from __future__ import annotations

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tiny_qwen2_5_vl import qwen_image_processor, qwen_tokenizer
+from .common import SEED, randomize_weights
+from .qwen2_5_vl import qwen_image_processor, qwen_tokenizer
 
 
 def new_tiny_qwen3_vl() -> tuple[Any, tuple[Any, Any]]:
     """A freshly initialised, seeded ``(Qwen3VLForConditionalGeneration, (tokenizer, image processor))``."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    from .tiny import _SEED, randomize_weights
 
     tokenizer = qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
@@ -50,7 +49,7 @@ def new_tiny_qwen3_vl() -> tuple[Any, tuple[Any, Any]]:
         temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     # Saved as tokenizer + image processor, as tiny:qwen2_5_vl (Qwen3VLProcessor wants torchvision).
-    torch.manual_seed(_SEED)
+    torch.manual_seed(SEED)
     model = Qwen3VLForConditionalGeneration(config).eval()
     # DeepStack mergers as strong as the main one, so dropping their tokens changes the answers.
     randomize_weights(model, {"deepstack_merger": 0.1, "visual.merger": 0.1, "visual": 0.02})

@@ -4,12 +4,15 @@
 (CLIP at 336 px / 14 px patches, so a view is 576 patches; llava-v1.6's grid pinpoints, so an
 image is a base view plus 2 to 4 tiles and up to 2928 visual tokens) and tiny widths: CLIP
 64 x 3 layers, Llama 256 x 2 layers. The tokenizer, chat template, seed and weight scaling are
-``tiny:llava``'s (see ``tiny.py``): random weights whose answers depend on the image.
+``tiny:llava``'s (see ``llava.py``): random weights whose answers depend on the image.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .common import SEED, randomize_weights, tiny_tokenizer
+from .llava import CHAT_TEMPLATE, recipe_config
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
 
@@ -18,8 +21,6 @@ def new_tiny_llava_next() -> tuple[Any, Any]:
     """A freshly initialised, seeded ``(LlavaNextForConditionalGeneration, LlavaNextProcessor)``."""
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
-
-    from .tiny import _SEED, CHAT_TEMPLATE, randomize_weights, recipe_config, tiny_tokenizer
 
     try:
         import torchvision  # noqa: F401  (the default processor needs it)
@@ -41,7 +42,7 @@ def new_tiny_llava_next() -> tuple[Any, Any]:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
-    torch.manual_seed(_SEED)
+    torch.manual_seed(SEED)
     model = LlavaNextForConditionalGeneration(config).eval()
     randomize_weights(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
