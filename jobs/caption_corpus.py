@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.engines import engine_names  # noqa: E402
 from pipeline.io.inputs import InputError  # noqa: E402
 from pipeline.io.runs import NothingToRun  # noqa: E402
 from pipeline.job import OutputBusy, RunFailed, run_job  # noqa: E402
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override pruning.energy: an adaptive budget (resprune) keeping per image the fewest tokens that "
                    "explain this fraction of its token energy, the budget (--keep / --prune-ratio) as the cap")
     p.add_argument("--min-keep", type=int, help="override pruning.min_keep (the adaptive budget's floor)")
-    p.add_argument("--engine", choices=("hf", "vllm"), help="override decode_stage.engine (see the README's Engines)")
+    p.add_argument("--engine", choices=engine_names(), help="override decode_stage.engine (see the README's Engines)")
     p.add_argument("--resume", action="store_true",
                    help="output.mode: resume: finish an earlier attempt of this run, every row exactly once")
     p.add_argument("--incremental", action="store_true",

@@ -38,6 +38,7 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.cost import planner  # noqa: E402
 from pipeline.cost.accounting import accelerator_price  # noqa: E402
 from pipeline.cost.prices import load_accelerators, load_prices  # noqa: E402
+from pipeline.engines import engine_names  # noqa: E402
 from pipeline.models import model_shapes, token_counts  # noqa: E402
 from pipeline.pruning import budget  # noqa: E402
 from pipeline.models.sources import resolve_model_path  # noqa: E402
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="WIDTHxHEIGHT of a typical corpus image, for families whose token count follows it "
                    "(default 640x480)")
     p.add_argument("--accelerators", default="configs/accelerators.yaml", help="accelerator table (YAML)")
-    p.add_argument("--engine", choices=planner.ENGINES, default=planner.DEFAULT_ENGINE,
+    p.add_argument("--engine", choices=engine_names(), default=planner.DEFAULT_ENGINE,
                    help="decode engine the estimates assume (default %(default)s: continuous batching, an image pays "
                    "for its own tokens; hf: static batches run to their longest row, generation.max_new_tokens); "
                    "measured rows always show their run's engine")

@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from pipeline.engines import registry as engine_registry  # light: no torch, vLLM or Ray
 
 
 class ConfigError(ValueError):
@@ -253,10 +256,7 @@ class VLLMConfig(_Strict):
 
 
 class DecodeStageConfig(StageConfig):
-    engine: Literal["hf", "vllm"] = Field(
-        "hf", description="`hf`: Hugging Face `generate` in padded, length-sorted batches (the reference engine). "
-        "`vllm`: vLLM with continuous batching and a paged KV cache (production; see `vllm`).",
-    )
+    engine: str = Field("hf", description=engine_registry.described())
     vllm: VLLMConfig = Field(VLLMConfig(), description="The vLLM engine's settings (engine: vllm only).")
     max_batch_tokens: int = Field(
         32_768, ge=1, description="Bound on one generate call: rows x (longest prompt + max_new_tokens) tokens. A "
@@ -278,6 +278,18 @@ class DecodeStageConfig(StageConfig):
         10, ge=0, le=10_000, description="Engine failures (a dead or stuck engine, each answered by a fresh engine and "
         "the batch run again) the run tolerates; one more stops it with exit 3 (--resume finishes it).",
     )
+
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        names = engine_registry.engine_names()  # read now: an engine registered after import counts
+        if v not in names:
+            # Worded as pydantic words a Literal's error, naming every registered engine.
+            quoted = [repr(n) for n in names]
+            expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
 
 
 class TextStageConfig(StageConfig):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, validate_config
+from pipeline.config import ConfigError, DecodeStageConfig, load_config, validate_config
+from pipeline.engines import engine_names, engine_spec
 from pipeline.job import check_resources, run_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,19 @@ def test_budget_is_a_count_or_a_ratio_and_the_command_line_replaces_the_files() 
     assert (local.pruning.keep, local.pruning.keep_for(576)) == (None, 64)
     # alpha: null means the family's paper setting.
     assert (qwen.pruning.alpha, qwen.pruning.alpha_for(0.3), local.pruning.alpha_for(0.3)) == (None, 0.3, 0.75)
+
+
+def test_the_engine_registry_drives_the_engine_field() -> None:
+    """decode_stage.engine takes exactly the registered engines, documents each with its registry
+    summary, and an unknown one is named with the field and every registered engine."""
+    for name in engine_names():
+        assert validate_config({**BASE, "decode_stage": {"engine": name}}).decode_stage.engine == name
+    described = DecodeStageConfig.model_fields["engine"].description
+    assert all(f"`{name}`: {engine_spec(name).summary}" in described for name in engine_names())
+    *rest, last = [repr(name) for name in engine_names()]
+    listed = f"{', '.join(rest)} or {last}" if rest else last  # as pydantic lists a Literal's values
+    with pytest.raises(ConfigError, match=f"decode_stage.engine: Input should be {listed}$"):
+        validate_config({**BASE, "decode_stage": {"engine": "vLLM"}})  # names are case-sensitive
 
 
 def test_missing_section_is_named() -> None:

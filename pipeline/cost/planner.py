@@ -12,7 +12,7 @@ encode and decode actors share it). CPU-only stages (the text stage, ~0.05 ms/ro
 ResPrune's selection (an N x N Gram GEMM, <1 % of the vision FLOPs) are left out.
 
 The steps an image pays for depend on the decode engine the estimate assumes (``engine``, a
-column of every row):
+column of every row), by how its registry entry batches (``EngineSpec.schedules_batches``):
     vllm  continuous batching: a finished row's slot goes to the next row at once, so the batch
           stays full and an image pays for its own steps, S = generated - 1.
     hf    Hugging Face ``generate`` in static batches: a batch decodes until its longest row
@@ -45,6 +45,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from pipeline.engines.registry import engine_spec
 from pipeline.io.manifest import read_manifest
 from pipeline.io.storage import locate
 
@@ -85,7 +86,6 @@ class PlanRow:
 
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
-ENGINES = ("vllm", "hf")  # decode_stage.engine values an estimate can assume
 # Where an estimate's generated tokens per image came from, in the order they are preferred.
 GENERATED_FROM = ("given", "measured from runs", "assumed")
 DEFAULT_ENGINE = "vllm"  # what the cluster configs run (configs/llava-1.5-7b.yaml and siblings)
@@ -115,8 +115,7 @@ def estimate(
     length for ``hf``."""
     if generated_from not in GENERATED_FROM:
         raise ValueError(f"generated_from {generated_from!r}: one of {', '.join(GENERATED_FROM)}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+    engine_spec(engine)  # an unknown engine is a ValueError naming the registered ones
     lang = shapes.language
     kept = min(keep, visual_tokens_in)
     seq = kept + assume.text_tokens
@@ -154,10 +153,10 @@ def estimate(
 
 def paid_tokens(engine: str, generated: int, max_new_tokens: int | None) -> int:
     """Tokens' worth of decode steps one image occupies a batch slot for: its own under
-    continuous batching (vllm), the static batch's longest row under hf (the cap)."""
-    if engine == "hf":
-        return max(generated, max_new_tokens or generated)
-    return generated
+    continuous batching (vllm), the static batch's longest row under static batches (hf: the cap)."""
+    if engine_spec(engine).schedules_batches:
+        return generated
+    return max(generated, max_new_tokens or generated)
 
 
 def run_engine(manifest: dict) -> str:
@@ -452,14 +451,15 @@ def engine_note(engine: str, assume: Utilisation, max_new_tokens: int | None) ->
     over = (f" The planned {gen} generated tokens exceed the config's generation.max_new_tokens = {max_new_tokens}: "
             f"a run of this config would stop at {max_new_tokens}; raise it for such a corpus."
             if max_new_tokens and gen > max_new_tokens else "")
-    if engine == "vllm":
-        return (f"Estimates assume the vLLM decode engine (decode_stage.engine: vllm): continuous batching keeps "
-                f"{assume.decode_batch} rows in every decode step, a finished row's slot going to the next row at "
-                f"once, so an image pays for its own {gen} generated tokens. Measured rows state the engine their "
-                f"run used (column engine).{over}")
+    spec = engine_spec(engine)
+    if spec.schedules_batches:
+        return (f"Estimates assume the {spec.title} decode engine (decode_stage.engine: {engine}): continuous "
+                f"batching keeps {assume.decode_batch} rows in every decode step, a finished row's slot going to the "
+                f"next row at once, so an image pays for its own {gen} generated tokens. Measured rows state the "
+                f"engine their run used (column engine).{over}")
     paid = paid_tokens(engine, gen, max_new_tokens)
     cap = f"the cap, generation.max_new_tokens = {max_new_tokens}" if max_new_tokens else "no cap given"
-    return (f"Estimates assume the Hugging Face decode engine (decode_stage.engine: hf): static batches of "
+    return (f"Estimates assume the {spec.title} decode engine (decode_stage.engine: {engine}): static batches of "
             f"{assume.decode_batch} rows that decode until their longest row stops ({cap}); finished rows keep "
             f"their slot and KV cache until then, so an image pays for {paid} tokens' decode steps while generating "
             f"{gen}. Prompt padding is left out (the decode stage groups rows of similar length). Measured rows "
