@@ -183,38 +183,45 @@ def _vllm_args(tmp: Path, corpus: Path, **decode: object) -> list[str]:
 SLOW = [{"stage": "decode", "delay_s": 2.0}]
 
 
-@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
-def test_a_killed_or_stuck_vllm_engine_is_replaced_and_nothing_is_lost(
-    fault: str, tmp_path: Path, vllm_corpus: tuple[Path, set[str]], tiny_llava: str
+def test_a_killed_then_a_stuck_vllm_engine_are_replaced_and_nothing_is_lost(
+    tmp_path: Path, vllm_corpus: tuple[Path, set[str]], tiny_llava: str
 ) -> None:
-    """SIGKILL: an OOM kill, a GPU Xid, a segfault in a kernel. SIGSTOP: a stuck engine, alive and
-    answering nothing, which only the call's bound can tell."""
+    """One run, two faults: SIGKILL (an OOM kill, a GPU Xid, a segfault in a kernel) on the first
+    engine core, then SIGSTOP (a stuck engine, alive and answering nothing, which only the call's
+    bound can tell) on its replacement; a third engine finishes the run."""
     corpus, want = vllm_corpus
     out = tmp_path / "out"
     job = _Job(_vllm_args(tmp_path, corpus, call_timeout_s=20), _env(RESPRUNE_FAULTS=json.dumps(SLOW)),
                tmp_path / "job.log")
+    timings = []
     try:
-        first = job.wait_for("the first engine core", _engine_cores)[0]
+        seen: list[int] = []
         job.wait_for("a first committed write", lambda: _committed(out) >= 1)
-        hit_at = time.monotonic()
-        first.send_signal(getattr(signal, fault))
-        job.wait_for("a fresh engine core", lambda: [p for p in _engine_cores() if p.pid != first.pid])
-        replaced_s = time.monotonic() - hit_at
-        done = _committed(out)  # the interrupted batch is written only after this
-        job.wait_for("a write from the fresh engine", lambda: _committed(out) > done)
-        recovered_s = time.monotonic() - hit_at
+        for fault in ("SIGKILL", "SIGSTOP"):
+            core = job.wait_for("an engine core", lambda: [p for p in _engine_cores() if p.pid not in seen])[0]
+            seen.append(core.pid)
+            hit_at = time.monotonic()
+            core.send_signal(getattr(signal, fault))
+            job.wait_for("a fresh engine core", lambda: [p for p in _engine_cores() if p.pid not in seen])
+            replaced_s = time.monotonic() - hit_at
+            done = _committed(out)  # the interrupted batch is written only after this
+            job.wait_for("a write from the fresh engine", lambda d=done: _committed(out) > d)
+            timings.append((fault, replaced_s, time.monotonic() - hit_at))
         rc, summary, log = job.finish()
     finally:
         job.kill()
     assert rc == 0 and summary, log[-6000:]
     _assert_complete(out, want)
-    assert summary["engine_restarts"] == 1 and summary["retried_batches"] == 1, summary
-    (event,) = read_manifest(locate(str(out)))["engine_failures"]["events"]
-    expected = "is gone" if fault == "SIGKILL" else "within its bound of 20 s"
-    assert expected in event["why"] and event["engine"] == "vllm" and event["rows"] == 4, event
-    assert log.count(RESTART_LINE) == 1, log[-6000:]
-    print(f"{fault}: a fresh engine core {replaced_s:.1f} s after the fault, a write from it after {recovered_s:.1f} s, "
-          f"the run done in {summary['wall_seconds']:.0f} s")
+    assert summary["engine_restarts"] == 2 and summary["retried_batches"] == 2, summary
+    killed, stuck = read_manifest(locate(str(out)))["engine_failures"]["events"]
+    assert "is gone" in killed["why"] and "within its bound of 20 s" in stuck["why"], (killed, stuck)
+    assert all(e["engine"] == "vllm" and e["rows"] == 4 for e in (killed, stuck)), (killed, stuck)
+    assert killed["batch"] != stuck["batch"]
+    assert log.count(RESTART_LINE) == 2, log[-6000:]
+    for fault, replaced_s, recovered_s in timings:
+        print(f"{fault}: a fresh engine core {replaced_s:.1f} s after the fault, a write from it after "
+              f"{recovered_s:.1f} s")
+    print(f"the run done in {summary['wall_seconds']:.0f} s")
 
 
 def test_engines_killed_past_the_restart_budget_stop_the_run_and_resume_finishes_it(
