@@ -41,7 +41,7 @@ from pipeline import evaluation  # noqa: E402
 DEFAULT_METHODS = "none,resprune,resprune:alpha=0,divprune,score_topk,random"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="base job config (model, stages, generation)")
     p.add_argument("--input", help="corpus to evaluate (default: the config's input.path)")
@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=4242, help="world seed of --sample-rows (never a training seed)")
     p.add_argument("--sample-types", help="question types --sample-rows draws, comma-separated (default: the "
                    "world's short types; add `caption` for captions)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         base = load_config(args.config)

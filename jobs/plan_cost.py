@@ -51,7 +51,7 @@ ASSUMPTION_FLAGS = {
 args_source = "default from the accelerator table"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="job config YAML naming the model (and its pruning method)")
     p.add_argument("--accelerator", required=True, help="a key of the accelerator and price tables")
@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                    "assumptions.generated_tokens of the accelerator table")
     for name, kind in ASSUMPTION_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override assumptions.{name} ({args_source})")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.images < 1 or args.gpus < 1:
             raise ConfigError("--images and --gpus must be >= 1")
