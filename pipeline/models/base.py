@@ -7,7 +7,7 @@ changes one file. The stages see plain tensors and one opaque per-image ``Payloa
   (exactly the tokens the stock model would hand its LLM, in the same order), plus optional
   per-token seed scores (LLaVA: CLS attention) [N_i], the number of patches the vision encoder
   ran over (for FLOP counts) and the family's payload: whatever else its decoding needs
-  (Qwen2.5-VL: the patch grid; Qwen3-VL: the grid and the DeepStack levels);
+  (e.g. a patch grid, per-token extra features; see each family's module);
 - ``kept_payload(payload, kept)`` -> the payload cut to the kept token indices (what the
   stages carry to the decode stage, serialized with ``payload_bytes``);
 - ``embed_words(words)`` -> the LLM input embeddings of each row's words, [M_i, D];
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # annotations only: the adapters import without pydantic or P
 Part = Literal["vision", "language", "prompt"]
 
 # Per image, what a family needs besides its kept tokens to decode them, as named tensors only
-# its adapter reads (Qwen2.5-VL: {"grid_thw": [3]}; Qwen3-VL: also {"deepstack": [L, N, D]});
+# its adapter and engine bindings read (the keys are the family's, documented in its module);
 # {} for families that need nothing else (LLaVA).
 Payload = dict[str, Tensor]
 
@@ -184,9 +184,8 @@ class VisionLanguageAdapter(ABC):
     def vllm_request(self, request: DecodeRequest) -> dict:
         """One row as a vLLM request for ``vllm_architecture`` (``pipeline.engines.vllm_models``),
         in the adapter's dtype: the templated prompt's ids with one placeholder, which vLLM expands
-        to the K kept tokens given as embeddings. Families whose positions depend on the token grid
-        also send the grid and the kept indices; families with DeepStack levels, the kept tokens'
-        rows of them."""
+        to the K kept tokens given as embeddings. Families add what their class reads from the
+        payload and the kept indices."""
         image = {"image_embeds": request.visual.to(self.dtype)[None]}
         return {"prompt_token_ids": self.prompt_ids(request.prompt), "multi_modal_data": {"image": image}}
 
