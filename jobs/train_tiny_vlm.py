@@ -371,11 +371,13 @@ def evaluate(path: Path, rows: int, seed: int, caption_rows: int = 0, caption_se
     match on ``rows`` short-answer rows (seed ``seed``), and object-level caption precision /
     recall / F1 and order accuracy on ``caption_rows`` caption rows (seed ``caption_seed``)."""
     from pipeline.config import GenerationConfig, InputConfig, ModelConfig
+    from pipeline.engines.hf import HFEngine
     from pipeline.io.images import decode_image
     from pipeline.tiny.shapes_world import make_rows
+    from pipeline.models import DecodeRequest
     from pipeline.models.llava import LlavaAdapter
 
-    adapter = LlavaAdapter(ModelConfig(path=str(path)), str(path), "language")
+    engine = HFEngine(LlavaAdapter(ModelConfig(path=str(path)), str(path), "language"))
     vision = LlavaAdapter(ModelConfig(path=str(path)), str(path), "vision")
     rules = InputConfig(path="-")
 
@@ -387,7 +389,9 @@ def evaluate(path: Path, rows: int, seed: int, caption_rows: int = 0, caption_se
             enc = vision.encode(imgs)
             kept = [torch.arange(f.shape[0]) for f in enc.features]
             gen = GenerationConfig(max_new_tokens=max_new_tokens)
-            out += [a.text for a in adapter.generate([r["prompt"] for r in chunk], enc.features, kept, enc.layouts, gen)]
+            requests = [DecodeRequest(str(r["id"]), r["prompt"], f, k)
+                        for r, f, k in zip(chunk, enc.features, kept, strict=True)]
+            out += [a.text for a in engine.generate(requests, gen)]
         return out
 
     data = make_rows(rows, seed=seed, types=SHORT_TYPES)

@@ -18,7 +18,8 @@ from pipeline.cost.accounting import CostModel
 from pipeline.cost.flops import decode_flops, kv_cache_bytes, prefill_flops, row_flops, vision_flops
 from pipeline.cost.prices import load_accelerators, load_prices
 from pipeline.io.schema import COST_COLUMNS
-from pipeline.models import load_adapter, model_shapes
+from pipeline.engines.hf import HFEngine
+from pipeline.models import DecodeRequest, load_adapter, model_shapes
 
 from .conftest import REPO
 
@@ -86,7 +87,8 @@ def test_prefill_flops_agree_with_flop_counter_pruned_and_unpruned(adapters, sha
     gen = GenerationConfig(max_new_tokens=1)  # prefill + the LM-head row of the first token
     result = []
     prompt = ["What shape is shown?"]
-    counted = _counted(lambda: result.extend(language.generate(prompt, [features[:keep]], [kept], [[]], gen)))
+    request = DecodeRequest("row", prompt[0], features[:keep], kept)
+    counted = _counted(lambda: result.extend(HFEngine(language).generate([request], gen)))
     seq = result[0].prompt_tokens
     assert seq > keep  # text tokens around the visual ones
     analytic = prefill_flops(shapes.language, seq)

@@ -114,8 +114,8 @@ def test_rows_of_different_token_counts_in_one_batch() -> None:
     """The encode stage's selection (prune_rows): rows grouped by token count, each capped by the
     ratio budget of its own count, each cut at its own point; an all-zero image keeps the floor."""
     counts = [180, 240, 240, 300, 180]
-    rows = {i: EncodedRow(_tokens(n, 64, seed=20 + i), None, torch.zeros((0, 64)), [], n) for i, n in enumerate(counts)}
-    rows[5] = EncodedRow(torch.zeros((240, 64)), None, torch.zeros((0, 64)), [], 240)
+    rows = {i: EncodedRow(_tokens(n, 64, seed=20 + i), None, torch.zeros((0, 64)), n) for i, n in enumerate(counts)}
+    rows[5] = EncodedRow(torch.zeros((240, 64)), None, torch.zeros((0, 64)), 240)
     pruning = PruningConfig(method="resprune", prune_ratio=0.8, energy=0.995, min_keep=6)
     out = prune_rows(rows, pruning, alpha=0.75)
     kept = []
@@ -135,7 +135,7 @@ def test_rows_of_different_token_counts_in_one_batch() -> None:
 
 
 def test_fixed_resprune_records_the_energy_its_budget_explains() -> None:
-    rows = {0: EncodedRow(_tokens(200, 64, seed=1), None, torch.zeros((0, 64)), [], 200)}
+    rows = {0: EncodedRow(_tokens(200, 64, seed=1), None, torch.zeros((0, 64)), 200)}
     out = prune_rows(rows, PruningConfig(method="resprune", keep=20), alpha=0.75)
     _, ref = _cpqr_reference(rows[0].features)
     assert len(out[0].kept) == 20 and out[0].energy_explained == pytest.approx(ref[19], abs=ATOL)

@@ -10,10 +10,13 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.engines.hf import HFEngine
 from pipeline.models import detect_family, load_adapter
 from pipeline.pruning import relevance, resprune_select
 from pipeline.tiny import build
 from pipeline.tiny.shapes_world import make_rows
+
+from .family_setup import requests
 
 PROMPTS = [
     "What color is the circle?",
@@ -64,7 +67,8 @@ def test_encode_matches_transformers_get_image_features(tiny_llava: str, vision,
 def test_keep_all_split_path_equals_stock_generate(tiny_llava: str, vision, language, images) -> None:
     gen = GenerationConfig(max_new_tokens=12)
     enc = vision.encode(images)
-    ours = language.generate(PROMPTS, enc.features, [torch.arange(576)] * 3, enc.layouts, gen)
+    assert enc.payloads == [{}, {}, {}]  # the kept tokens are all LLaVA's LLM needs
+    ours = HFEngine(language).generate(requests(PROMPTS, enc.features, [torch.arange(576)] * 3), gen)
 
     processor = AutoProcessor.from_pretrained(tiny_llava)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
@@ -95,7 +99,8 @@ def test_llm_receives_exactly_the_kept_tokens_in_spatial_order(vision, language,
         lambda _m, _a, kwargs: captured.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True
     )
     try:
-        out = language.generate([PROMPTS[0]], [enc.features[0][kept]], [kept], [[]], GenerationConfig(max_new_tokens=3))
+        out = HFEngine(language).generate(requests([PROMPTS[0]], [enc.features[0][kept]], [kept]),
+                                          GenerationConfig(max_new_tokens=3))
     finally:
         handle.remove()
 

@@ -10,44 +10,29 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from pipeline.config import GenerationConfig
+from pipeline.engines.hf import HFEngine
 from pipeline.models import detect_family, model_shapes, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
-from .conftest import block_image, tiny_adapters
+from .family_setup import family_fixtures, requests
 
 # Square, landscape, portrait, wide, small: different grids of tiles and different unpadding.
 SIZES = [(336, 336), (640, 360), (300, 800), (1000, 500), (200, 260)]
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it.", "Where is it?"]
 
 
-
-@pytest.fixture(scope="module")
-def path(tiny_cache) -> str:
-    from pipeline.models.sources import resolve_model_path
-
-    return resolve_model_path("tiny:llava_next")
+def _stock(path: str) -> tuple:
+    # Eager vision attention (as the adapter loads it) so the stock tower can return attentions.
+    model = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation={"vision_config": "eager"})
+    return model.eval(), AutoProcessor.from_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    return [block_image(s, i) for i, s in enumerate(SIZES)]
-
-
-@pytest.fixture(scope="module")
-def adapters(path: str):
-    return tiny_adapters("llava_next")
+path, images, adapters, stock = family_fixtures("llava_next", SIZES, _stock)
 
 
 @pytest.fixture(scope="module")
 def encoded(adapters, images):
     return adapters[0].encode(images)  # one batch, five sizes: 3, 4 and 5 views
-
-
-@pytest.fixture(scope="module")
-def stock(path: str):
-    # Eager vision attention (as the adapter loads it) so the stock tower can return attentions.
-    model = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation={"vision_config": "eager"})
-    return model.eval(), AutoProcessor.from_pretrained(path)
 
 
 def test_counts_and_features_equal_what_the_stock_model_hands_its_llm(path, adapters, stock, images, encoded) -> None:
@@ -118,7 +103,8 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images, enco
     model, processor = stock
     enc = encoded
     gen = GenerationConfig(max_new_tokens=8)
-    ours = language.generate(PROMPTS, enc.features, [torch.arange(f.shape[0]) for f in enc.features], enc.layouts, gen)
+    kept = [torch.arange(f.shape[0]) for f in enc.features]
+    ours = HFEngine(language).generate(requests(PROMPTS, enc.features, kept, enc.payloads), gen)
     for i, img in enumerate(images):
         inputs = processor(images=img, text=language.chat_text(PROMPTS[i]), return_tensors="pt")
         with torch.no_grad():
@@ -148,7 +134,8 @@ def test_pruned_counts_follow_the_budget_and_the_llm_receives_them(adapters, enc
             lambda _m, _a, kwargs: captured.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True
         )
         try:
-            out = language.generate([prompt], [f[kept]], [kept], [[]], GenerationConfig(max_new_tokens=3))[0]
+            out = HFEngine(language).generate(requests([prompt], [f[kept]], [kept]), GenerationConfig(max_new_tokens=3))
+            out = out[0]
         finally:
             handle.remove()
         ids = language.tokenizer(language.chat_text(prompt)).input_ids

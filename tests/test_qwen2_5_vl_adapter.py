@@ -13,37 +13,24 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.engines.hf import HFEngine
 from pipeline.models import detect_family, load_adapter, token_counts
 from pipeline.pruning import budget, get_method, relevance
 
-from .conftest import block_image, tiny_adapters
+from .family_setup import family_fixtures, requests
 
 SIZES = [(224, 224), (448, 252), (200, 500), (640, 480)]  # square, wide, tall, 4:3 (resized down)
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it."]
 IMAGE_PAD = "<|image_pad|>"
 
+path, images, adapters, stock = family_fixtures(
+    "qwen2_5_vl", SIZES, lambda path: Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+)
 
 
-@pytest.fixture(scope="module")
-def path(tiny_cache) -> str:
-    from pipeline.models.sources import resolve_model_path
-
-    return resolve_model_path("tiny:qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    return [block_image(s, i) for i, s in enumerate(SIZES)]
-
-
-@pytest.fixture(scope="module")
-def adapters(path: str):
-    return tiny_adapters("qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def stock(path: str):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+def grids(payloads: list[dict]) -> list[list[int]]:
+    """Each image's [t, h, w] patch grid, from its payload."""
+    return [p["grid_thw"].tolist() for p in payloads]
 
 
 def _stock_inputs(tokenizer, image_processor, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
@@ -100,8 +87,9 @@ def test_token_counts_follow_the_image_and_max_pixels(path, adapters, images) ->
     assert detect_family(path) == "qwen2_5_vl"
     enc = vision.encode(images)
     assert enc.seed_scores is None  # no CLS: ResPrune seeds on the largest norm
-    assert enc.layouts[0] == [1, 16, 16] and enc.features[0].shape == (64, 256)  # 224 px = 16 patches of 14 px
-    for img, f, (t, h, w), patches in zip(images, enc.features, enc.layouts, enc.encoder_patches, strict=True):
+    assert grids(enc.payloads)[0] == [1, 16, 16] and enc.features[0].shape == (64, 256)  # 224 px = 16 patches of 14 px
+    assert all(set(p) == {"grid_thw"} for p in enc.payloads)  # the grid alone places the tokens
+    for img, f, (t, h, w), patches in zip(images, enc.features, grids(enc.payloads), enc.encoder_patches, strict=True):
         assert f.shape[0] == t * h * w // 4 and patches == t * h * w
         assert token_counts(path, vision.cfg, *img.size) == (f.shape[0], patches)
     assert [f.shape[0] for f in enc.features] == [64, 144, 126, 234]
@@ -121,7 +109,8 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> N
     enc = vision.encode(images)
     gen = GenerationConfig(max_new_tokens=8)
     kept = [torch.arange(f.shape[0]) for f in enc.features]
-    ours, seen = _observe(language.model, lambda: language.generate(PROMPTS, enc.features, kept, enc.layouts, gen))
+    rows = requests(PROMPTS, enc.features, kept, enc.payloads)
+    ours, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, gen))
     prefill = seen[0]
     assert prefill["position_ids"].shape[:2] == (3, len(images))
     tok, proc = language.tokenizer, vision.image_processor
@@ -139,53 +128,72 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> N
     assert len({tuple(g.token_ids) for g in ours}) > 1  # answers depend on the image
 
 
-def test_pruned_tokens_keep_their_3d_positions_and_decoding_continues_where_unpruned_would(
-    adapters, stock, images
-) -> None:
-    vision, language = adapters
-    enc = vision.encode(images[1:3])  # 448 x 252 (wide) and 200 x 500 (tall): different N and K in one batch
+def _pruned_rows(vision, language, images: list[Image.Image]) -> tuple[list[str], list, list, list]:
+    """Two images of different sizes (448 x 252 wide, 200 x 500 tall: different N and K in one
+    batch) pruned by ResPrune to a third: ``(prompts, visual, kept, payloads)``, as the encode
+    stage hands them on."""
+    enc = vision.encode(images[1:3])
     words = vision.embed_words([["circle"], ["shapes"]])
     kept = []
     for f, w in zip(enc.features, words, strict=True):
         idx = get_method("resprune")(f, budget(f.shape[0], prune_ratio=0.667), relevance=relevance(f, w), alpha=0.3)
         kept.append(idx.sort().values)
     assert kept[0].shape[0] != kept[1].shape[0]
-    gen = GenerationConfig(max_new_tokens=2)
-    prompts, visual = PROMPTS[1:3], [f[k] for f, k in zip(enc.features, kept, strict=True)]
-    out, seen = _observe(language.model, lambda: language.generate(prompts, visual, kept, enc.layouts, gen))
-    prefill, first_decode = seen[0]["position_ids"], seen[1]["position_ids"]  # [3, B, L] and [3, B, 1]
-    assert prefill.shape[0] == 3 and first_decode.shape == (3, 2, 1)
+    visual = [f[k] for f, k in zip(enc.features, kept, strict=True)]
+    payloads = [language.kept_payload(p, k) for p, k in zip(enc.payloads, kept, strict=True)]
+    return PROMPTS[1:3], visual, kept, payloads
+
+
+def _check_pruned_row(stock, language, vision, image, prompt: str, k, b: int, out: list, seen: list[dict]) -> tuple:
+    """Row ``b`` of a pruned batch against the stock model's FULL sequence: its length, the text
+    and the kept tokens at their full-sequence (t, row, col) positions, and the first decoded
+    token where the unpruned model puts it. Returns ``(positions [3, L], start, length, n, the
+    first decoded token's position)``."""
     tok, proc = language.tokenizer, vision.image_processor
-    for b, (img, layout, k) in enumerate(zip(images[1:3], enc.layouts, kept, strict=True)):
-        # The full (unpruned) sequence's positions, from the stock model's own rope index.
-        full = _stock_inputs(tok, proc, img, prompts[b])
-        want, delta = stock.model.get_rope_index(
-            full["input_ids"], mm_token_type_ids=full["mm_token_type_ids"], image_grid_thw=full["image_grid_thw"]
-        )
-        want, ids = want[:, 0], full["input_ids"][0]
-        n = int(full["mm_token_type_ids"].sum())
-        start = int(full["mm_token_type_ids"][0].argmax())
-        length = len(ids) - n + len(k)
-        assert out[b].prompt_tokens == length
-        assert int(seen[0]["attention_mask"][b].sum()) == length
-        got = prefill[:, b, -length:]  # left padding: the row's tokens are its last `length` columns
-        # Text before the image, the kept visual tokens at their full-sequence (t, row, col), text after.
-        assert torch.equal(got[:, :start], want[:, :start])
-        assert torch.equal(got[:, start : start + len(k)], want[:, start + k])
-        assert torch.equal(got[:, start + len(k) :], want[:, start + n :])
+    # The full (unpruned) sequence's positions, from the stock model's own rope index.
+    full = _stock_inputs(tok, proc, image, prompt)
+    want, delta = stock.model.get_rope_index(
+        full["input_ids"], mm_token_type_ids=full["mm_token_type_ids"], image_grid_thw=full["image_grid_thw"]
+    )
+    want, ids = want[:, 0], full["input_ids"][0]
+    n = int(full["mm_token_type_ids"].sum())
+    start = int(full["mm_token_type_ids"][0].argmax())
+    length = len(ids) - n + len(k)
+    assert out[b].prompt_tokens == length
+    assert int(seen[0]["attention_mask"][b].sum()) == length
+    got = seen[0]["position_ids"][:, b, -length:]  # left padding: the row's tokens are its last `length` columns
+    # Text before the image, the kept visual tokens at their full-sequence (t, row, col), text after.
+    assert torch.equal(got[:, :start], want[:, :start])
+    assert torch.equal(got[:, start : start + len(k)], want[:, start + k])
+    assert torch.equal(got[:, start + len(k) :], want[:, start + n :])
+    # The first decoded token (the first generated token fed back) sits where the unpruned
+    # model puts it: what stock generate feeds for its own first decoded token, max + 1.
+    _, stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, image, prompt, 2))
+    expected = int(want.max()) + 1
+    first_decode = seen[1]["position_ids"]  # [3, B, 1]
+    assert first_decode[:, b, 0].tolist() == stock_seen[1]["position_ids"][-3:, 0, 0].tolist() == [expected] * 3
+    # i.e. the rope delta is max + 1 - pruned length: the full sequence's delta plus the pruned count.
+    assert expected - length == int(delta) + n - len(k)
+    assert expected != length
+    return got, start, length, n, expected
+
+
+def test_pruned_tokens_keep_their_3d_positions_and_decoding_continues_where_unpruned_would(
+    adapters, stock, images
+) -> None:
+    vision, language = adapters
+    prompts, visual, kept, payloads = _pruned_rows(vision, language, images)
+    rows = requests(prompts, visual, kept, payloads)
+    out, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, GenerationConfig(max_new_tokens=2)))
+    assert seen[0]["position_ids"].shape[0] == 3 and seen[1]["position_ids"].shape == (3, 2, 1)  # [3, B, L], [3, B, 1]
+    for b, (img, layout, k) in enumerate(zip(images[1:3], grids(payloads), kept, strict=True)):
+        got, start, length, n, _ = _check_pruned_row(stock, language, vision, img, prompts[b], k, b, out, seen)
         # The kept visual embeddings sit exactly where their positions say.
         torch.testing.assert_close(seen[0]["inputs_embeds"][b, -length:][start : start + len(k)], visual[b])
-        # The first decoded token (the first generated token fed back) sits where the unpruned
-        # model puts it: what stock generate feeds for its own first decoded token, max + 1.
-        _, stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, img, prompts[b], 2))
-        expected = int(want.max()) + 1
-        assert first_decode[:, b, 0].tolist() == stock_seen[1]["position_ids"][-3:, 0, 0].tolist() == [expected] * 3
-        # i.e. the rope delta is max + 1 - pruned length: the full sequence's delta plus the pruned count.
-        assert expected - length == int(delta) + n - len(k)
         # Compacted positions would fail all of the above: the text after the image starts where the
         # unpruned image ends (start + max(h, w) / 2 in M-RoPE), not at start + K, and the kept
         # visual tokens' rows and columns jump where tokens were pruned.
         after = start + max(layout[1], layout[2]) // 2
         assert len(k) < n and int(got[0, start + len(k)]) == after != start + len(k)
         assert (got[1:, start : start + len(k)].diff(dim=1) != 1).any()
-        assert not torch.equal(got, torch.arange(length).expand(3, -1)) and expected != length
+        assert not torch.equal(got, torch.arange(length).expand(3, -1))

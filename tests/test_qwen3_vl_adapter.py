@@ -12,38 +12,20 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.engines.hf import HFEngine
 from pipeline.models import detect_family, load_adapter, token_counts
 from pipeline.models.qwen2_5_vl import kept_mrope_positions
-from pipeline.pruning import budget, get_method, relevance
 
-from .conftest import block_image, tiny_adapters
-from .test_qwen2_5_vl_adapter import _observe, _stock_generate, _stock_inputs
+from .family_setup import family_fixtures, requests
+from .test_qwen2_5_vl_adapter import _check_pruned_row, _observe, _pruned_rows, _stock_generate, grids
 
 SIZES = [(224, 224), (448, 252), (200, 500), (640, 480)]  # square, wide, tall, 4:3 (resized down)
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it."]
 DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")  # what the LLM takes besides embeddings
 
-
-@pytest.fixture(scope="module")
-def path(tiny_cache) -> str:
-    from pipeline.models.sources import resolve_model_path
-
-    return resolve_model_path("tiny:qwen3_vl")
-
-
-@pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    return [block_image(s, i) for i, s in enumerate(SIZES)]
-
-
-@pytest.fixture(scope="module")
-def adapters(path: str):
-    return tiny_adapters("qwen3_vl")
-
-
-@pytest.fixture(scope="module")
-def stock(path: str):
-    return Qwen3VLForConditionalGeneration.from_pretrained(path).eval()
+path, images, adapters, stock = family_fixtures(
+    "qwen3_vl", SIZES, lambda path: Qwen3VLForConditionalGeneration.from_pretrained(path).eval()
+)
 
 
 def _stock_deepstack(stock, image_processor, image: Image.Image) -> torch.Tensor:
@@ -59,10 +41,11 @@ def test_token_counts_follow_the_image_and_max_pixels(path, adapters, images) ->
     assert detect_family(path) == "qwen3_vl"
     enc = vision.encode(images)
     assert enc.seed_scores is None  # no CLS: ResPrune seeds on the largest norm
-    assert enc.layouts[0] == [1, 14, 14] and enc.features[0].shape == (49, 256)  # 224 px = 14 patches of 16 px
+    assert grids(enc.payloads)[0] == [1, 14, 14] and enc.features[0].shape == (49, 256)  # 224 px = 14 patches of 16 px
     levels = len(vision.config.vision_config.deepstack_visual_indexes)
+    deepstack = [p["deepstack"] for p in enc.payloads]
     for img, f, d, (t, h, w), patches in zip(
-        images, enc.features, enc.deepstack, enc.layouts, enc.encoder_patches, strict=True
+        images, enc.features, deepstack, grids(enc.payloads), enc.encoder_patches, strict=True
     ):
         assert f.shape[0] == t * h * w // 4 and patches == t * h * w
         assert d.shape == (levels, *f.shape)  # one row per level for every visual token
@@ -84,10 +67,8 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> N
     enc = vision.encode(images)
     gen = GenerationConfig(max_new_tokens=8)
     kept = [torch.arange(f.shape[0]) for f in enc.features]
-    ours, seen = _observe(
-        language.model, lambda: language.generate(PROMPTS, enc.features, kept, enc.layouts, gen, enc.deepstack),
-        DEEPSTACK,
-    )
+    rows = requests(PROMPTS, enc.features, kept, enc.payloads)
+    ours, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, gen), DEEPSTACK)
     prefill = seen[0]
     assert prefill["position_ids"].shape[:2] == (3, len(images))
     tok, proc = language.tokenizer, vision.image_processor
@@ -117,58 +98,29 @@ def test_pruned_tokens_get_their_deepstack_rows_and_positions_and_decoding_conti
     adapters, stock, images
 ) -> None:
     vision, language = adapters
-    enc = vision.encode(images[1:3])  # 448 x 252 (wide) and 200 x 500 (tall): different N and K in one batch
-    words = vision.embed_words([["circle"], ["shapes"]])
-    kept = []
-    for f, w in zip(enc.features, words, strict=True):
-        idx = get_method("resprune")(f, budget(f.shape[0], prune_ratio=0.667), relevance=relevance(f, w), alpha=0.3)
-        kept.append(idx.sort().values)
-    assert kept[0].shape[0] != kept[1].shape[0]
+    prompts, visual, kept, payloads = _pruned_rows(vision, language, images)
+    full_payloads = vision.encode(images[1:3]).payloads
+    for p, full, k in zip(payloads, full_payloads, kept, strict=True):  # the same indices in every level
+        assert torch.equal(p["deepstack"], full["deepstack"][:, k]) and torch.equal(p["grid_thw"], full["grid_thw"])
+    rows = requests(prompts, visual, kept, payloads)
     gen = GenerationConfig(max_new_tokens=2)
-    prompts = PROMPTS[1:3]
-    visual = [f[k] for f, k in zip(enc.features, kept, strict=True)]
-    levels = [d[:, k] for d, k in zip(enc.deepstack, kept, strict=True)]  # as the encode stage keeps them
-    out, seen = _observe(
-        language.model, lambda: language.generate(prompts, visual, kept, enc.layouts, gen, levels), DEEPSTACK
-    )
-    prefill, first_decode = seen[0]["position_ids"], seen[1]["position_ids"]  # [3, B, L] and [3, B, 1]
-    assert prefill.shape[0] == 3 and first_decode.shape == (3, 2, 1)
+    out, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, gen), DEEPSTACK)
+    assert seen[0]["position_ids"].shape[0] == 3 and seen[1]["position_ids"].shape == (3, 2, 1)  # [3, B, L], [3, B, 1]
     assert seen[1]["deepstack_visual_embeds"] is None  # DeepStack rows enter with the prompt only
-    tok, proc = language.tokenizer, vision.image_processor
     offset = 0
-    for b, (img, layout, k) in enumerate(zip(images[1:3], enc.layouts, kept, strict=True)):
-        # The full (unpruned) sequence's positions, from the stock model's own rope index.
-        full = _stock_inputs(tok, proc, img, prompts[b])
-        want, delta = stock.model.get_rope_index(
-            full["input_ids"], mm_token_type_ids=full["mm_token_type_ids"], image_grid_thw=full["image_grid_thw"]
-        )
-        want, ids = want[:, 0], full["input_ids"][0]
-        n = int(full["mm_token_type_ids"].sum())
-        start = int(full["mm_token_type_ids"][0].argmax())
-        length = len(ids) - n + len(k)
-        assert out[b].prompt_tokens == length
-        assert int(seen[0]["attention_mask"][b].sum()) == length
-        got = prefill[:, b, -length:]  # left padding: the row's tokens are its last `length` columns
-        # Text before the image, the kept visual tokens at their full-sequence (t, row, col), text after.
-        assert torch.equal(got[:, :start], want[:, :start])
-        assert torch.equal(got[:, start : start + len(k)], want[:, start + k])
-        assert torch.equal(got[:, start + len(k) :], want[:, start + n :])
+    for b, (img, layout, k) in enumerate(zip(images[1:3], grids(payloads), kept, strict=True)):
+        got, start, length, n, expected = _check_pruned_row(stock, language, vision, img, prompts[b], k, b, out, seen)
         # The vLLM engine's rule gives the same positions (kept_mrope_positions).
         rule, rule_delta = kept_mrope_positions(length, [(start, layout, k)], language.merge)
-        assert torch.equal(rule, got) and rule_delta == int(want.max()) + 1 - length
+        assert torch.equal(rule, got) and rule_delta == expected - length
         # DeepStack: the mask marks exactly the kept tokens' positions, and what is added there is
         # the STOCK model's DeepStack features of this image at the kept indices, level by level.
         mask = seen[0]["visual_pos_masks"][b, -length:]
         assert mask.nonzero().flatten().tolist() == list(range(start, start + len(k)))
-        stock_levels = _stock_deepstack(stock, proc, img)
+        stock_levels = _stock_deepstack(stock, vision.image_processor, img)
         for level, rows in enumerate(seen[0]["deepstack_visual_embeds"]):
             torch.testing.assert_close(rows[offset : offset + len(k)], stock_levels[level][k], atol=1e-5, rtol=1e-4)
         offset += len(k)
-        # The first decoded token sits where the unpruned model puts it: max + 1.
-        _, stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, img, prompts[b], 2))
-        expected = int(want.max()) + 1
-        assert first_decode[:, b, 0].tolist() == stock_seen[1]["position_ids"][-3:, 0, 0].tolist() == [expected] * 3
-        assert expected - length == int(delta) + n - len(k)
         # Compacted positions would fail all of the above (Qwen3-VL: text after an image resumes
         # at start + max(h, w) / 2).
         after = start + max(layout[1], layout[2]) // 2
@@ -182,14 +134,16 @@ def test_deepstack_rows_are_required_and_change_the_answer(adapters, images) -> 
     enc = vision.encode(images)
     kept = [torch.arange(f.shape[0]) for f in enc.features]
     gen = GenerationConfig(max_new_tokens=6)
-    with_levels = language.generate(PROMPTS, enc.features, kept, enc.layouts, gen, enc.deepstack)
-    zeroed = language.generate(PROMPTS, enc.features, kept, enc.layouts, gen, [torch.zeros_like(d) for d in enc.deepstack])
-    assert [g.token_ids for g in with_levels] != [g.token_ids for g in zeroed]
+    engine = HFEngine(language)
+    with_levels = engine.generate(requests(PROMPTS, enc.features, kept, enc.payloads), gen)
+    zeroed = [{**p, "deepstack": torch.zeros_like(p["deepstack"])} for p in enc.payloads]
+    without = [{"grid_thw": p["grid_thw"]} for p in enc.payloads]
+    assert [g.token_ids for g in with_levels] != [g.token_ids for g in engine.generate(
+        requests(PROMPTS, enc.features, kept, zeroed), gen)]
     with pytest.raises(ValueError, match="DeepStack"):
-        language.generate(PROMPTS, enc.features, kept, enc.layouts, gen)
+        engine.generate(requests(PROMPTS, enc.features, kept, without), gen)
     with pytest.raises(ValueError, match="DeepStack"):  # levels of other tokens than the kept ones
-        language.generate(PROMPTS[:1], [enc.features[0][:10]], [torch.arange(10)], enc.layouts[:1], gen,
-                          [enc.deepstack[0]])
+        engine.generate(requests(PROMPTS[:1], [enc.features[0][:10]], [torch.arange(10)], enc.payloads[:1]), gen)
 
 
 def test_prefill_flops_of_a_pruned_row_match_the_flop_counter(path, adapters, images) -> None:
@@ -206,8 +160,8 @@ def test_prefill_flops_of_a_pruned_row_match_the_flop_counter(path, adapters, im
     enc = vision.encode(images[1:2])
     kept = torch.arange(0, enc.features[0].shape[0], 3)
     with FlopCounterMode(display=False) as counter:
-        out = language.generate(PROMPTS[:1], [enc.features[0][kept]], [kept], enc.layouts, GenerationConfig(max_new_tokens=1),
-                                [enc.deepstack[0][:, kept]])
+        rows = requests(PROMPTS[:1], [enc.features[0][kept]], [kept], [language.kept_payload(enc.payloads[0], kept)])
+        out = HFEngine(language).generate(rows, GenerationConfig(max_new_tokens=1))
     analytic = prefill_flops(model_shapes(path).language, out[0].prompt_tokens)
     counted = counter.get_total_flops()
     assert abs(analytic - counted) / counted <= 0.05, (analytic, counted)

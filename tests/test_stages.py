@@ -18,6 +18,9 @@ from pipeline.config import (
     StageConfig,
     TextStageConfig,
 )
+from pipeline.engines import DecodeRequest
+from pipeline.engines.hf import HFEngine
+from pipeline.models import payload_from_bytes
 from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
 from pipeline.pruning import gate, relevance, resprune_select
 from pipeline.stages.common import map_splitting_failures
@@ -178,8 +181,8 @@ def test_decode_stage_bounds_padded_tokens_per_call(tiny_llava: str, encode_out:
     prompts = ["Is it red?", "word " * 150, "What colour is the square?", "word " * 10]
     batch = _decode_batch(encode_out, [0, 5, 0, 5], prompts)
     calls = []
-    real = stage.adapter.generate
-    stage.adapter.generate = lambda p, *a, **kw: calls.append(len(p)) or real(p, *a, **kw)  # count the calls, run them for real
+    real = stage.adapter.hf_inputs  # once per engine call: count the calls, run them for real
+    stage.adapter.hf_inputs = lambda requests: calls.append(len(requests)) or real(requests)
     out = stage(batch)
     assert all(out["answer"]) and not any(out["error"])
     # The 190-token row runs alone; the three short ones (under 100 tokens with 32 visual) share a call.
@@ -206,8 +209,8 @@ def test_split_on_failure_retries_halves_and_isolates_bad_rows() -> None:
 
 def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_out: dict) -> None:
     """Qwen3-VL: the encode stage keeps the SAME indices in every DeepStack level as in the main
-    tokens, and the decode stage hands them to the LLM: its answers are the adapter's on exactly
-    those rows (and another family's rows carry no levels)."""
+    tokens (in the row's payload, with its grid), and the decode stage hands them to the LLM: its
+    answers are the HF engine's on exactly those rows (and another family's rows carry no payload)."""
     model = ModelConfig(path="tiny:qwen3_vl", device="cpu")
     encode = EncodeStage(model, PruningConfig(prune_ratio=0.75), InputConfig(path="x"), StageConfig())
     rows = [0, 5]  # two valid rows of different image sizes
@@ -216,23 +219,27 @@ def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_ou
     images = [Image.open(io.BytesIO(text_out["image"][i])).convert("RGB") for i in rows]
     enc = encode.adapter.encode(images)
     assert enc.features[0].shape[0] != enc.features[1].shape[0]
+    payloads = [payload_from_bytes(b) for b in out["visual_payload"]]
     for i in range(2):
         kept = out["kept_indices"][i]
         assert len(kept) == out["visual_tokens_kept"][i] < out["visual_tokens_in"][i]
-        np.testing.assert_allclose(out["visual_deepstack"][i], enc.deepstack[i][:, kept].numpy(), rtol=1e-5, atol=1e-5)
+        assert set(payloads[i]) == {"grid_thw", "deepstack"}
+        assert torch.equal(payloads[i]["grid_thw"], enc.payloads[i]["grid_thw"])
+        np.testing.assert_allclose(payloads[i]["deepstack"].numpy(), enc.payloads[i]["deepstack"][:, kept].numpy(),
+                                   rtol=1e-5, atol=1e-5)
     decode = DecodeStage(model, GenerationConfig(max_new_tokens=6), InputConfig(path="x"), DecodeStageConfig())
     answers = decode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in out.items()})
-    assert "visual_deepstack" not in answers
-    direct = decode.adapter.generate(
-        [str(p) for p in out["prompt"]], [torch.from_numpy(np.array(v)) for v in out["visual_kept"]],
-        [torch.tensor(k) for k in out["kept_indices"]], [list(x) for x in out["visual_layout"]],
-        GenerationConfig(max_new_tokens=6), [torch.from_numpy(np.array(d)) for d in out["visual_deepstack"]],
+    assert "visual_payload" not in answers
+    direct = HFEngine(decode.adapter).generate(
+        [DecodeRequest(str(out["id"][i]), str(out["prompt"][i]), torch.from_numpy(np.array(out["visual_kept"][i])),
+                       torch.tensor(out["kept_indices"][i]), payloads[i]) for i in range(2)],
+        GenerationConfig(max_new_tokens=6),
     )
     assert list(answers["answer"]) == [g.text for g in direct]
 
 
-def test_families_without_deepstack_carry_no_levels(encode_out: dict) -> None:
-    assert all(np.asarray(d).size == 0 for d in encode_out["visual_deepstack"])
+def test_families_without_a_payload_carry_none(encode_out: dict) -> None:
+    assert all(payload_from_bytes(p) == {} for p in encode_out["visual_payload"])
 
 
 def test_an_error_from_a_live_engine_stays_a_row_error_under_the_watchdog(

@@ -23,11 +23,11 @@ import yaml
 
 from pipeline.config import DecodeStageConfig, GenerationConfig, ModelConfig
 from pipeline.engines import DecodeRequest, engine_environment, load_engine
+from pipeline.engines.hf import generate_from_inputs
 from pipeline.io.images import decode_image
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
-from pipeline.models import load_adapter
-from pipeline.models.base import generate_from_embeddings
+from pipeline.models import HFInputs, load_adapter
 from pipeline.pruning import get_method
 from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
@@ -60,16 +60,15 @@ def _requests(path: str, rows: list[dict], budgets: list[int]) -> list[DecodeReq
     vision = load_adapter(ModelConfig(path=path, device="cpu"), "vision")
     enc = vision.encode([decode_image(r["image"], 10**8, 8) for r in rows])
     scores = enc.seed_scores or [None] * len(rows)
-    levels = enc.deepstack or [None] * len(rows)
     out = []
     for keep in budgets:
-        for r, f, s, layout, d in zip(rows, enc.features, scores, enc.layouts, levels, strict=True):
+        for r, f, s, payload in zip(rows, enc.features, scores, enc.payloads, strict=True):
             n = len(f)
             idx = torch.arange(n) if keep >= n else get_method("resprune")(
                 f[None], keep, scores=None if s is None else s[None]
             )[0].sort().values
-            deepstack = d[:, idx].clone() if d is not None else None  # the same indices in every level
-            out.append(DecodeRequest(f"{r['id']}@{keep}", r["prompt"], f[idx].clone(), idx, list(layout), deepstack))
+            kept = {name: x.clone() for name, x in vision.kept_payload(payload, idx).items()}  # as the encode stage
+            out.append(DecodeRequest(f"{r['id']}@{keep}", r["prompt"], f[idx].clone(), idx, kept))
     return out
 
 
@@ -107,16 +106,17 @@ def test_vllm_gives_the_hf_engines_greedy_tokens(
         # The same pruned rows without their DeepStack rows (what vLLM's stock class does with no
         # vision tower loaded) answer differently: equality above is evidence they were added.
         pruned = [r for r in requests if len(r.visual) == 24]
-        bare = hf.generate([r._replace(deepstack=torch.zeros_like(r.deepstack)) for r in pruned],
-                           GenerationConfig(max_new_tokens=new))
+        bare = hf.generate([r._replace(payload={**r.payload, "deepstack": torch.zeros_like(r.payload["deepstack"])})
+                            for r in pruned], GenerationConfig(max_new_tokens=new))
         assert [b.token_ids for b in bare] != [g["ids"] for r, g in zip(requests, got) if len(r.visual) == 24]
     if recipe == "qwen2_5_vl":
         # The same pruned rows with contiguous positions (what a plain inputs_embeds call gives)
         # answer differently: equality above is evidence of the 3-D positions, not luck.
         pruned = [r for r in requests if len(r.visual) == 24]
-        embeds = [hf.adapter.prompt_inputs(r.prompt, r.visual, r.kept_indices, r.layout)[0] for r in pruned]
-        contiguous = generate_from_embeddings(
-            hf.adapter.model, hf.adapter.tokenizer, hf.adapter.embed, embeds, GenerationConfig(max_new_tokens=new)
+        embeds = [hf.adapter.prompt_inputs(r.prompt, r.visual, r.kept_indices, hf.adapter.grid(r))[0] for r in pruned]
+        adapter = hf.adapter
+        contiguous = generate_from_inputs(
+            adapter.model, adapter.tokenizer, adapter.embed, HFInputs(embeds), GenerationConfig(max_new_tokens=new)
         )
         assert [c.token_ids for c in contiguous] != [g["ids"] for r, g in zip(requests, got) if len(r.visual) == 24]
 

@@ -128,7 +128,7 @@ def prepare_requests(model_path: str, images: int, keep: int, encode_batch: int 
                 kept = idx[j].sort().values
                 requests[budget].append({
                     "id": str(row["id"]), "visual": visual[j][kept].contiguous(),
-                    "kept_indices": kept.to(torch.long), "layout": list(enc.layouts[j]),
+                    "kept_indices": kept.to(torch.long), "payload": vision.kept_payload(enc.payloads[j], kept),
                 })
     return {
         "model_path": model_path, "visual_tokens": int(n_visual), "keep": min(keep, n_visual),
@@ -176,7 +176,7 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     requests = {  # kind -> budget -> requests: one set of kept tokens, each kind's prompts
-        kind: {b: [DecodeRequest(r["id"], prompt, r["visual"], r["kept_indices"], r["layout"])
+        kind: {b: [DecodeRequest(r["id"], prompt, r["visual"], r["kept_indices"], r["payload"])
                    for r, prompt in zip(rows, payload["prompts"][kind], strict=True)]
                for b, rows in payload["requests"].items()}
         for kind in kinds

@@ -23,8 +23,8 @@ reported, never an overrun; after every phase the figures so far go to ``$OUT/be
    B = 32, N = 576, D = 4096, keep 128, random features and relevance; its share of the batch's
    prefill at keep 128. Text relevance (``pipeline.pruning.relevance``) is timed besides.
 3. HF ``generate``: images/s per GPU at keep-all (576) and ResPrune keep 128, 8 and 128 new
-   tokens, batches of 32 through the LLaVA adapter's splice (``LlavaAdapter.generate`` ->
-   ``generate_from_embeddings``), ``--images`` (128) per cell after a warm-up. Kept visual
+   tokens, batches of 32 through the HF engine (``pipeline.engines.hf.HFEngine.generate`` on
+   ``LlavaAdapter.hf_inputs``: the splice), ``--images`` (128) per cell after a warm-up. Kept visual
    tokens are random rows in the LLM's embedding space; selection and vision are not in these
    figures (they run in the encode stage).
 4. Vision encode (context only): CLIP-L at 336 px + projector on random pixels, the way the
@@ -45,10 +45,14 @@ reported, never an overrun; after every phase the figures so far go to ``$OUT/be
    ``pipeline.engines.load_engine`` itself is not called: it loads a checkpoint through the
    adapter, and its GenerationConfig cannot force a length, which random weights need.
 
-The GPU image has torch, transformers (so PyYAML), tokenizers, safetensors and numpy; maybe not
-pydantic, pyarrow, Ray or PIL, which ``pipeline.config`` / ``pipeline.models`` import. Where those
-modules import, the adapter's own code runs; where not, a local copy of the few lines needed
-(marked below) does, and the RESULT says which (``hf_path``).
+The repository's own code runs (no copies): ``pipeline.models.llava`` (shapes, template, splice),
+``pipeline.engines.hf`` (batching, ``generate``, EOS cut), ``pipeline.config.GenerationConfig``
+and the tiny models' LLaVA chat template. Besides torch, transformers (so PyYAML), tokenizers,
+safetensors and numpy, that needs pydantic (``pipeline.config``; ``pipeline.engines`` imports it
+too), pyarrow (the tiny builder imports ``pipeline.models.sources``) and PIL or torchvision (the
+LlavaProcessor's image processor). An image without them must carry them (wheels for its
+Python, or ``pip install pydantic pyarrow pillow`` where it can reach a registry): the build
+phase fails and the RESULT names the missing module (``packages`` lists what was found).
 
 The last line is ``RESULT {json}`` (images/s per GPU, ratios pruned / keep-all, MFUs, selection
 share, phase timings, notes). Exit status 0 whenever that line is printed.
@@ -75,7 +79,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -89,16 +92,6 @@ ACCELERATORS = REPO / "configs" / "accelerators.yaml"
 DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16 datasheet peak
 # LLaVA-1.5's VQAv2 evaluation format, as in pipeline.bench.prefill.
 PROMPT = "What color is the circle?\nAnswer the question using a single word or phrase."
-# LLaVA-1.5's conversation format, a copy of pipeline.models.tiny.CHAT_TEMPLATE (that module
-# imports pipeline.models.sources -> pyarrow, which the GPU image may lack).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] + ' ' }}{% endfor %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 # Words the tokenizer knows besides the prompt's; the question is padded with these to the
 # requested text-token count (the README's CPU benchmark prefills 576 + 42 tokens).
 _FILLER_WORDS = "please look at the picture and answer with one word only".split()
@@ -110,76 +103,6 @@ _MIN_VLLM_S = 100.0  # less time than this left: vLLM (start-up ~1-2 min on a 7B
 
 class Deadline(Exception):
     """SIGTERM (the wrapper's timeout) or the budget ran out."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Repository code that needs packages the GPU image may lack: imported when it can be.
-
-
-def _repo_models() -> tuple[SimpleNamespace | None, str | None]:
-    """The LLaVA adapter, ``generate_from_embeddings`` and ``GenerationConfig``; (None, why) when
-    ``pipeline.models`` does not import (it imports pipeline.config: pydantic, PyYAML; and
-    pipeline.models.sources: pyarrow; llava.py: PIL)."""
-    try:
-        from pipeline.config import GenerationConfig
-        from pipeline.models.base import generate_from_embeddings
-        from pipeline.models.llava import LlavaAdapter
-    except Exception as e:  # noqa: BLE001 - any import failure means: use the local copies
-        return None, f"{type(e).__name__}: {e}"
-    return SimpleNamespace(
-        GenerationConfig=GenerationConfig, generate_from_embeddings=generate_from_embeddings, LlavaAdapter=LlavaAdapter
-    ), None
-
-
-def _local_shapes(config: Any) -> Any:
-    """Copy of ``LlavaAdapter.shapes`` + ``decoder_shape`` (pipeline/models/llava.py, base.py), used
-    only where pipeline.models cannot be imported (see ``_repo_models``)."""
-    from pipeline.cost.flops import LanguageShape, ModelShapes, VisionShape
-
-    vc, tc = config.vision_config, config.text_config
-    layers = config.vision_feature_layer
-    n_feature_layers = 1 if isinstance(layers, int) else len(layers)
-    heads = tc.num_attention_heads
-    return ModelShapes(
-        family="llava",
-        vision=VisionShape(
-            image_size=vc.image_size, patch_size=vc.patch_size, channels=vc.num_channels,
-            layers=vc.num_hidden_layers, width=vc.hidden_size, mlp_width=vc.intermediate_size,
-            mlp_matrices=2, class_tokens=1,
-            projector=(vc.hidden_size * n_feature_layers, tc.hidden_size, tc.hidden_size),
-        ),
-        language=LanguageShape(
-            layers=tc.num_hidden_layers, hidden=tc.hidden_size, heads=heads,
-            kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-            mlp_width=tc.intermediate_size, vocab=tc.vocab_size, mlp_matrices=3,
-        ),
-    )
-
-
-def _local_generate_from_embeddings(model: Any, tokenizer: Any, embed: Any, rows: list[torch.Tensor], gen: Any) -> list:
-    """Copy of ``pipeline.models.base.generate_from_embeddings`` (greedy, contiguous positions),
-    used only where pipeline.models cannot be imported: left-pad the rows' prompt embeddings
-    into one batch, ``model.generate(inputs_embeds=...)``, cut the answers at EOS."""
-    device = rows[0].device
-    width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = embed(torch.tensor([pad_id], device=device))
-    embeds = torch.stack([torch.cat([pad.expand(width - len(r), -1), r]) for r in rows])
-    mask = torch.stack(
-        [torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows]
-    ).to(device)
-    new = model.generate(
-        inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=pad_id
-    )
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    out = []
-    for row, seq in zip(rows, new.tolist(), strict=True):
-        n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
-        text = tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
-        out.append(SimpleNamespace(text=text, prompt_tokens=len(row), generated_tokens=n, token_ids=seq[:n]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +164,12 @@ def build_tokenizer(config: Any) -> Any:
 
 
 def build_processor(tokenizer: Any, config: Any) -> Any:
-    """LlavaProcessor with CLIP preprocessing (as pipeline.models.tiny builds it): what vLLM's
-    LLaVA support loads from the model directory. Needs PIL or torchvision; the caller treats a
-    failure as "no processor"."""
+    """LlavaProcessor with CLIP preprocessing and LLaVA-1.5's chat template (as
+    pipeline.tiny.llava builds it): what the adapter templates prompts with and what vLLM's
+    LLaVA support loads from the model directory. Needs PIL or torchvision."""
     from transformers import LlavaProcessor
+
+    from pipeline.tiny.llava import CHAT_TEMPLATE
 
     size = int(config.vision_config.image_size)
     kwargs = dict(
@@ -265,26 +190,15 @@ def build_processor(tokenizer: Any, config: Any) -> Any:
     )
 
 
-def chat_text(processor: Any, prompt: str) -> str:
-    if processor is not None:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{prompt} ASSISTANT:"  # what CHAT_TEMPLATE renders
-
-
-def fit_prompt(tokenizer: Any, processor: Any, text_tokens: int) -> tuple[str, list[int]]:
+def fit_prompt(adapter: Any, text_tokens: int) -> tuple[str, list[int]]:
     """PROMPT padded with filler words until the templated prompt has ``text_tokens`` tokens
-    besides ``<image>`` (word-level: one word, one token); its ids."""
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    besides ``<image>`` (word-level: one word, one token); its ids (the adapter's template)."""
     prompt = PROMPT
     for i in range(4096):
-        ids = tokenizer(chat_text(processor, prompt)).input_ids
-        if len(ids) - 1 >= text_tokens:
+        if adapter.text_tokens(prompt) >= text_tokens:
             break
         prompt += " " + _FILLER_WORDS[i % len(_FILLER_WORDS)]
-    if ids.count(image_id) != 1:
-        raise ValueError(f"templated prompt holds {ids.count(image_id)} <image> tokens, expected 1")
-    return prompt, ids
+    return prompt, adapter.prompt_ids(prompt)
 
 
 def build_model(config: Any, device: torch.device, dtype: torch.dtype, std: float = 0.02) -> tuple[Any, str]:
@@ -350,7 +264,6 @@ class Bench:
         }
         self.child: subprocess.Popen | None = None
         self.model_dir: Path | None = None
-        self.repo: SimpleNamespace | None = None
         self.adapter: Any = None
         self.processor: Any = None
 
@@ -475,22 +388,18 @@ class Bench:
         self.R["datasheet_peak_flops"] = DATASHEET_BF16
 
     def build(self) -> None:
+        # The repository's modules (see the module docstring for what they need on the image).
+        from pipeline.config import GenerationConfig
+        from pipeline.engines.hf import HFEngine
+        from pipeline.models import DecodeRequest
+        from pipeline.models.llava import LlavaAdapter
+
+        self.GenerationConfig, self.DecodeRequest = GenerationConfig, DecodeRequest
         a, R = self.args, self.R
-        self.repo, why = _repo_models()
-        if why:
-            self.note(f"pipeline.models not importable ({why}): local copies of the splice, generate_from_embeddings and shapes")
         self.config = load_config(a.smoke)
         self.tokenizer = build_tokenizer(self.config)
-        try:
-            self.processor = build_processor(self.tokenizer, self.config)
-        except Exception as e:  # noqa: BLE001
-            self.processor = None
-            self.note(f"no LlavaProcessor ({type(e).__name__}: {e}): prompt templated by hand; vLLM will not be run")
-        self.prompt, self.prompt_ids = fit_prompt(self.tokenizer, self.processor, a.text_tokens)
-        self.text_tokens = len(self.prompt_ids) - 1
+        self.processor = build_processor(self.tokenizer, self.config)
         self.image_id = image_token_id(self.config)
-        R["prompt"] = self.prompt
-        R["text_tokens"] = self.text_tokens
         t = time.time()
         self.model, how = build_model(self.config, self.device, self.dtype)
         self.sync()
@@ -499,10 +408,16 @@ class Bench:
         self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.embed = self.model.get_input_embeddings()
+        self.adapter = self._adapter(LlavaAdapter)
+        self.engine = HFEngine(self.adapter)
+        self.prompt, self.prompt_ids = fit_prompt(self.adapter, a.text_tokens)
+        self.text_tokens = len(self.prompt_ids) - 1
+        R["prompt"] = self.prompt
+        R["text_tokens"] = self.text_tokens
         tc = self.config.text_config
         R["attn_implementation"] = str(getattr(tc, "_attn_implementation", None) or getattr(self.model.config, "_attn_implementation", None))
         R["params_b"] = round(sum(p.numel() for p in self.model.parameters()) / 1e9, 3)
-        self.shapes = self.repo.LlavaAdapter.shapes(self.config) if self.repo else _local_shapes(self.config)
+        self.shapes = LlavaAdapter.shapes(self.config)
         self.n_visual = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
         R["model"] = {
             "config": str(CONFIG_DIR.relative_to(REPO)) + (" (shrunk for --smoke)" if a.smoke else ""),
@@ -510,20 +425,16 @@ class Bench:
             "vision_layers": self.config.vision_config.num_hidden_layers, "vision_width": self.config.vision_config.hidden_size,
             "visual_tokens": self.n_visual,
         }
-        self.adapter = self._adapter() if self.repo else None
-        R["hf_path"] = ("LlavaAdapter.generate (pipeline.models.llava)" if self.adapter is not None
-                        else "local copy of the splice and generate_from_embeddings (pipeline.models not usable here)")
+        R["hf_path"] = "HFEngine.generate (pipeline.engines.hf) on LlavaAdapter.hf_inputs (pipeline.models.llava)"
         self.log(f"model built in {R['build_model_s']} s: {R['params_b']} B params, {self.dtype}, attn {R['attn_implementation']}; "
                  f"prompt {self.text_tokens} text tokens + {self.n_visual} visual")
 
-    def _adapter(self) -> Any:
+    def _adapter(self, cls: type) -> Any:
         """A LlavaAdapter around the model built here: its __init__ loads a checkpoint with
         from_pretrained, which is what this benchmark avoids; the attributes it would set are
-        set directly, so ``generate`` (template, splice, generate_from_embeddings) is the
-        adapter's own code."""
-        if self.processor is None:
-            return None
-        adapter = self.repo.LlavaAdapter.__new__(self.repo.LlavaAdapter)
+        set directly, so the prompt template and ``hf_inputs`` (the splice) are the adapter's
+        own code."""
+        adapter = cls.__new__(cls)
         adapter.cfg, adapter.path, adapter.device, adapter.dtype = None, None, self.device, self.dtype
         adapter.processor, adapter.tokenizer, adapter.config = self.processor, self.tokenizer, self.config
         adapter.image_token_id = self.image_id
@@ -543,19 +454,10 @@ class Bench:
 
     @torch.inference_mode()
     def hf_generate(self, visual: list[torch.Tensor], new_tokens: int) -> list:
-        """One batch through the adapter's generate (or its local copy), forced to ``new_tokens``."""
+        """One batch through the HF engine, forced to ``new_tokens``."""
         self.model.generation_config.min_new_tokens = new_tokens
-        prompts = [self.prompt] * len(visual)
-        if self.adapter is not None:
-            gen = self.repo.GenerationConfig(max_new_tokens=new_tokens)
-            kept = [torch.arange(len(v)) for v in visual]
-            return self.adapter.generate(prompts, visual, kept, [[] for _ in visual], gen)
-        ids = torch.tensor(self.prompt_ids, device=self.device)
-        p = int((ids == self.image_id).nonzero().flatten()[0])
-        emb = self.embed(ids)
-        rows = [torch.cat([emb[:p], v.to(self.device, emb.dtype), emb[p + 1 :]]) for v in visual]
-        gen = SimpleNamespace(max_new_tokens=new_tokens, do_sample=False)
-        return _local_generate_from_embeddings(self.model, self.tokenizer, self.embed, rows, gen)
+        rows = [self.DecodeRequest(str(i), self.prompt, v, torch.arange(len(v))) for i, v in enumerate(visual)]
+        return self.engine.generate(rows, self.GenerationConfig(max_new_tokens=new_tokens))
 
     def prefill(self) -> None:
         """Prefill of one batch at keep-all and keep: generate(max_new_tokens=1), medians."""
@@ -723,7 +625,7 @@ class Bench:
     # -- vLLM
 
     def vllm_planned(self) -> bool:
-        return self.args.vllm != "off" and self.R.get("vllm_importable") and self.processor is not None
+        return self.args.vllm != "off" and bool(self.R.get("vllm_importable"))
 
     def run_vllm(self) -> None:
         a, R = self.args, self.R
@@ -737,17 +639,10 @@ class Bench:
             R["vllm_skipped_reason"] = "vllm is not importable in this interpreter"
             self.note(R["vllm_skipped_reason"])
             return
-        if self.processor is None:
-            R["vllm_skipped_reason"] = "no LlavaProcessor could be built (vLLM's LLaVA support loads one)"
-            return
         # vLLM PR 32493 (2026-01): embeddings under limit 0, the vision tower never loaded.
         limit0 = R.get("vllm") is None or _version_tuple(R["vllm"]) >= (0, 15)
         plugin = a.vllm_model in ("auto", "resprune") and _plugin_available()
-        if plugin and self.repo is None:
-            # The plugin module imports pipeline.models, which does not import here (see hf_path).
-            plugin = False
-            self.note("vLLM: the repository's ResPrune class cannot load here (pipeline.models does not import): stock LLaVA")
-        elif a.vllm_model == "resprune" and not plugin:
+        if a.vllm_model == "resprune" and not plugin:
             self.note(f"--vllm-model resprune: {VLLM_PLUGIN_FILE.relative_to(REPO)} has no register(): stock LLaVA instead")
         archs = ["resprune", "stock"] if plugin and a.vllm_model == "auto" else ["resprune"] if plugin else ["stock"]
         attempts = [(arch, limit0) for arch in archs]
@@ -768,8 +663,7 @@ class Bench:
             return
         # The HF model's memory goes back before vLLM takes its share of the GPU.
         del self.model, self.embed
-        if self.adapter is not None:
-            self.adapter.model = self.adapter.embed = None
+        self.adapter.model = self.adapter.embed = None
         free_cuda()
         util = a.vllm_gpu_memory_utilization
         if self.device.type == "cuda":

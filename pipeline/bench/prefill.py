@@ -5,7 +5,7 @@
                                      [--threads N]
 
 Loads the checkpoint through the real adapter (``load_adapter(..., "language")``) and times
-``adapter.generate(..., max_new_tokens=1)``: prefill plus one LM-head row, which is what
+the HF engine's ``generate(..., max_new_tokens=1)``: prefill plus one LM-head row, which is what
 ``prefill_flops`` counts. Visual tokens are real ones: a sample-corpus image is encoded by the
 same checkpoint's vision part and the first K rows of its features are kept (prefill cost does
 not depend on which tokens are kept, only on how many). Keeps are timed round-robin (every
@@ -36,7 +36,8 @@ from PIL import Image
 
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import prefill_flops, vision_flops
-from pipeline.models import detect_family, load_adapter, model_shapes
+from pipeline.engines.hf import HFEngine
+from pipeline.models import DecodeRequest, detect_family, load_adapter, model_shapes
 from pipeline.models.sources import resolve_model_path
 from pipeline.tiny.shapes_world import make_rows
 
@@ -129,10 +130,13 @@ def run(model_path: str, repeats: int, batch: int, device: str, dtype: str) -> d
     prompts = [PROMPT] * batch  # one prompt for every row: uniform lengths, no padding in the batch
     gen = GenerationConfig(max_new_tokens=1)
 
+    engine = HFEngine(language)
+
     def prefill(k: int) -> Callable[[], object]:
-        visual = [f[:k] for f in features]
-        kept = [torch.arange(k) for _ in features]
-        return lambda: language.generate(prompts, visual, kept, encoded.layouts, gen)
+        kept = torch.arange(k)
+        rows = [DecodeRequest(str(i), prompt, f[:k], kept, language.kept_payload(payload, kept))
+                for i, (prompt, f, payload) in enumerate(zip(prompts, features, encoded.payloads, strict=True))]
+        return lambda: engine.generate(rows, gen)
 
     calls = {k: prefill(k) for k in keeps}
     # Warm-up (allocator, kernel selection) and the prompt length: generate reports the prefilled

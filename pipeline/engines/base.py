@@ -2,28 +2,20 @@
 
 An engine turns rows of kept visual tokens plus a prompt into answers. It owns its model for
 the actor's life and the engine-specific code; family specifics (chat template, placeholder
-token, where each kept token sits) come from the family adapter (``pipeline.models``), so a
-new family touches its adapter, not the engines.
+token, where each kept token sits, the row's payload) come from the family adapter
+(``pipeline.models``: ``hf_inputs``, ``vllm_request``), so a new family touches its adapter, not
+the engines. ``DecodeRequest`` is defined beside the adapters (which read it) and exported here.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar
 
-from torch import Tensor
+from pipeline.models import DecodeRequest, Generation, VisionLanguageAdapter
 
-from pipeline.config import GenerationConfig
-from pipeline.models import Generation, VisionLanguageAdapter
-
-
-class DecodeRequest(NamedTuple):
-    id: str
-    prompt: str  # the user's prompt, untemplated (already cut to fit when long_prompt: truncate)
-    visual: Tensor  # [K, D] kept visual tokens, float32, in the LLM's input-embedding space
-    kept_indices: Tensor  # [K] ascending indices into the image's N visual tokens
-    layout: list[int]  # the family's token layout from the encode stage (Qwen2.5-VL: [t, h, w])
-    deepstack: Tensor | None = None  # [L, K, D] the kept tokens' DeepStack levels (Qwen3-VL), else None
+if TYPE_CHECKING:
+    from pipeline.config import GenerationConfig
 
 
 class DecodeEngine(ABC):

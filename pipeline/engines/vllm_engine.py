@@ -75,13 +75,7 @@ class VLLMEngine(DecodeEngine):
     def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]:
         from vllm import SamplingParams
 
-        prompts = [
-            self.adapter.vllm_request(
-                r.prompt, r.visual.to(self.adapter.dtype), r.kept_indices, r.layout,
-                r.deepstack.to(self.adapter.dtype) if r.deepstack is not None else None,
-            )
-            for r in requests
-        ]
+        prompts = [self.adapter.vllm_request(r) for r in requests]
         params = SamplingParams(
             max_tokens=gen.max_new_tokens,
             temperature=gen.temperature if gen.do_sample else 0.0,

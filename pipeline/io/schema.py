@@ -110,7 +110,7 @@ STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (bi
     "decode_stage": ("decode_ms",),
 }
 # Internal columns that never reach the output.
-DROPPED = ("image", "visual_kept", "visual_deepstack", "visual_layout")
+DROPPED = ("image", "visual_kept", "visual_payload")
 
 
 def _py(value: Any) -> Any:

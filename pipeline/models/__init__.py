@@ -1,17 +1,36 @@
-"""Model-family adapters, chosen by config or by the checkpoint's ``model_type``."""
+"""Model-family adapters, chosen by config or by the checkpoint's ``model_type``.
+
+A family is its adapter module here (``docs/adding-a-family.md``); nothing else in the package
+names a family's features. Importing this package needs torch and transformers only (the GPU
+benchmark's image): the config schema is for annotations, where checkpoints come from
+(``sources``: storage) is imported when an adapter is loaded.
+"""
 
 from __future__ import annotations
 
-from pipeline.config import ModelConfig
-from pipeline.cost.flops import ModelShapes
-from pipeline.io.storage import Location
+from typing import TYPE_CHECKING
 
-from .base import EncodedImages, Generation, Part, VisionLanguageAdapter
+from pipeline.cost.flops import ModelShapes
+
+from .base import (
+    DecodeRequest,
+    EncodedImages,
+    Generation,
+    HFInputs,
+    Part,
+    Payload,
+    VisionLanguageAdapter,
+    payload_bytes,
+    payload_from_bytes,
+)
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
-from .sources import resolve_model_path
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
+    from pipeline.io.storage import Location
 
 ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {
     a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
@@ -46,12 +65,14 @@ def token_counts(path: str, cfg: ModelConfig, width: int, height: int, family: s
 def load_adapter(cfg: ModelConfig, part: Part, source: Location | None = None) -> VisionLanguageAdapter:
     """The family adapter for ``part`` of ``cfg.path`` (``source``: that path located with the
     job's storage settings), resolved on this node (``sources``)."""
+    from .sources import resolve_model_path
+
     path = resolve_model_path(source or cfg.path)
     family = detect_family(path) if cfg.family == "auto" else cfg.family
     return ADAPTERS[family](cfg, path, part)
 
 
 __all__ = [
-    "ADAPTERS", "EncodedImages", "Generation", "VisionLanguageAdapter", "detect_family", "load_adapter", "model_shapes",
-    "resolve_model_path", "token_counts",
+    "ADAPTERS", "DecodeRequest", "EncodedImages", "Generation", "HFInputs", "Part", "Payload", "VisionLanguageAdapter",
+    "detect_family", "load_adapter", "model_shapes", "payload_bytes", "payload_from_bytes", "token_counts",
 ]

@@ -1,53 +1,70 @@
-"""The adapter interface the stages use; one implementation per model family.
+"""The adapter interface the stages and engines use; one implementation per model family.
 
 A family adapter owns every transformers call for its family, so a transformers upgrade
-changes one file. The stages see plain tensors:
+changes one file. The stages see plain tensors and one opaque per-image ``Payload``:
 
 - ``encode(images)`` -> visual tokens in the LLM input-embedding space, per image [N_i, D]
   (exactly the tokens the stock model would hand its LLM, in the same order), plus optional
-  per-token seed scores (LLaVA: CLS attention) [N_i], a per-image ``layout`` and the number of
-  patches the vision encoder ran over (for FLOP counts);
+  per-token seed scores (LLaVA: CLS attention) [N_i], the number of patches the vision encoder
+  ran over (for FLOP counts) and the family's payload: whatever else its decoding needs
+  (e.g. a patch grid, per-token extra features; see each family's module);
+- ``kept_payload(payload, kept)`` -> the payload cut to the kept token indices (what the
+  stages carry to the decode stage, serialized with ``payload_bytes``);
 - ``embed_words(words)`` -> the LLM input embeddings of each row's words, [M_i, D];
-- ``generate(prompts, visual, kept_indices, layouts, gen, deepstack)`` -> answers from the kept
-  tokens. ``kept_indices`` (ascending, into the image's N_i tokens) and the ``layout`` that
-  ``encode`` gave (carried between the stages unchanged) let families whose positions depend on
-  the token grid (Qwen2.5-VL's and Qwen3-VL's 3-D M-RoPE) place each kept token where it was;
-  ``deepstack`` carries, per row, the kept tokens' rows of ``EncodedImages.deepstack`` [L, K, D]
-  (Qwen3-VL), None for the other families.
+- ``hf_inputs(requests)`` -> the family's model inputs for the HF engine
+  (``pipeline.engines.hf``, which pads, calls ``model.generate`` and cuts at EOS);
+  ``vllm_request(request)`` -> one row as a request for the family's vLLM model class.
+
+Only the family's adapter and its engine bindings read its payload's keys.
 """
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
+import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import LanguageShape, ModelShapes
+
+if TYPE_CHECKING:  # annotations only: the adapters import without pydantic or PIL (the GPU benchmark's image)
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
 
 # "vision": encoder + projector; "language": the LLM for HF decoding; "prompt": tokenizer, chat
 # template and config only (no weights), for engines that load the LLM themselves (vLLM).
 Part = Literal["vision", "language", "prompt"]
+
+# Per image, what a family needs besides its kept tokens to decode them, as named tensors only
+# its adapter and engine bindings read (the keys are the family's, documented in its module);
+# {} for families that need nothing else (LLaVA).
+Payload = dict[str, Tensor]
 
 
 @dataclass
 class EncodedImages:
     features: list[Tensor]  # per image [N_i, D], float32
     seed_scores: list[Tensor] | None  # per image [N_i], or None when the family has no such score
-    # Per image, what ``generate`` needs besides the kept tokens to place them (Qwen2.5-VL:
-    # image_grid_thw as [t, h, w]); [] for families whose positions do not depend on the image.
-    layouts: list[list[int]]
     # Per image, patch tokens the vision encoder ran over, every view/tile included (LLaVA-1.5:
     # 576; LLaVA-NeXT: 576 x views; Qwen2.5-VL: t * h * w before the 2x2 merge).
     encoder_patches: list[int]
-    # Per image [L, N_i, D]: features the LLM also receives for each visual token besides
-    # ``features``, one row per level (Qwen3-VL's DeepStack, added to its first L layers' hidden
-    # states); pruning keeps the same indices in every level. None for families without them.
-    deepstack: list[Tensor] | None = None
+    payloads: list[Payload]  # per image, for all N_i tokens (``kept_payload`` cuts it to the kept ones)
+
+
+class DecodeRequest(NamedTuple):
+    """One row for a decode engine: defined here, beside the adapters that read it, so that the
+    engines (``pipeline.engines``, which export it) import the adapters and never the reverse."""
+
+    id: str
+    prompt: str  # the user's prompt, untemplated (already cut to fit when long_prompt: truncate)
+    visual: Tensor  # [K, D] kept visual tokens, float32, in the LLM's input-embedding space
+    kept_indices: Tensor  # [K] ascending indices into the image's N visual tokens
+    payload: Payload = {}  # the family's payload, cut to the kept tokens (``kept_payload``); never mutated
 
 
 @dataclass
@@ -56,6 +73,34 @@ class Generation:
     prompt_tokens: int  # sequence length the LLM prefilled: text tokens + kept visual tokens
     generated_tokens: int
     token_ids: list[int]  # generated ids, up to and including EOS
+
+
+@dataclass
+class HFInputs:
+    """A batch of prompts as a family's LLM takes them through the stock ``model.generate``, one
+    entry per row and unpadded: the HF engine left-pads them into one batch."""
+
+    rows: list[Tensor]  # per row: token ids [L_i] (long) or input embeddings [L_i, D]
+    positions: list[Tensor] | None = None  # per row position ids [P, L_i] (Qwen's 3-D M-RoPE); None: contiguous
+    extra: dict[str, Any] = field(default_factory=dict)  # further ``generate`` keywords for the whole batch
+
+
+def payload_bytes(payload: Payload) -> bytes:
+    """A payload as bytes for a dataset column (numpy's npz, no pickle); b"" when empty."""
+    if not payload:
+        return b""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: t.detach().cpu().numpy() for name, t in payload.items()})
+    return buffer.getvalue()
+
+
+def payload_from_bytes(data: bytes) -> Payload:
+    """The inverse of ``payload_bytes``."""
+    if not len(data):
+        return {}
+    with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as arrays:
+        # np.array copies: torch.from_numpy would share (and warn about) a read-only buffer.
+        return {name: torch.from_numpy(np.array(arrays[name])) for name in arrays.files}
 
 
 class VisionLanguageAdapter(ABC):
@@ -130,28 +175,28 @@ class VisionLanguageAdapter(ABC):
             )
         return ids
 
-    def vllm_request(
-        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int], deepstack: Tensor | None = None
-    ) -> dict:
-        """One row as a vLLM request for ``vllm_architecture``: the templated prompt's ids with one
-        placeholder, which vLLM expands to the K kept tokens given as embeddings. Families whose
-        positions depend on the token grid also send the grid and the kept indices; families with
-        DeepStack levels, the kept tokens' rows of them."""
-        return {"prompt_token_ids": self.prompt_ids(prompt), "multi_modal_data": {"image": {"image_embeds": visual[None]}}}
+    def kept_payload(self, payload: Payload, kept: Tensor) -> Payload:
+        """``payload`` (from ``encode``, for all N tokens) cut to the ``kept`` indices [K],
+        ascending: what the decode side receives. Families whose payload is per image only keep
+        it whole (the default); per-token parts keep the same indices as the features."""
+        return payload
+
+    def vllm_request(self, request: DecodeRequest) -> dict:
+        """One row as a vLLM request for ``vllm_architecture`` (``pipeline.engines.vllm_models``),
+        in the adapter's dtype: the templated prompt's ids with one placeholder, which vLLM expands
+        to the K kept tokens given as embeddings. Families add what their class reads from the
+        payload and the kept indices."""
+        image = {"image_embeds": request.visual.to(self.dtype)[None]}
+        return {"prompt_token_ids": self.prompt_ids(request.prompt), "multi_modal_data": {"image": image}}
 
     @abstractmethod
     def embed_words(self, words: list[list[str]]) -> list[Tensor]: ...
 
     @abstractmethod
-    def generate(
-        self,
-        prompts: list[str],
-        visual: list[Tensor],
-        kept_indices: list[Tensor],
-        layouts: list[list[int]],
-        gen: GenerationConfig,
-        deepstack: list[Tensor] | None = None,
-    ) -> list[Generation]: ...
+    def hf_inputs(self, requests: list[DecodeRequest]) -> HFInputs:
+        """The rows' model inputs for the HF engine (language part: ``model``, ``tokenizer`` and
+        ``embed`` loaded), each row's prompt with its kept tokens where the stock model would have
+        the image, on the model's device; raises ValueError for a request it cannot decode."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,64 +218,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-def generate_from_embeddings(
-    model: object,
-    tokenizer: object,
-    embed: torch.nn.Module,
-    rows: list[Tensor],
-    gen: GenerationConfig,
-    positions: list[Tensor] | None = None,
-) -> list[Generation]:
-    """``model.generate`` on per-row prompt embeddings [L_i, D], left-padded into one batch, and
-    the answers cut at EOS. ``positions``: per row, the position ids its tokens take ([P, L_i],
-    e.g. Qwen2.5-VL's 3-D M-RoPE rows); ``generate`` continues each row from its last position
-    + 1. Without them positions are contiguous. Shared by the families whose LLM runs through
-    the stock ``generate`` on ``inputs_embeds``."""
-    device = rows[0].device
-    # Left padding: every row's last position is its own last prompt token.
-    width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = embed(torch.tensor([pad_id], device=device))
-    embeds = torch.stack([torch.cat([pad.expand(width - len(r), -1), r]) for r in rows])
-    mask = torch.stack(
-        [torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows]
-    ).to(device)
-    extra = {}
-    if positions is not None:
-        extra["position_ids"] = left_padded_positions(positions, width).to(device)
-    new = model.generate(
-        inputs_embeds=embeds, attention_mask=mask, pad_token_id=pad_id, **extra, **generate_options(gen)
-    )
-    return cut_at_eos(model, tokenizer, [len(r) for r in rows], new)
-
-
-def left_padded_positions(positions: list[Tensor], width: int) -> Tensor:
-    """Per-row position ids [P, L_i] left-padded into one [P, B, width] batch; padding positions
-    are masked out, so 0 is as good as any."""
-    return torch.stack([torch.cat([p.new_zeros((p.shape[0], width - p.shape[1])), p], dim=1) for p in positions], dim=1)
-
-
-def generate_options(gen: GenerationConfig) -> dict:
-    """``model.generate`` keywords for ``gen`` (seeding the global generator when sampling)."""
-    options: dict = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
-    if gen.do_sample:
-        torch.manual_seed(gen.seed)
-        options |= {"temperature": gen.temperature, "top_p": gen.top_p}
-    return options
-
-
-def cut_at_eos(model: object, tokenizer: object, prompt_lengths: list[int], new: Tensor) -> list[Generation]:
-    """Per row, the generated ids [B, T] (new tokens only) up to and including the first EOS, decoded."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    out = []
-    for length, seq in zip(prompt_lengths, new.tolist(), strict=True):
-        n = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
-        text = tokenizer.decode(seq[:n], skip_special_tokens=True).strip()
-        out.append(Generation(text=text, prompt_tokens=length, generated_tokens=n, token_ids=seq[:n]))
-    return out
 
 
 def decoder_shape(text_config: object) -> LanguageShape:

@@ -5,31 +5,27 @@ Encode: CLIP vision tower (eager attention, so CLS attention probabilities are a
 Seed scores: attention from CLS to each patch in the layer that produces that hidden state,
 mean over heads.
 Decode: the chat-templated prompt is tokenized with its single ``<image>`` token; the kept
-visual tokens (ascending spatial order) replace that token; ``generate`` runs on
-``inputs_embeds``. Positions are contiguous, as in the original LLaVA pruning codebases.
+visual tokens (ascending spatial order) replace that token; the HF engine's ``generate`` runs on
+these ``inputs_embeds``. Positions are contiguous, as in the original LLaVA pruning codebases.
+No payload: the kept tokens are all the LLM needs.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from PIL import Image
 from torch import Tensor
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import (
-    EncodedImages,
-    Generation,
-    Part,
-    VisionLanguageAdapter,
-    decoder_shape,
-    generate_from_embeddings,
-    word_embeddings,
-)
+from .base import DecodeRequest, EncodedImages, HFInputs, Part, VisionLanguageAdapter, decoder_shape, word_embeddings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
 
 
 class LlavaAdapter(VisionLanguageAdapter):
@@ -97,8 +93,8 @@ class LlavaAdapter(VisionLanguageAdapter):
         features, cls_attention = self.encode_views(pixels)
         patches = pixels.shape[-2] * pixels.shape[-1] // self.vision_tower.config.patch_size**2
         return EncodedImages(
-            features=list(features), seed_scores=list(cls_attention), layouts=[[] for _ in images],
-            encoder_patches=[patches] * len(images),
+            features=list(features), seed_scores=list(cls_attention), encoder_patches=[patches] * len(images),
+            payloads=[{} for _ in images],
         )
 
     def encode_views(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,19 +123,12 @@ class LlavaAdapter(VisionLanguageAdapter):
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompts: list[str],
-        visual: list[Tensor],
-        kept_indices: list[Tensor],
-        layouts: list[list[int]],
-        gen: GenerationConfig,
-        deepstack: list[Tensor] | None = None,  # no DeepStack levels in this family
-    ) -> list[Generation]:
+    def hf_inputs(self, requests: list[DecodeRequest]) -> HFInputs:
+        """Per row the prompt's embeddings with the kept tokens in place of its ``<image>`` token."""
         rows = []
-        for prompt, vis in zip(prompts, visual, strict=True):
-            ids = torch.tensor(self.prompt_ids(prompt), device=self.device)
+        for r in requests:
+            ids = torch.tensor(self.prompt_ids(r.prompt), device=self.device)
             p = int((ids == self.image_token_id).nonzero()[0])
             emb = self.embed(ids)
-            rows.append(torch.cat([emb[:p], vis.to(self.device, emb.dtype), emb[p + 1 :]]))
-        return generate_from_embeddings(self.model, self.tokenizer, self.embed, rows, gen)
+            rows.append(torch.cat([emb[:p], r.visual.to(self.device, emb.dtype), emb[p + 1 :]]))
+        return HFInputs(rows)

@@ -25,25 +25,29 @@ already on one scale and a patch's score says how much its own view's CLS attend
 reweighting (per view count, base vs tiles) would be a choice the paper does not make. Newline
 tokens score 0: a newline is never the seed (nor a ``score_topk`` pick before real patches).
 
-Decode is LLaVA-1.5's (``LlavaAdapter.generate``): the kept tokens replace the single
-``<image>`` placeholder and positions are contiguous, as in the stock model.
+Decode is LLaVA-1.5's (``LlavaAdapter.hf_inputs``): the kept tokens replace the single
+``<image>`` placeholder and positions are contiguous, as in the stock model. No payload.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from transformers import AutoConfig, LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from pipeline.config import ModelConfig
 from pipeline.cost.flops import ModelShapes
 
 from .base import EncodedImages
 from .llava import LlavaAdapter
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -100,5 +104,5 @@ class LlavaNextAdapter(LlavaAdapter):
         per_view = pixels.shape[-2] * pixels.shape[-1] // self.vision_tower.config.patch_size**2
         return EncodedImages(
             features=[f.float() for f in packed], seed_scores=[s.squeeze(-1) for s in scores],
-            layouts=[[] for _ in images], encoder_patches=[n * per_view for n in views],
+            encoder_patches=[n * per_view for n in views], payloads=[{} for _ in images],
         )

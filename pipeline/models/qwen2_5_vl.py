@@ -7,13 +7,16 @@ the vision tower (window attention, full attention in a few blocks) and the 2 x 
 give ``t * h * w / 4`` tokens, in the row-major order of the merged grid, which is what the LLM
 receives. No CLS token: no seed scores (ResPrune seeds on the largest-norm token).
 
+Payload: ``{"grid_thw": [t, h, w]}`` (``image_grid_thw``), whole whatever is kept; the kept
+indices place the kept tokens in that grid.
+
 Decode keeps the true 3-D M-RoPE positions. The prompt is built as the stock model sees it,
 with all ``t * h * w / 4`` image placeholders; the model's own ``get_rope_index`` gives the
 (temporal, row, column) position of every token of that FULL sequence; the pruned sequence
 keeps the columns of its text tokens and of the kept visual tokens (gaps where tokens were
-pruned) and the kept features replace the placeholders that remain. The rows are left-padded
-into one batch (each row's rope index is computed on its own, unpadded; pad columns get
-position 0 and are masked out) and ``model.generate`` gets ``inputs_embeds``, the attention
+pruned) and the kept features replace the placeholders that remain. The HF engine left-pads
+the rows into one batch (each row's rope index is computed on its own, unpadded; pad columns
+get position 0 and are masked out) and ``model.generate`` gets ``inputs_embeds``, the attention
 mask and these ``position_ids`` [3, B, L]; transformers keeps user position ids and feeds each
 new token at the row's last position + 1 (the model's cached ``rope_deltas`` are not consulted
 when position ids are given). The last prompt token is text and keeps its full-sequence
@@ -28,24 +31,29 @@ processor also wants a video processor, which needs torchvision, and the job nev
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from PIL import Image
 from torch import Tensor
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.cost.flops import ModelShapes, VisionShape
 
 from .base import (
+    DecodeRequest,
     EncodedImages,
-    Generation,
+    HFInputs,
     Part,
+    Payload,
     VisionLanguageAdapter,
     decoder_shape,
-    generate_from_embeddings,
     word_embeddings,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
 
 
 class Qwen2_5_VLAdapter(VisionLanguageAdapter):
@@ -101,6 +109,8 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     def token_counts(path: str, cfg: ModelConfig, width: int, height: int) -> tuple[int, int]:
         """The image processor's resize rule; a directory with only ``config.json`` uses the
         processor class's defaults for the bounds ``model.min_pixels`` / ``max_pixels`` leave open."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # imports PIL
+
         config = AutoConfig.from_pretrained(path)
         try:
             processor = AutoImageProcessor.from_pretrained(path)
@@ -123,12 +133,19 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         )
         return EncodedImages(
             features=[f.float() for f in out.pooler_output], seed_scores=None,
-            layouts=grid.tolist(), encoder_patches=grid.prod(dim=-1).tolist(), deepstack=self.deepstack_levels(out),
+            encoder_patches=grid.prod(dim=-1).tolist(), payloads=self.image_payloads(grid, out),
         )
 
-    def deepstack_levels(self, vision_output: object) -> list[Tensor] | None:
-        """Per image [L, N_i, D] features the LLM also receives (Qwen3-VL's DeepStack); none here."""
-        return None
+    def image_payloads(self, grid: Tensor, vision_output: object) -> list[Payload]:
+        """Per image its patch grid [t, h, w] (``image_grid_thw``), which places its tokens."""
+        return [{"grid_thw": g.clone()} for g in grid.to(torch.long)]
+
+    @staticmethod
+    def grid(request: DecodeRequest) -> list[int]:
+        """The row's patch grid [t, h, w] from its payload."""
+        if "grid_thw" not in request.payload:
+            raise ValueError(f"{request.id}: the payload has no grid_thw to place the kept tokens")
+        return [int(x) for x in request.payload["grid_thw"].tolist()]
 
     @torch.inference_mode()
     def embed_words(self, words: list[list[str]]) -> list[Tensor]:
@@ -139,20 +156,20 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
-    def pruned_sequence(self, prompt: str, kept_indices: Tensor, layout: list[int]) -> tuple[Tensor, Tensor, int]:
+    def pruned_sequence(self, prompt: str, kept_indices: Tensor, grid: list[int]) -> tuple[Tensor, Tensor, int]:
         """One row's pruned prompt: token ids [L] (one image placeholder per kept token), 3-D
         position ids [3, L] and where the kept tokens start. The full sequence (every placeholder,
         as the stock processor builds it) goes through the model's own ``get_rope_index``; the
         pruned one keeps its columns at the text tokens and the kept visual tokens."""
         ids = torch.tensor(self.prompt_ids(prompt), device=self.device)
-        start, n = int((ids == self.image_token_id).nonzero()[0]), layout[0] * layout[1] * layout[2] // self.merge**2
+        start, n = int((ids == self.image_token_id).nonzero()[0]), grid[0] * grid[1] * grid[2] // self.merge**2
         full = torch.cat([ids[:start], ids.new_full((n,), self.image_token_id), ids[start + 1 :]])
         kept = kept_indices.to(self.device)
         if len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= n or (kept.diff() <= 0).any()):
             raise ValueError(f"kept_indices must be ascending indices below {n}")
         positions, _ = self.model.model.get_rope_index(
             full[None], mm_token_type_ids=(full == self.image_token_id).int()[None],
-            image_grid_thw=torch.tensor([layout], device=self.device),
+            image_grid_thw=torch.tensor([grid], device=self.device),
         )
         keep = torch.ones(len(full), dtype=torch.bool, device=self.device)
         keep[start : start + n] = False
@@ -161,41 +178,32 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
 
     @torch.inference_mode()
     def prompt_inputs(
-        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int]
+        self, prompt: str, visual: Tensor, kept_indices: Tensor, grid: list[int]
     ) -> tuple[Tensor, Tensor]:
         """One row's pruned prompt as embeddings [L, D] (the kept features in the placeholders'
-        place) and its 3-D position ids [3, L]. ``generate`` left-pads these rows into one batch
-        (``generate_from_embeddings``)."""
+        place) and its 3-D position ids [3, L]."""
         if len(kept_indices) != len(visual):
             raise ValueError(f"kept_indices must be {len(visual)} ascending indices, one per kept token")
-        ids, positions, start = self.pruned_sequence(prompt, kept_indices, layout)
+        ids, positions, start = self.pruned_sequence(prompt, kept_indices, grid)
         emb = self.embed(ids)
         emb[start : start + len(visual)] = visual.to(self.device, emb.dtype)
         return emb, positions
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompts: list[str],
-        visual: list[Tensor],
-        kept_indices: list[Tensor],
-        layouts: list[list[int]],
-        gen: GenerationConfig,
-        deepstack: list[Tensor] | None = None,  # no DeepStack levels in this family
-    ) -> list[Generation]:
-        rows = [self.prompt_inputs(*args) for args in zip(prompts, visual, kept_indices, layouts, strict=True)]
-        return generate_from_embeddings(
-            self.model, self.tokenizer, self.embed, [e for e, _ in rows], gen, positions=[p for _, p in rows]
-        )
+    def hf_inputs(self, requests: list[DecodeRequest]) -> HFInputs:
+        """Per row the pruned prompt's embeddings and 3-D position ids (``prompt_inputs``)."""
+        rows = [self.prompt_inputs(r.prompt, r.visual, r.kept_indices, self.grid(r)) for r in requests]
+        return HFInputs([e for e, _ in rows], positions=[p for _, p in rows])
 
-    def vllm_request(
-        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int], deepstack: Tensor | None = None
-    ) -> dict:
+    def vllm_request(self, request: DecodeRequest) -> dict:
         """The kept tokens with the grid and their indices in it, from which the vLLM model class
         places them (``kept_mrope_positions``)."""
-        image = {"image_embeds": visual[None], "image_grid_thw": torch.tensor([layout]),
-                 "kept_indices": kept_indices.to(torch.long)[None]}
-        return {"prompt_token_ids": self.prompt_ids(prompt), "multi_modal_data": {"image": image}}
+        out = super().vllm_request(request)
+        out["multi_modal_data"]["image"] |= {
+            "image_grid_thw": torch.tensor([self.grid(request)]),
+            "kept_indices": request.kept_indices.to(torch.long)[None],
+        }
+        return out
 
 
 def kept_mrope_positions(

@@ -2,8 +2,8 @@
 
 The adapter is ``Qwen2_5_VLAdapter`` (image processor, resize rule, prompt, the full sequence's
 positions from the loaded model's own ``get_rope_index``) with what differs overridden: the vision
-tower's shapes (16 px patches, full attention, DeepStack mergers) and DeepStack in ``encode``,
-``generate`` and the vLLM request.
+tower's shapes (16 px patches, full attention, DeepStack mergers) and DeepStack in the payload,
+the HF inputs and the vLLM request.
 
 Encode: dynamic resolution as Qwen2.5-VL (``qwen2_5_vl.py``), with 16 px patches (the image is
 resized to a multiple of 32 px within ``[min_pixels, max_pixels]``), a 2 x 2 merge, and full
@@ -11,8 +11,8 @@ attention in every vision block. No CLS: no seed scores (ResPrune seeds on the l
 token). DeepStack: the vision blocks in ``deepstack_visual_indexes`` each feed their own merger,
 so an image gives its main tokens [N, D] and one more [N, D] per level, in the same merged-grid
 order. The stock LLM adds level l to its hidden states at the visual positions after decoder
-layer l. ``encode`` returns the levels as ``deepstack`` [L, N, D]; the encode stage keeps the
-SAME indices in every level as in the main tokens (``EncodedImages.deepstack``), and the decode
+layer l. The payload is Qwen2.5-VL's (``grid_thw``) plus the levels, ``deepstack`` [L, N, D];
+``kept_payload`` keeps the SAME indices in every level as in the main tokens, and the decode
 side hands those kept rows to the LLM at the kept tokens' positions. Dropping them would still
 give fluent answers, only worse, so the tests compare what each layer receives with the stock model.
 
@@ -37,10 +37,9 @@ from torch import Tensor
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from pipeline.config import GenerationConfig
 from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import Generation, cut_at_eos, decoder_shape, generate_options, left_padded_positions
+from .base import DecodeRequest, HFInputs, Payload, decoder_shape
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 
@@ -72,53 +71,53 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             language=decoder_shape(tc),
         )
 
-    def deepstack_levels(self, vision_output: object) -> list[Tensor]:
-        """``deepstack_features`` (per level, per image [N_i, D]) as per image [L, N_i, D]."""
+    def image_payloads(self, grid: Tensor, vision_output: object) -> list[Payload]:
+        """Qwen2.5-VL's grid plus ``deepstack``: ``deepstack_features`` (per level, per image
+        [N_i, D]) as per image [L, N_i, D]."""
         levels = vision_output.deepstack_features
-        return [torch.stack([level[i] for level in levels]).float() for i in range(len(levels[0]))]
+        return [
+            {**payload, "deepstack": torch.stack([level[i] for level in levels]).float()}
+            for i, payload in enumerate(super().image_payloads(grid, vision_output))
+        ]
+
+    def kept_payload(self, payload: Payload, kept: Tensor) -> Payload:
+        """The same indices in every DeepStack level: level l's row j belongs to kept token j."""
+        return {**payload, "deepstack": payload["deepstack"][:, kept]}
+
+    def deepstack(self, request: DecodeRequest) -> Tensor:
+        """The row's kept DeepStack rows [L, K, D], checked against its kept tokens."""
+        levels = len(self.config.vision_config.deepstack_visual_indexes)
+        rows = request.payload.get("deepstack")
+        if rows is None:
+            raise ValueError("Qwen3-VL decodes from the kept tokens AND their DeepStack levels: deepstack is missing")
+        if len(request.visual) != len(request.kept_indices) or tuple(rows.shape) != (levels, *request.visual.shape):
+            raise ValueError(f"a row's DeepStack levels must be [{levels}, {len(request.kept_indices)}, D] like its "
+                             "kept tokens")
+        return rows
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompts: list[str],
-        visual: list[Tensor],
-        kept_indices: list[Tensor],
-        layouts: list[list[int]],
-        gen: GenerationConfig,
-        deepstack: list[Tensor] | None = None,
-    ) -> list[Generation]:
-        levels = len(self.config.vision_config.deepstack_visual_indexes)
-        if deepstack is None or len(deepstack) != len(visual):
-            raise ValueError("Qwen3-VL decodes from the kept tokens AND their DeepStack levels: deepstack is missing")
-        for v, d, k in zip(visual, deepstack, kept_indices, strict=True):
-            if len(v) != len(k) or tuple(d.shape) != (levels, *v.shape):
-                raise ValueError(f"a row's DeepStack levels must be [{levels}, {len(k)}, D] like its kept tokens")
-        rows = [self.pruned_sequence(*args)[:2] for args in zip(prompts, kept_indices, layouts, strict=True)]
-        width = max(len(ids) for ids, _ in rows)
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.stack([torch.cat([i.new_full((width - len(i),), pad_id), i]) for i, _ in rows])
-        mask = torch.stack([torch.arange(width, device=self.device) >= width - len(i) for i, _ in rows]).long()
-        positions = left_padded_positions([p for _, p in rows], width)
+    def hf_inputs(self, requests: list[DecodeRequest]) -> HFInputs:
+        """Per row the pruned prompt's token ids (K placeholders) and 3-D position ids; the kept
+        features and DeepStack rows go in as pre-encoded vision output, which the model scatters
+        into the placeholders itself."""
+        deepstack = [self.deepstack(r) for r in requests]
+        rows = [self.pruned_sequence(r.prompt, r.kept_indices, self.grid(r))[:2] for r in requests]
         dtype = self.embed.weight.dtype
         # Pre-encoded vision output in the layout get_image_features returns: per image, in batch
         # order, which is the order the model fills placeholders (and DeepStack rows) over (batch, seq).
         encoded = BaseModelOutputWithDeepstackFeatures(
-            pooler_output=tuple(v.to(self.device, dtype) for v in visual),
-            deepstack_features=[tuple(d[level].to(self.device, dtype) for d in deepstack) for level in range(levels)],
+            pooler_output=tuple(r.visual.to(self.device, dtype) for r in requests),
+            deepstack_features=[
+                tuple(d[level].to(self.device, dtype) for d in deepstack)
+                for level in range(len(self.config.vision_config.deepstack_visual_indexes))
+            ],
         )
-        new = self.model.generate(
-            input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs={"image": encoded},
-            pad_token_id=pad_id, **generate_options(gen),
-        )
-        return cut_at_eos(self.model, self.tokenizer, [len(i) for i, _ in rows], new[:, width:])
+        return HFInputs([ids for ids, _ in rows], positions=[p for _, p in rows],
+                        extra={"mm_encoder_outputs": {"image": encoded}})
 
-    def vllm_request(
-        self, prompt: str, visual: Tensor, kept_indices: Tensor, layout: list[int], deepstack: Tensor | None = None
-    ) -> dict:
+    def vllm_request(self, request: DecodeRequest) -> dict:
         """Qwen2.5-VL's request (the kept tokens, the grid and their indices in it) plus their
         DeepStack rows, [1, L, K, D]."""
-        if deepstack is None:
-            raise ValueError("Qwen3-VL decodes from the kept tokens AND their DeepStack levels: deepstack is missing")
-        request = super().vllm_request(prompt, visual, kept_indices, layout)
-        request["multi_modal_data"]["image"]["deepstack_embeds"] = deepstack[None]
-        return request
+        out = super().vllm_request(request)
+        out["multi_modal_data"]["image"]["deepstack_embeds"] = self.deepstack(request).to(self.dtype)[None]
+        return out

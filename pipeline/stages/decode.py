@@ -15,7 +15,7 @@ from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, Mo
 from pipeline.engines import DecodeRequest, load_engine
 from pipeline.engines.watchdog import Watchdog, call_bound_s
 from pipeline.io.storage import Location
-from pipeline.models import Generation
+from pipeline.models import Generation, payload_from_bytes
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
 from .engine_failures import CALL_TIMEOUT_S, EngineRestartsExhausted, batch_key
@@ -30,7 +30,7 @@ class DecodeRow(NamedTuple):
 
 
 class DecodeStage:
-    """Drops ``visual_kept``, ``visual_deepstack`` and ``visual_layout``; adds ``answer``, ``prompt_tokens``,
+    """Drops ``visual_kept`` and ``visual_payload``; adds ``answer``, ``prompt_tokens``,
     ``generated_tokens``, ``prompt_truncated``, ``decode_ms``.
 
     The engine (``decode_stage.engine``, ``pipeline.engines``) is built once per actor. Prompts
@@ -88,11 +88,9 @@ class DecodeStage:
                 errors[i] = problem
                 continue
             truncated[i] = prompt != batch["prompt"][i]
-            levels = np.array(batch["visual_deepstack"][i], dtype=np.float32)
             request = DecodeRequest(
                 str(batch["id"][i]), prompt, visual, torch.as_tensor(list(batch["kept_indices"][i]), dtype=torch.long),
-                [int(x) for x in batch["visual_layout"][i]],
-                torch.from_numpy(levels) if levels.size else None,
+                payload_from_bytes(batch["visual_payload"][i]),
             )
             rows[i] = DecodeRow(request, tokens + len(visual))
         answers, prompt_tokens, generated = [""] * n, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -104,8 +102,7 @@ class DecodeStage:
                 else:
                     answers[i], prompt_tokens[i], generated[i] = res.text, res.prompt_tokens, res.generated_tokens
         batch.pop("visual_kept")
-        batch.pop("visual_deepstack")
-        batch.pop("visual_layout")
+        batch.pop("visual_payload")
         batch["nouns"] = list_column(batch["nouns"])
         batch["kept_indices"] = list_column(batch["kept_indices"])
         batch["answer"] = np.array(answers, dtype=object)

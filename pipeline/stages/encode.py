@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
 from pipeline.io.images import decode_image
 from pipeline.io.storage import Location
-from pipeline.models import load_adapter
+from pipeline.models import Payload, load_adapter, payload_bytes
 from pipeline.pruning import ENERGY_TRACED, TEXT_GUIDED, energy_keep, get_method, relevance
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
@@ -23,15 +23,14 @@ class EncodedRow(NamedTuple):
     features: torch.Tensor  # [N, D] visual tokens
     seed_scores: torch.Tensor | None  # [N], e.g. CLS attention
     words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
-    layout: list[int]  # what the family's generate needs to place the tokens (Qwen2.5-VL: [t, h, w])
     encoder_patches: int  # patches the vision encoder ran over, all views
-    deepstack: torch.Tensor | None = None  # [L, N, D] DeepStack levels (Qwen3-VL), pruned like ``features``
+    payload: Payload = {}  # the family's, for all N tokens (the adapter's ``kept_payload`` cuts it)
 
 
 class EncodeStage:
-    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``visual_deepstack``
-    (the same K indices of every DeepStack level, [L, K, D]; [0, 0, 0] for families without),
-    ``kept_indices`` (ascending), ``visual_layout`` (the family's token layout, for the decode stage), ``method``,
+    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``visual_payload``
+    (the family's payload cut to the kept tokens, as ``payload_bytes``; b"" for none, for the decode
+    stage), ``kept_indices`` (ascending), ``method``,
     ``keep`` (the budget applied to the row; with ``pruning.energy``, its cap), ``visual_tokens_in/kept``,
     ``energy_explained`` (ResPrune: the share of the image's token energy its kept tokens span;
     null for other methods), ``encoder_patches``, ``relevance_min/mean/max`` (null without nouns
@@ -75,19 +74,17 @@ class EncodeStage:
         pruned = prune_rows(feats, self.pruning, self.alpha)
         prune_ms = watch.per_row_ms(errors)
 
-        empty, no_levels = np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0, 0), dtype=np.float32)
-        visual_kept, deepstack = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        empty = np.zeros((0, 0), dtype=np.float32)
+        visual_kept, payloads = np.empty(n, dtype=object), np.empty(n, dtype=object)
         for i in range(n):
             visual_kept[i] = feats[i].features[pruned[i].kept].numpy() if i in pruned else empty
-            levels = feats[i].deepstack if i in pruned else None
-            # The same indices in every level: level l's row j belongs to kept token j.
-            deepstack[i] = levels[:, pruned[i].kept].numpy() if levels is not None else no_levels
+            payloads[i] = (payload_bytes(self.adapter.kept_payload(feats[i].payload, pruned[i].kept)) if i in pruned
+                           else b"")
         batch.pop("image")
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
-        batch["visual_deepstack"] = deepstack
+        batch["visual_payload"] = payloads
         batch["kept_indices"] = [pruned[i].kept.tolist() if i in pruned else [] for i in range(n)]
-        batch["visual_layout"] = [feats[i].layout if i in feats else [] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
         tokens_in = [feats[i].features.shape[0] if i in feats else 0 for i in range(n)]
         batch["keep"] = np.array([pruned[i].budget if i in pruned else 0 for i in range(n)], dtype=np.int64)
@@ -108,12 +105,11 @@ class EncodeStage:
         enc = self.adapter.encode([img for _, img, _ in items])
         words = self.adapter.embed_words([nouns for _, _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
-        levels = enc.deepstack or [None] * len(items)
         return [
-            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), list(layout), int(patches),
-                       d.cpu() if d is not None else None)
-            for f, s, t, layout, patches, d in zip(
-                enc.features, scores, words, enc.layouts, enc.encoder_patches, levels, strict=True
+            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), int(patches),
+                       {name: x.cpu() for name, x in payload.items()})
+            for f, s, t, patches, payload in zip(
+                enc.features, scores, words, enc.encoder_patches, enc.payloads, strict=True
             )
         ]
 
