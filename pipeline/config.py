@@ -82,12 +82,23 @@ class ModelConfig(_Strict):
         "offline tiny checkpoint (tiny:llava, tiny:llava_next, tiny:qwen2_5_vl, tiny:qwen3_vl: built once into $RESPRUNE_CACHE or "
         "~/.cache/resprune-pipeline; tiny:llava-shapes: trained, committed)."
     )
-    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl", "qwen3_vl"] = Field(
-        "auto", description="Adapter; `auto` reads the checkpoint's model_type."
+    family: str = Field(
+        "auto", description="Adapter (a name in pipeline.models.ADAPTERS: llava, llava_next, qwen2_5_vl, qwen3_vl); "
+        "`auto` reads the checkpoint's model_type."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU."
     )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from pipeline.models import ADAPTERS  # the families are their adapters: no second list here
+
+        if v != "auto" and v not in ADAPTERS:
+            names = " or ".join(", ".join(repr(n) for n in ("auto", *ADAPTERS)).rsplit(", ", 1))
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": names})
+        return v
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available, else cpu.")
     min_pixels: int | None = Field(
         None, ge=28 * 28, description="Qwen2.5-VL / Qwen3-VL dynamic resolution: images are resized to at least this many "

@@ -1,7 +1,8 @@
 """Every family through the same Ray job: LLaVA-1.5 (tiny:llava-shapes), LLaVA-NeXT, Qwen2.5-VL
 and Qwen3-VL on their tiny checkpoints, images of several sizes in one batch, each config's budget
 (a count, or a ratio of each image's tokens) as the cap of an adaptive one (pruning.energy), per-row
-counts and costs."""
+counts and costs. The four runs share one Ray instance (the job in this process, as
+tests/test_golden.py runs it); the command line and `ray job submit` are tests/test_job.py's."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
+from pipeline.job import run_job
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.models import ADAPTERS, load_adapter, model_shapes, token_counts
@@ -27,7 +29,6 @@ from pipeline.pruning import budget, energy_keep, relevance, resprune_trace
 from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
-from .test_job import _env, _run_cli
 
 CONFIGS = {"llava": "configs/local.yaml", "llava_next": "configs/local-llava-next.yaml",
            "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml"}
@@ -35,8 +36,17 @@ ROWS = 10
 ENERGY, MIN_KEEP = 0.999, 16
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, family: str) -> None:
+def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, family: str, local_ray: None) -> None:
     raw = yaml.safe_load((REPO / CONFIGS[family]).read_text())
     raw["input"].pop("create_sample_rows")
     raw["generation"]["max_new_tokens"] = 4
@@ -50,8 +60,8 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     images = {r["id"]: Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows}
     assert len(set(list(sizes.values())[:8])) > 1  # the first batch (batch_size 8) mixes image sizes
 
-    _, summary = _run_cli(["--config", str(config), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
-                          _env())
+    summary = run_job(load_config(config, {"input.path": str(tmp_path / "in"), "output.path": str(tmp_path / "out")}))
+    summary = summary.as_dict()
     assert summary["output_rows"] == summary["ok_rows"] == ROWS, summary
 
     cfg = load_config(config)
