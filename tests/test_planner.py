@@ -29,7 +29,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.models import model_shapes
 
 from .conftest import REPO
-from .test_job import _env, _run_cli
+from .test_job import _env
 
 REQUIRED = {
     "method", "keep", "estimated", "engine", "generated_tokens", "generated_tokens_from", "flops_vision_per_image",
@@ -155,14 +155,23 @@ def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budget
 def finished_runs(tmp_path_factory: pytest.TempPathFactory, tiny_llava: str) -> dict[str, Path]:
     from pipeline.tiny.shapes_world import write_corpus
 
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+
     root = tmp_path_factory.mktemp("runs")
     write_corpus(root / "in", rows=6)
     runs = {}
-    for method, keep in (("none", 576), ("resprune", 64)):
-        out = root / method
-        _run_cli(["--config", "configs/local.yaml", "--input", str(root / "in"), "--output", str(out),
-                  "--method", method, "--keep", str(keep)], _env())
-        runs[method] = out
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # one instance for both runs
+    try:
+        for method, keep in (("none", 576), ("resprune", 64)):
+            out = root / method
+            run_job(load_config(REPO / "configs/local.yaml", {"input.path": str(root / "in"), "output.path": str(out),
+                                                             "pruning.method": method, "pruning.keep": keep}))
+            runs[method] = out
+    finally:
+        ray.shutdown()
     return runs
 
 

@@ -9,7 +9,6 @@ through the job on vLLM (LLaVA-1.5 and Qwen3-VL, against the HF recordings) is t
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipeline.pruning import get_method
 from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
-from .test_job import JOB_TIMEOUT_S, _env
+from .test_job import _env
 
 HELD_OUT_SEED = 4242  # never used in training (tests/test_quality.py)
 VLLM_TIMEOUT_S = 600
@@ -121,15 +120,12 @@ def test_vllm_gives_the_hf_engines_greedy_tokens(
         assert [c.token_ids for c in contiguous] != [g["ids"] for r, g in zip(requests, got) if len(r.visual) == 24]
 
 
-def _job(config: Path, inp: Path, out: Path, *extra: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "jobs/caption_corpus.py", "--config", str(config), "--input", str(inp), "--output", str(out),
-         *extra],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S + VLLM_TIMEOUT_S,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
-    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("SUMMARY ") :])
+def _job(config: Path, inp: Path, out: Path, **overrides: object) -> dict:
+    """The job in this process (the caller holds a Ray instance); its summary as the CLI prints it."""
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+
+    return run_job(load_config(config, {"input.path": str(inp), "output.path": str(out), **overrides})).as_dict()
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +156,16 @@ def test_the_job_on_vllm_answers_as_on_hf(
     inp, config = held_out_with_hostile_rows
     keep = 128
     outputs, summaries = {}, {}
-    for engine in ("hf", "vllm"):
-        summaries[engine] = _job(config, inp, tmp_path / engine, "--engine", engine, "--keep", str(keep))
-        outputs[engine] = {r["id"]: r for r in pads.dataset(tmp_path / engine).to_table().to_pylist()}
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # one instance for both runs
+    try:
+        for engine in ("hf", "vllm"):
+            summaries[engine] = _job(config, inp, tmp_path / engine, **{"decode_stage.engine": engine,
+                                                                        "pruning.keep": keep})
+            outputs[engine] = {r["id"]: r for r in pads.dataset(tmp_path / engine).to_table().to_pylist()}
+    finally:
+        ray.shutdown()
     hf, vllm = outputs["hf"], outputs["vllm"]
     assert set(hf) == set(vllm) and len(vllm) == 19  # every id once (ids are unique in a dataset read)
     for s in summaries.values():
