@@ -106,7 +106,8 @@ class ModelConfig(_Strict):
     )
     max_pixels: int | None = Field(
         None, ge=28 * 28, description="Qwen2.5-VL / Qwen3-VL dynamic resolution: images are resized to at most this many "
-        "pixels, which bounds the visual tokens per image to max_pixels / 784 (None: the processor's setting).",
+        "pixels, which bounds the visual tokens per image to max_pixels / 784 (Qwen2.5-VL) or / 1024 (Qwen3-VL) "
+        "(None: the processor's setting).",
     )
     architecture: str | None = Field(
         None, description="Directory holding the checkpoint's config.json, read instead of `path`'s by the cost "

@@ -99,7 +99,7 @@ def build_pipeline(
         **_pool(cfg.decode_stage, retries, engine.runtime_env()),
     )
     return ds.map_batches(
-        finalize, fn_kwargs={"costs": costs or cost_model(cfg, model)},
+        finalize, fn_kwargs={"costs": costs or cost_model(cfg)},
         batch_format="numpy", batch_size=None, num_cpus=cfg.ray.io_num_cpus,
     )
 

@@ -85,7 +85,7 @@ def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPla
     inputs = check_input(source, cfg.input.id_policy, incremental.shards if incremental else None)
     model = locate(cfg.model.path, cfg.storage)
     cfg, model_path = resolve_model(cfg, model)
-    costs = cost_model(cfg, model)  # reads the price table: a bad accelerator or price file fails before Ray starts
+    costs = cost_model(cfg, model_path)  # reads the price table: a bad accelerator or price file fails before Ray starts
     engine = engine_environment(cfg.decode_stage)  # a missing vLLM environment fails here, naming the field
     return JobPlan(cfg, identity, source, out, model, model_path, inputs, costs, engine, previous, incremental, root)
 
@@ -153,12 +153,13 @@ def resolve_model(cfg: JobConfig, model: Location) -> tuple[JobConfig, str]:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": family}), "pruning": pruning}), path
 
 
-def cost_model(cfg: JobConfig, model: Location | None = None) -> CostModel:
-    """FLOP/KV shapes from the checkpoint's own config, prices from the table, the LLM's dtype as
-    the decode actors will resolve it."""
-    model = model or locate(cfg.model.path, cfg.storage)
+def cost_model(cfg: JobConfig, model_path: str | None = None) -> CostModel:
+    """FLOP/KV shapes from the checkpoint's own config (``model_path``: the driver's local copy,
+    already resolved; None: resolved here), prices from the table, the LLM's dtype as the decode
+    actors will resolve it."""
     try:
-        shapes = model_shapes(resolve_model_path(model, metadata_only=True), cfg.model.family)
+        path = model_path or resolve_model_path(locate(cfg.model.path, cfg.storage), metadata_only=True)
+        shapes = model_shapes(path, cfg.model.family)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {cfg.model.path!r}: cannot read its config for cost accounting: {e}") from e
     kv_bytes = torch.empty(0, dtype=planned_dtype(cfg.model, cfg.decode_stage.num_gpus)).element_size()
