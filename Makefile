@@ -55,6 +55,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pipeline.bench.prefill
 	$(PY) -m pipeline.bench.pipeline
 	$(PY) -m pipeline.bench.engine
+	$(PY) -m pipeline.bench.feed
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out .cache

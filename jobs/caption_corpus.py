@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({mean['flops_total_unpruned'] / mean['flops_total']:.2f}x), "
             f"KV cache {mean['kv_cache_bytes'] / 1e6:.3g} MB vs {mean['kv_cache_bytes_unpruned'] / 1e6:.3g} MB"
         )
+    if summary.bound_by:
+        busy = ", ".join(f"{name.removesuffix('_stage')} {b['per_actor']:.1f}" for name, b in summary.stage_busy_seconds.items())
+        print(f"busy seconds per actor: {busy}; the run was bound by the {summary.bound_by}")
     for ex in summary.examples:
         said = ex["error"] or repr(ex["answer"])
         label = f"  (expected {ex['expected']!r})" if "expected" in ex else ""

@@ -18,6 +18,13 @@ decode engine. A run with an adaptive budget (pruning.energy) also gives an esti
 planned model with each image keeping the share of its tokens the run's images kept (its
 distribution, not its mean), labelled "estimate, kept tokens: distribution of RUN".
 
+The CPU side: every estimate row also gives the preparation stage's CPU ms for an --image-size
+image (from --cpu-table, configs/cpu_prepare.yaml, measured with its date and machine; sizes in
+between interpolated in pixel count), the CPU cores that keep one GPU fed at the row's images/s
+per GPU, the images/s per GPU the config's prepare_stage allows at full size (max_pool_size x
+min(num_cpus, 1) cores over the GPUs of the GPU pools at full size) and whether the plan is
+CPU-bound (that rate below the GPU's). Measured rows leave them empty.
+
 Generated tokens per image, the decode term's input (a caption corpus generates several times a
 VQA one's): --generated-tokens N, else the mean over the answered rows of the --runs given, else
 the accelerator table's assumption; every row and plan.md say which (column generated_tokens_from:
@@ -35,11 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.cost import planner  # noqa: E402
+from pipeline.cost import cpu_side, planner  # noqa: E402
 from pipeline.cost.accounting import accelerator_price  # noqa: E402
 from pipeline.cost.prices import load_accelerators, load_prices  # noqa: E402
 from pipeline.engines import engine_names  # noqa: E402
-from pipeline.models import model_shapes, token_counts  # noqa: E402
+from pipeline.models import detect_family, model_shapes, token_counts  # noqa: E402
 from pipeline.pruning import budget  # noqa: E402
 from pipeline.models.sources import resolve_model_path  # noqa: E402
 
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WIDTHxHEIGHT of a typical corpus image, for families whose token count follows it "
                    "(default 640x480)")
     p.add_argument("--accelerators", default="configs/accelerators.yaml", help="accelerator table (YAML)")
+    p.add_argument("--cpu-table", default=cpu_side.DEFAULT_TABLE,
+                   help="CPU ms per image of the preparation stage by family and image size (YAML; default "
+                   "%(default)s): the CPU cores per GPU and CPU-bound columns")
     p.add_argument("--engine", choices=engine_names(), default=planner.DEFAULT_ENGINE,
                    help="decode engine the estimates assume (default %(default)s: continuous batching, an image pays "
                    "for its own tokens; hf: static batches run to their longest row, generation.max_new_tokens); "
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             what = str(e) if "budgets" in str(e) else f"--image-size {args.image_size!r}: want WIDTHxHEIGHT"
             raise ConfigError(what) from None
-        image_note = None
+        image_note = cpu_note = cpu_table = family = prep_ms = None
         rows: list[planner.PlanRow] = []
         if not args.no_estimates:
             source = cfg.model.architecture or resolve_model_path(cfg.model.path)
@@ -126,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             n_visual, patches = token_counts(source, cfg.model, width, height, cfg.model.family)
             image_note = (f"Estimates are for {width}x{height} images: {n_visual} visual tokens per image unpruned, "
                           f"{patches} patches through the vision encoder.")
+            cpu_table = cpu_side.load_cpu_table(args.cpu_table)
+            family = cfg.model.family if cfg.model.family != "auto" else detect_family(source)
+            prep_ms = (cpu_side.prepare_ms(cpu_table, family, width, height)
+                       if family in cpu_table.prepare_ms else None)
             kept_counts = sorted({budget(n_visual, keep=k, prune_ratio=r) for k, r in budgets}, reverse=True)
             for keep in kept_counts:
                 method = "none" if keep >= n_visual else cfg.pruning.method
@@ -146,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                     assume=assume, images=args.images, gpus=args.gpus,
                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,
                 ))
+        if prep_ms is not None:
+            planner.add_cpu_side(rows, prep_ms, cpu_side.prepare_cores_per_gpu(cfg))
+        if cpu_table is not None:
+            cpu_note = planner.cpu_side_note(cpu_table.source(), args.cpu_table, family, f"{width}x{height}", prep_ms,
+                                             cpu_side.prepare_cores(cfg), cpu_side.gpus_at_full_size(cfg))
         rows += measured_rows
         if not rows:
             raise ConfigError("nothing to plan: give --runs or drop --no-estimates")
@@ -156,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price,
                                      engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens,
                                      generated_note=gen_note)
-    notes += [image_note] if image_note else []
+    notes += [n for n in (image_note, cpu_note) if n]
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
           f"(estimates are labelled and assume decode engine {args.engine}; assumptions in {args.out / 'plan.md'})")
     if not args.no_estimates:
         print(gen_note)
+    if cpu_note:
+        print(cpu_note)
     print(planner.table(rows))
     print(f"wrote {args.out / 'plan.csv'}, {args.out / 'plan.md'}, {args.out / 'plan.png'}")
     return 0

@@ -51,6 +51,12 @@ class InputConfig(_Strict):
         "reject", description="A prompt over the limit: `reject` (an error row, `prompt too long`) or `truncate` (keep "
         "its first tokens, answer, and set the row's `prompt_truncated`).",
     )
+    jpeg_draft_margin: float | None = Field(
+        2.0, ge=1.0, le=16.0, description="Fast JPEG decoding: a JPEG at least twice this many times the size the "
+        "model's processor resizes it to is decoded at a reduced DCT scale (1/2, 1/4 or 1/8: PIL's draft mode), never "
+        "below this many times that size, so the processor's own resize still starts from that much more detail "
+        "(PIL's thumbnail uses 2). null: decode every pixel. docs/preparation.md shows what it changes.",
+    )
 
 
 class OutputConfig(_Strict):
@@ -227,12 +233,32 @@ class StageConfig(_Strict):
     pool_size: int = Field(1, ge=1, description="Actors started up front.")
     max_pool_size: int | None = Field(None, ge=1, description="Autoscale up to this many actors (None: fixed).")
     batch_size: int = Field(8, ge=1, le=4096, description="Rows per call.")
+    concurrent_batches: int | None = Field(
+        None, ge=1, le=8, description="Batches an actor holds at once (Ray Data's max_concurrent_calls_per_actor): with "
+        "2, Ray fetches and converts the next batch and builds the last one's output on other threads while the "
+        "stage's model runs one batch at a time (the call itself never runs twice at once). None: 2 for a stage that "
+        "reserves a GPU (its host-side work then overlaps the GPU's), 1 otherwise.",
+    )
+
+    @property
+    def calls_per_actor(self) -> int:
+        """``concurrent_batches`` resolved."""
+        return self.concurrent_batches or (2 if self.num_gpus > 0 else 1)
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> StageConfig:
         if self.max_pool_size is not None and self.max_pool_size < self.pool_size:
             raise ValueError(f"max_pool_size ({self.max_pool_size}) must be >= pool_size ({self.pool_size})")
         return self
+
+
+class PrepareStageConfig(StageConfig):
+    """The CPU preparation stage (decode the image, the processor's resize): CPU only. An actor
+    prepares one image at a time on one thread, so give each 1 CPU and size the pool by actors:
+    the planner's CPU columns and the job's warning say how many keep the GPU pools fed
+    (docs/cost-and-planner.md, "The CPU side")."""
+
+    num_gpus: float = Field(0.0, ge=0.0, le=0.0, description="Always 0: preparation is CPU work.")
 
 
 class VLLMConfig(_Strict):
@@ -355,6 +381,7 @@ class JobConfig(_Strict):
     pruning: PruningConfig = PruningConfig()
     generation: GenerationConfig = GenerationConfig()
     text_stage: TextStageConfig = TextStageConfig(num_cpus=0.25, batch_size=64, max_pool_size=2)
+    prepare_stage: PrepareStageConfig = PrepareStageConfig(num_cpus=0.25, batch_size=8, max_pool_size=2)
     encode_stage: StageConfig = StageConfig(num_cpus=0.5)
     decode_stage: DecodeStageConfig = DecodeStageConfig(num_cpus=0.5)
     cost: CostConfig = CostConfig()
@@ -363,7 +390,7 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _accelerator_named(self) -> JobConfig:
-        gpu_stages = [n for n in ("encode_stage", "decode_stage", "text_stage") if getattr(self, n).num_gpus > 0]
+        gpu_stages = [n for n, s in self.stages().items() if s.num_gpus > 0]
         if gpu_stages and not self.cost.accelerator:
             raise ValueError(
                 f"cost.accelerator: required when a stage reserves GPUs ({', '.join(gpu_stages)}): name the GPU type "
@@ -373,7 +400,8 @@ class JobConfig(_Strict):
 
     def stages(self) -> dict[str, StageConfig]:
         """The actor-pool stages by config field name, in pipeline order."""
-        return {"text_stage": self.text_stage, "encode_stage": self.encode_stage, "decode_stage": self.decode_stage}
+        return {"text_stage": self.text_stage, "prepare_stage": self.prepare_stage, "encode_stage": self.encode_stage,
+                "decode_stage": self.decode_stage}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -1,5 +1,5 @@
 """Step 3 of a run, ``execute``: the Ray Data dataset. Parquet in -> text (CPU pool) ->
-encode+prune (GPU pool) -> decode (GPU pool) -> cost columns and the output schema -> Parquet
+prepare images (CPU pool) -> encode+prune (GPU pool) -> decode (GPU pool) -> cost columns and the output schema -> Parquet
 out, checkpointed on ``id``. The processing itself lives in ``pipeline.stages``."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pipeline.io.storage import Location, locate
 from pipeline.plan import JobPlan, cost_model
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.text import TextStage
 
 
@@ -74,7 +75,7 @@ def build_pipeline(
     ds: ray.data.Dataset, cfg: JobConfig, costs: CostModel | None = None, engine: EngineEnvironment | None = None,
     failures: Any = None, model: Location | None = None,
 ) -> ray.data.Dataset:
-    """The three stages and the cost/schema step on ``ds``. The decode actors run in the engine's
+    """The four stages and the cost/schema step on ``ds``. The decode actors run in the engine's
     interpreter (``engine``: resolved from ``cfg.decode_stage`` when not given) and record engine
     failures in ``failures`` (an ``EngineFailureLedger``; None: the restart budget is not enforced).
     ``model``: where the checkpoint is (``model.path`` located with ``storage`` when not given)."""
@@ -83,11 +84,13 @@ def build_pipeline(
     model = model or locate(cfg.model.path, cfg.storage)
     ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
     ds = ds.map_batches(
+        PrepareStage,
+        fn_constructor_kwargs={"model": cfg.model, "inputs": cfg.input, "stage": cfg.prepare_stage, "source": model},
+        **_pool(cfg.prepare_stage, retries),
+    )
+    ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs={
-            "model": cfg.model, "pruning": cfg.pruning, "inputs": cfg.input, "stage": cfg.encode_stage,
-            "source": model,
-        },
+        fn_constructor_kwargs={"model": cfg.model, "pruning": cfg.pruning, "stage": cfg.encode_stage, "source": model},
         **_pool(cfg.encode_stage, retries),
     )
     ds = ds.map_batches(
@@ -111,11 +114,10 @@ def finalize(batch: dict[str, Any], costs: CostModel) -> Any:
 
 
 def _pool(stage: StageConfig, max_task_retries: int, runtime_env: dict[str, Any] | None = None) -> dict:
-    compute = (
-        ActorPoolStrategy(min_size=stage.pool_size, max_size=stage.max_pool_size)
-        if stage.max_pool_size
-        else ActorPoolStrategy(size=stage.pool_size)
-    )
+    # Several calls per actor overlap Ray's batching (fetch, Arrow <-> numpy) with the running
+    # call; the call itself stays single-threaded (enable_true_multi_threading off): one model.
+    sizes = {"min_size": stage.pool_size, "max_size": stage.max_pool_size} if stage.max_pool_size else {"size": stage.pool_size}
+    compute = ActorPoolStrategy(**sizes, max_concurrent_calls_per_actor=stage.calls_per_actor)
     return {
         "compute": compute,
         "batch_size": stage.batch_size,

@@ -8,6 +8,8 @@ fails here as a ``ConfigError`` naming it, before any worker starts. Nothing her
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,18 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.cost import cpu_side
 from pipeline.cost.accounting import CostModel
 from pipeline.engines import EngineEnvironment, engine_environment
 from pipeline.io.inputs import InputPlan, check_input
 from pipeline.io.manifest import MANIFEST_NAME, read_manifest
 from pipeline.io.runs import IncrementalRun
 from pipeline.io.storage import Location, locate
-from pipeline.models import ADAPTERS, detect_family, model_shapes
+from pipeline.models import ADAPTERS, detect_family, model_shapes, token_counts
 from pipeline.models.base import planned_dtype
 from pipeline.models.sources import resolve_model_path
 
+log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committed ids
 
 
@@ -44,6 +48,7 @@ class JobPlan:
     previous: dict[str, Any] | None  # the manifest of the run being resumed
     incremental: IncrementalRun | None = None
     incremental_root: str | None = None
+    warnings: tuple[str, ...] = ()  # logged when planned, kept in the manifest (never errors)
 
     @property
     def checkpoint(self) -> Location:
@@ -66,6 +71,7 @@ class JobPlan:
             "model": {"configured_path": cfg.model.path, "path": self.model_path, "family": cfg.model.family,
                       "kv_bytes_per_element": self.costs.kv_bytes_per_element},
             "engine": self.engine.as_dict(),
+            "warnings": list(self.warnings),
         }
 
 
@@ -87,12 +93,18 @@ def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPla
     cfg, model_path = resolve_model(cfg, model)
     costs = cost_model(cfg, model_path)  # reads the price table: a bad accelerator or price file fails before Ray starts
     engine = engine_environment(cfg.decode_stage)  # a missing vLLM environment fails here, naming the field
-    return JobPlan(cfg, identity, source, out, model, model_path, inputs, costs, engine, previous, incremental, root)
+    warnings = tuple(w for w in (check_prepare_pool(cfg, model_path, costs),) if w)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return JobPlan(cfg, identity, source, out, model, model_path, inputs, costs, engine, previous, incremental, root,
+                   warnings)
 
 
 def run_identity(cfg: JobConfig) -> dict[str, Any]:
     """What decides each output row; a resume must match the earlier attempts on all of it."""
-    keep = ("path", "max_image_pixels", "min_image_side", "id_policy", "max_prompt_tokens", "long_prompt")
+    # jpeg_draft_margin decides the pixels the model sees; a run from before it existed decoded every pixel (null).
+    keep = ("path", "max_image_pixels", "min_image_side", "id_policy", "max_prompt_tokens", "long_prompt",
+            "jpeg_draft_margin")
     return {
         "input": {k: v for k, v in cfg.input.model_dump(mode="json").items() if k in keep},
         "model": cfg.model.model_dump(mode="json", exclude={"architecture"}),
@@ -193,3 +205,76 @@ def check_resources(cfg: JobConfig, cluster: dict[str, float], checkpoint_filter
             f"the stages need {gpus:g} GPUs ({asks}) but the cluster has {have_gpus:g}; "
             "set num_gpus: 0 to run on CPU"
         )
+
+
+# The tables the preparation pool's check reads: the planner's defaults (no config field: they
+# describe the hardware and the code, not the run).
+ACCELERATOR_TABLE = "configs/accelerators.yaml"
+
+
+def prepare_pool_warning(cfg: JobConfig, *, size: str, prepare_ms: float, gpu_images_per_second: float,
+                         table_source: str = "configs/cpu_prepare.yaml") -> str | None:
+    """The warning for a preparation pool that cannot feed the GPU pools it is paired with, or None.
+
+    Both at full size (max_pool_size, else pool_size): the preparation pool's cores
+    (``cpu_side.prepare_cores``: one thread per actor) shared among the GPUs of the GPU pools
+    prepare ``cpu_images_per_second`` images of ``size`` (``prepare_ms`` CPU ms each) per GPU;
+    below ``gpu_images_per_second`` (what one GPU takes at the config's budget), the GPUs wait on
+    the CPUs. None without a GPU stage or cost.accelerator (a CPU-only run has no GPU to feed)."""
+    gpus = cpu_side.gpus_at_full_size(cfg)
+    if not gpus or not cfg.cost.accelerator:
+        return None
+    per_gpu = cpu_side.prepare_cores(cfg) / gpus
+    cpu_rate = cpu_side.cpu_images_per_second(prepare_ms, per_gpu)
+    if cpu_rate >= gpu_images_per_second:
+        return None
+    need = cpu_side.cores_per_gpu(prepare_ms, gpu_images_per_second)
+    stage = cfg.prepare_stage
+    return (
+        f"prepare_stage cannot feed the GPU pools: at full size its {stage.max_pool_size or stage.pool_size} actors "
+        f"x min(num_cpus {stage.num_cpus:g}, 1) = {cpu_side.prepare_cores(cfg):g} cores serve {gpus:g} GPUs, "
+        f"{per_gpu:.3g} cores per GPU, which prepare {cpu_rate:.3g} images/s per GPU at {size} ({prepare_ms:g} CPU ms "
+        f"an image: {table_source}), below the ~{gpu_images_per_second:.3g} images/s a {cfg.cost.accelerator} takes "
+        f"at this budget (the planner's estimate): the GPUs would wait. Feeding them needs {need:.3g} cores per GPU, "
+        f"e.g. prepare_stage num_cpus 1, max_pool_size {math.ceil(need * gpus)} "
+        "(docs/cost-and-planner.md, The CPU side)"
+    )
+
+
+def check_prepare_pool(cfg: JobConfig, model_path: str, costs: CostModel) -> str | None:
+    """``prepare_pool_warning`` for this config, at the CPU table's middle size for the family
+    (``cpu_side.reference_size``: 1280x960, the size the cluster configs are sized at; the job
+    knows no image size before it reads the corpus, and the largest measured size would warn on
+    nearly any affordable config), the GPU's images/s estimated as the planner does at the
+    config's budget (its cap when adaptive), the accelerator table's assumptions and at most
+    generation.max_new_tokens generated tokens. Missing figures (a family or accelerator the
+    tables lack, no table) skip the check, logged; it never fails the run."""
+    from pipeline.cost import planner
+    from pipeline.cost.prices import load_accelerators
+
+    if not cpu_side.gpus_at_full_size(cfg) or not cfg.cost.accelerator or costs.accelerator_price is None:
+        return None
+    name, family = cfg.cost.accelerator, cfg.model.family
+    try:
+        table = cpu_side.load_cpu_table(cpu_side.DEFAULT_TABLE, "the CPU table")
+        accelerators = load_accelerators(ACCELERATOR_TABLE)
+        if family not in table.prepare_ms or name not in accelerators.accelerators:
+            log.info("preparation pool check skipped: no figures for family %s in %s or accelerator %s in %s",
+                     family, cpu_side.DEFAULT_TABLE, name, ACCELERATOR_TABLE)
+            return None
+        size = cpu_side.reference_size(table, family)
+        n_visual, patches = token_counts(model_path, cfg.model, *cpu_side.parse_size(size), family)
+        assume = accelerators.assumptions
+        assume = assume.model_copy(update={"generated_tokens": min(assume.generated_tokens,
+                                                                   cfg.generation.max_new_tokens)})
+        row = planner.estimate(
+            costs.shapes, model=cfg.model.path, method=cfg.pruning.method, keep=cfg.pruning.keep_for(n_visual),
+            visual_tokens_in=n_visual, encoder_patches=patches, accelerator_name=name,
+            accelerator=accelerators.accelerators[name], price=costs.accelerator_price, assume=assume, images=1,
+            gpus=1, engine=cfg.decode_stage.engine, max_new_tokens=cfg.generation.max_new_tokens)
+    except (OSError, ValueError, KeyError) as e:  # a ConfigError is a ValueError: a warning, never a failure
+        log.info("preparation pool check skipped: %s", e)
+        return None
+    return prepare_pool_warning(cfg, size=size, prepare_ms=table.prepare_ms[family][size],
+                                gpu_images_per_second=row.images_per_second_per_gpu,
+                                table_source=f"{cpu_side.DEFAULT_TABLE}, {table.source()}")

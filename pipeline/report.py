@@ -47,6 +47,9 @@ class JobSummary:
     # the same, of energy_explained (ResPrune)
     energy_explained: dict[str, float | None] = _in("visual_tokens", "energy_explained", factory=dict)
     mean_stage_ms: dict[str, float] = field(default_factory=dict)
+    # Per stage, its actors' busy time (the rows' stage times summed) and per actor of its largest pool.
+    stage_busy_seconds: dict[str, dict[str, float]] = _in("stages", "busy_seconds", factory=dict)
+    bound_by: str | None = _in("stages", "bound_by", None)  # the stage with the most busy time per actor
     output: str = ""
     wall_seconds: float = 0.0  # read -> stages -> write, actor start-up included
     accelerator: str | None = None
@@ -66,7 +69,7 @@ class JobSummary:
         return asdict(self)
 
     def manifest_sections(self) -> dict[str, dict[str, Any]]:
-        """The manifest's sections this summary fills (``rows``, ``visual_tokens``)."""
+        """The manifest's sections this summary fills (``rows``, ``visual_tokens``, ``stages``)."""
         sections: dict[str, dict[str, Any]] = {}
         for f in fields(self):
             if "manifest" in f.metadata:
@@ -117,7 +120,10 @@ def summarize(
         mean_visual_tokens_kept=mean("visual_tokens_kept"),
         visual_tokens_kept=per_image_stats([r["visual_tokens_kept"] for r in ok]),
         energy_explained=per_image_stats([r["energy_explained"] for r in ok if r.get("energy_explained") is not None]),
-        mean_stage_ms={k: mean(k) for k in ("text_ms", "encode_ms", "prune_ms", "decode_ms")},
+        mean_stage_ms={k: mean(k) for cols in STAGE_TIME_COLUMNS.values() for k in cols},
+        stage_busy_seconds={name: {"total": round(st["busy_seconds"], 3), "per_actor": round(st["busy_seconds_per_actor"], 3)}
+                            for name, st in run_cost["stages"].items()},
+        bound_by=run_cost["bound_by"],
         output=output,
         wall_seconds=round(run_cost["reserved"]["wall_seconds"], 3),
         accelerator=run_cost["accelerator"],

@@ -23,6 +23,8 @@ MAIN_ENV = "/opt/venv"  # the image's environment of the driver and the other st
 VLLM_ENV = "/opt/vllm"  # the image's vLLM environment: the decode actors' interpreter
 # The real-checkpoint configs, the ones a cluster runs (configs/local*.yaml are the tiny ones, on hf).
 CLUSTER_CONFIGS = ("configs/llava-1.5-7b.yaml", "configs/llava-next-7b.yaml", "configs/qwen2.5-vl-7b.yaml")
+# Every GPU config the cluster's node groups are sized for (their CPU pools: check_cpu_group).
+SIZED_CONFIGS = (*CLUSTER_CONFIGS, "configs/qwen3-vl-8b.yaml")
 
 
 def project_version() -> str:
@@ -141,3 +143,20 @@ def check_vllm_decode(cfg, where: str) -> None:
             f"{where}: vllm.max_model_len {max_len} < the context {context} needs input.max_prompt_tokens with "
             f"prompt + visual tokens + max_new_tokens within it (needs {need})"
         )
+
+
+def check_cpu_group(pod_cpus: float, pods: int, where: str) -> None:
+    """The CPU worker group (``pods`` of ``pod_cpus``) holds every sized config's CPU-only pools at
+    full size, the noun and preparation stages (max_pool_size x num_cpus), and each of their actors
+    fits one pod."""
+    from pipeline.config import load_config
+
+    for path in SIZED_CONFIGS:
+        cfg = load_config(REPO / path)
+        stages = (cfg.text_stage, cfg.prepare_stage)
+        assert all(s.num_gpus == 0 and s.num_cpus <= pod_cpus for s in stages), (
+            f"{where}: a text_stage / prepare_stage actor of {path} does not fit a {pod_cpus:g}-CPU pod")
+        need = sum((s.max_pool_size or s.pool_size) * s.num_cpus for s in stages)
+        assert need <= pods * pod_cpus, (
+            f"{where}: {path}'s text and prepare pools take {need:g} CPUs at full size; the cpu group has "
+            f"{pods} x {pod_cpus:g}")

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SMOKED = {"gpu": "needs a GPU"}
-SMOKED = {"select", "prefill", "pipeline", "engine"}  # each has a test below
+SMOKED = {"select", "prefill", "pipeline", "engine", "feed", "draft"}  # each has a test below
 
 
 def run_bench(module: str, *args: str, timeout: int) -> dict[str, Any]:
@@ -93,11 +94,58 @@ def test_pipeline_bench() -> None:
         assert set(r[f"hf_{kind}_targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
     assert r["hf_vqa_pruned_images_per_s"] == r["pruned_images_per_s"]  # unprefixed keys are hf's vqa
     for name in names:
-        assert set(r["stage_images_per_s"][name]) == {"text", "encode", "decode"}
+        assert set(r["stage_images_per_s"][name]) == {"text", "prepare", "encode", "decode"}
         assert all(v > 0 for v in r["stage_images_per_s"][name].values())
         assert r["end_to_end_images_per_s"][name] > 0
         assert 0 < r["mean_generated_tokens"][name] <= (2 if "vqa" in name else 3)
     assert set(r["targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
+
+
+def test_feed_bench(tmp_path: Path) -> None:
+    # Every family at its cluster config's settings, from the committed checkpoint JSON (no weights).
+    table = tmp_path / "cpu_prepare.yaml"
+    r = run_bench("feed", "--sizes", "96x72", "--repeats", "1", "--write-table", str(table), timeout=240)
+    families = {"llava", "llava_next", "qwen2_5_vl", "qwen3_vl"}
+    for key in ("prepare_ms", "gpu_actor_host_ms_before", "gpu_actor_host_ms_after", "gpu_ms_estimate",
+                "cores_per_gpu", "images_per_second_per_gpu", "device_work_ms_on_cpu", "target_met"):
+        assert r[key].keys() == families and all(v.keys() == {"96x72"} for v in r[key].values()), key
+    for f in families:
+        cell = {key: v[f]["96x72"] for key, v in r.items() if isinstance(v, dict) and isinstance(v.get(f), dict)}
+        for key in ("prepare_ms", "gpu_actor_host_ms_before", "gpu_actor_host_ms_after", "gpu_ms_estimate",
+                    "cores_per_gpu", "decode_ms", "resize_ms", "serialise_ms"):
+            assert isinstance(cell[key], float) and cell[key] > 0, (f, key, cell[key])
+        assert isinstance(cell["target_met"], bool)
+        # uint8 at the model's input size against the processor's float32 (Qwen's also repeats every
+        # pixel over its 2 temporal frames): at least 4x, whatever the machine's speed.
+        assert cell["prepared_bytes"] - 1024 <= cell["float32_bytes"] / 4, (f, cell)  # - the npz headers
+        assert cell["output_identical"] is True, f
+        assert 0 < cell["keep"] < cell["visual_tokens"], f
+    assert r["keep"]["llava"]["96x72"] == 128 and r["keep"]["llava_next"]["96x72"] == 640  # the configs' budgets
+    assert r["target_sizes"] == ["640x480", "1280x960"] and r["target_pass"] is None  # no target size was run
+    assert r["jpeg_bytes"]["96x72"] > 0 and r["threads"] == 1 and r["date"] and r["machine"]
+
+    written = yaml.safe_load(table.read_text())
+    assert written.keys() == {"measured", "prepare_ms"}
+    measured = written["measured"]
+    assert measured.keys() == {"date", "machine", "command", "jpeg_draft_margin"}
+    assert measured["date"] == r["date"] and measured["jpeg_draft_margin"] == 2.0
+    assert measured["command"].startswith("python -m pipeline.bench.feed ") and "--write-table" in measured["command"]
+    assert written["prepare_ms"].keys() == families
+    for f in families:
+        assert written["prepare_ms"][f] == pytest.approx({"96x72": r["prepare_ms"][f]["96x72"]}, abs=0.051)
+
+
+def test_draft_bench() -> None:
+    r = run_bench("draft", "--scenes", "2", "--sides", "1344:1600", "--repeats", "1", timeout=300)
+    assert r["scenes"] == 2
+    # At 1344+ px a side, LLaVA's 336 px input is a 1/2 DCT scale away even at margin 2.
+    assert r["tiny-llava-shapes_m2_engaged"] == r["tiny-llava-shapes_m1_engaged"] == 2
+    positive(r, "tiny-llava-shapes_m2_mean_abs_levels", "tiny-llava-shapes_m2_min_psnr_db",
+             "tiny-llava-shapes_m2_decode_speedup", "tiny-llava-shapes_m2_speedup", "llava-1.5-7b_m1_mean_abs_norm",
+             "qwen3-vl-8b-448_m1_speedup", "llava-v1.6-7b_m1_jpeg_mean_abs_levels")
+    for tag in ("full", "m2", "m1"):
+        assert (r[f"accuracy_{tag}"] is None or 0 <= r[f"accuracy_{tag}"] <= 1) and r[f"errors_{tag}"] == 0
+    assert r["answers_m2_differ"] in (0, 1, 2) and r["answers_m1_differ"] in (0, 1, 2)
 
 
 # ---------------------------------------------------------------- the engine benchmark

@@ -39,6 +39,7 @@ def _rehearsal_config(tmp: Path) -> Path:
     cfg["generation"]["max_new_tokens"] = 4
     cfg["output"]["max_rows_per_file"] = 5
     cfg["text_stage"].update(num_cpus=0.25, max_pool_size=1, batch_size=16)
+    cfg["prepare_stage"].update(num_cpus=0.25, pool_size=1, max_pool_size=1, batch_size=4)
     for stage in ("encode_stage", "decode_stage"):  # one replica per logical GPU, as on a GPU node
         cfg[stage].update(num_cpus=0.5, max_pool_size=2, batch_size=4)
     # Scheduling is what this rehearses; the vLLM engine (sized for the 7B model's 4096-token

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = {"input": {"path": "in"}, "output": {"path": "out"}, "model": {"path": "tiny:llava"}}
 
 
-TABLES = {"prices.yaml", "accelerators.yaml"}  # data tables, validated by their own loaders (tests/test_cost.py)
+TABLES = {"prices.yaml", "accelerators.yaml", "cpu_prepare.yaml"}  # data tables, validated by their own loaders
 
 
 def test_shipped_configs_validate() -> None:
@@ -91,14 +91,14 @@ def test_local_config_fits_two_cpus_and_oversized_requests_fail_fast() -> None:
     check_resources(local, {"CPU": 2.0})  # the embedded default fits this machine
     # The pools that deadlocked here: three 1-CPU pools plus a read task on 2 CPUs.
     greedy = validate_config({**BASE, "text_stage": {"num_cpus": 1}, "encode_stage": {"num_cpus": 1}, "decode_stage": {"num_cpus": 1}})
-    with pytest.raises(ConfigError, match=r"need 3.25 CPUs .*text_stage.pool_size\*num_cpus=1.*cluster has 2"):
+    with pytest.raises(ConfigError, match=r"need 3.5 CPUs .*text_stage.pool_size\*num_cpus=1.*prepare_stage.pool_size\*num_cpus=0.25.*cluster has 2"):
         check_resources(greedy, {"CPU": 2.0})
     gpu = load_config(REPO / "configs/llava-1.5-7b.yaml")
     with pytest.raises(ConfigError, match=r"need 1 GPUs \(encode_stage.num_gpus=0.25, decode_stage.num_gpus=0.75\).*has 0"):
         check_resources(gpu, {"CPU": 64.0})
     check_resources(gpu, {"CPU": 64.0, "GPU": 1.0})
     # A resume adds Ray Data's checkpoint filter actor (1 CPU): the local default asks Ray for 3.
-    with pytest.raises(ConfigError, match=r"need 2.5 CPUs .*checkpoint filter actor 1\) but the cluster has 2"):
+    with pytest.raises(ConfigError, match=r"need 2.75 CPUs .*checkpoint filter actor 1\) but the cluster has 2"):
         check_resources(local, {"CPU": 2.0}, checkpoint_filter=True)
     check_resources(local, {"CPU": float(local.ray.num_cpus)}, checkpoint_filter=True)
 

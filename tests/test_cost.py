@@ -148,7 +148,7 @@ def _batch() -> dict:
         "visual_tokens_in": np.array([576, 0, 576]), "visual_tokens_kept": np.array([128, 0, 576]),
         "encoder_patches": np.array([576, 0, 576]),
         "prompt_tokens": np.array([150, 0, 598]), "generated_tokens": np.array([5, 0, 5]),
-        "text_ms": np.array([1.0, 0.0, 1.0]), "encode_ms": np.array([40.0, 0.0, 40.0]),
+        "text_ms": np.array([1.0, 0.0, 1.0]), "prepare_ms": np.array([6.0, 0.0, 6.0]), "encode_ms": np.array([40.0, 0.0, 40.0]),
         "prune_ms": np.array([10.0, 0.0, 0.0]), "decode_ms": np.array([100.0, 0.0, 300.0]),
     }
 
@@ -160,11 +160,11 @@ def test_row_costs_apportion_reserved_resources_and_price_from_the_table(shapes,
     hourly = load_prices(REPO / "configs/prices.yaml")
     gpu_rate, core_rate = hourly.accelerators["h100-sxm"].usd_per_hour, hourly.cpu_core.usd_per_hour
     for i, (enc_s, dec_s) in ((0, (0.050, 0.100)), (2, (0.040, 0.300))):
-        text_s = 0.001
+        text_s, prep_s = 0.001, 0.006
         assert out["gpu_seconds"][i] == pytest.approx(0.25 * enc_s + 0.75 * dec_s)
-        assert out["cpu_seconds"][i] == pytest.approx(0.25 * text_s + 1 * enc_s + 2 * dec_s)
-        # GPU stages' CPUs come with the GPU's price; only the CPU-only text stage pays per core.
-        expected = (out["gpu_seconds"][i] * gpu_rate + 0.25 * text_s * core_rate) / 3600
+        assert out["cpu_seconds"][i] == pytest.approx(0.25 * text_s + 0.25 * prep_s + 1 * enc_s + 2 * dec_s)
+        # GPU stages' CPUs come with the GPU's price; only the CPU-only text and prepare stages pay per core.
+        expected = (out["gpu_seconds"][i] * gpu_rate + 0.25 * (text_s + prep_s) * core_rate) / 3600
         assert out["cost_usd"][i] == pytest.approx(expected)
         f = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=int(_batch()["visual_tokens_kept"][i]),
                       encoder_patches=576, prompt_tokens=int(_batch()["prompt_tokens"][i]), generated_tokens=5,
@@ -196,6 +196,9 @@ def test_run_totals_sum_the_rows_and_report_the_reservation(shapes) -> None:
     assert run["mean_per_image"]["cost_usd"] == pytest.approx((out["cost_usd"][0] + out["cost_usd"][2]) / 2)
     assert run["stages"]["decode_stage"]["busy_seconds"] == pytest.approx(0.4)
     assert run["stages"]["decode_stage"]["images_per_second"] == pytest.approx(5.0)
+    # The bound: the most busy time per actor of the largest pool (prepare: 12 ms over up to 2 actors).
+    assert run["stages"]["prepare_stage"]["busy_seconds_per_actor"] == pytest.approx(0.006)
+    assert run["bound_by"] == "decode_stage"
     assert run["reserved"]["gpus"] == 1.0 and run["reserved"]["gpu_seconds"] == 10.0
     assert 0 < run["reserved"]["utilisation"] < 1
     assert run["prices"]["accelerator"]["source"] and run["prices"]["accelerator"]["date"]

@@ -24,6 +24,7 @@ from .infra_contract import (
     MAIN_ENV,
     REPO,
     VLLM_ENV,
+    check_cpu_group,
     check_image,
     check_job_command,
     check_vllm_decode,
@@ -86,6 +87,7 @@ def test_launcher_agrees_with_the_code() -> None:
     assert cfg.encode_stage.num_cpus + cfg.decode_stage.num_cpus <= gpu["resources"]["CPU"]
     assert gpu["max_workers"] == cfg.encode_stage.max_pool_size == cfg.decode_stage.max_pool_size
     assert cfg.text_stage.num_cpus <= nodes["cpu"]["resources"]["CPU"]
+    check_cpu_group(nodes["cpu"]["resources"]["CPU"], nodes["cpu"]["max_workers"], "aws/cluster.yaml cpu nodes")
     assert config["max_workers"] >= sum(n.get("max_workers", 0) for n in nodes.values())
 
 

@@ -32,6 +32,7 @@ from .infra_contract import (
     CREDENTIAL,
     IMAGE,
     REPO,
+    check_cpu_group,
     check_image,
     check_job_command,
     check_vllm_decode,
@@ -549,10 +550,11 @@ def test_sizing_matches_the_config() -> None:
     assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
                for t in gpu["template"]["spec"].get("tolerations", [])), "gpu pods tolerate the nvidia.com/gpu taint"
 
-    # The CPU group: no GPU; the noun stage's actors fit.
+    # The CPU group: no GPU; the noun and preparation stages' actors fit, and their pools at full size.
     cpu_res = ray_container(cpu["template"])["resources"]["requests"]
     assert "nvidia.com/gpu" not in cpu_res and cfg.text_stage.num_gpus == 0
     assert cfg.text_stage.num_cpus <= quantity(cpu_res["cpu"]), "a text_stage actor does not fit a cpu pod"
+    check_cpu_group(float(quantity(cpu_res["cpu"])), cpu["maxReplicas"], "raycluster.yaml cpu group")
 
     # The sizing comment at the top of the config names the same pods.
     text = JOB_CONFIG.read_text()

@@ -107,7 +107,7 @@ def test_job_end_to_end_local_ray_with_bad_rows(tmp_path: Path, test_config: Pat
             else:
                 assert r["nouns"] and r["extractor"] and r["relevance_min"] <= r["relevance_mean"] <= r["relevance_max"]
             assert r["prompt_tokens"] > 64 and r["generated_tokens"] >= 1
-            assert min(r["encode_ms"], r["prune_ms"], r["decode_ms"]) > 0
+            assert min(r["prepare_ms"], r["encode_ms"], r["prune_ms"], r["decode_ms"]) > 0
     assert by_id[rows[13]["id"]]["error"].startswith("corrupt image")
     _check_costs(out.to_pylist(), summary, read_manifest(locate(str(tmp_path / "out"))), keep=64)
 
@@ -123,7 +123,8 @@ def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> 
         assert r["flops_prefill_unpruned"] > r["flops_prefill"] > 0 and r["flops_total_unpruned"] > r["flops_total"]
         assert r["kv_cache_bytes_unpruned"] > r["kv_cache_bytes"] > 0
         assert r["gpu_seconds"] == 0.0  # the local config reserves no GPU
-        stage_s = (r["text_ms"] * 0.25 + (r["encode_ms"] + r["prune_ms"]) * 0.5 + r["decode_ms"] * 0.5) / 1e3
+        stage_s = (r["text_ms"] * 0.25 + r["prepare_ms"] * 0.25 + (r["encode_ms"] + r["prune_ms"]) * 0.5
+                   + r["decode_ms"] * 0.5) / 1e3
         assert r["cpu_seconds"] == pytest.approx(stage_s, rel=1e-5)
         assert r["cost_usd"] == pytest.approx(r["cpu_seconds"] * manifest["cost"]["prices"]["cpu_core"]["usd_per_hour"] / 3600)
     cost = manifest["cost"]
@@ -138,6 +139,10 @@ def _check_costs(rows: list[dict], summary: dict, manifest: dict, keep: int) -> 
         "duplicate_ids": 0, "truncated_prompts": 0,
     }
     assert manifest["status"] == "completed" and manifest["attempt"] == 1 and len(manifest["attempts"]) == 1
+    # Where time went: the rows' stage times summed per stage, and the busiest per actor bounded the run.
+    busy = manifest["stages"]["busy_seconds"]
+    assert busy["prepare_stage"]["total"] == pytest.approx(sum(r["prepare_ms"] for r in ok) / 1e3, abs=2e-3)
+    assert manifest["stages"]["bound_by"] == summary["bound_by"] == max(busy, key=lambda n: busy[n]["per_actor"])
     assert manifest["config"]["pruning"]["keep"] == keep and manifest["packages"]["torch"]
     assert manifest["started_at"] <= manifest["finished_at"] and cost["reserved"]["wall_seconds"] > 0
     from transformers import AutoConfig

@@ -63,6 +63,8 @@ def test_prepare_checks_the_output_against_its_mode(corpus: Path, tmp_path: Path
     assert resumed.previous["attempts"] == [{"attempt": 1}]
     with pytest.raises(ConfigError, match=r"cannot resume .*pruning.keep: 128 then, 64 now"):
         prepare(_cfg(corpus, out, **{"output.mode": "resume", "pruning.keep": 64}))
+    with pytest.raises(ConfigError, match=r"cannot resume .*input.jpeg_draft_margin: 2.0 then, None now"):
+        prepare(_cfg(corpus, out, **{"output.mode": "resume", "input.jpeg_draft_margin": None}))
 
 
 def test_the_manifest_sections_come_from_the_summary_fields() -> None:
@@ -76,7 +78,8 @@ def test_the_manifest_sections_come_from_the_summary_fields() -> None:
         "duplicate_ids": 0, "truncated_prompts": 2,
     }
     assert sections["visual_tokens"] == {"mean_in": 0.0, "mean_kept": 64.0, "kept": {}, "energy_explained": {}}
-    assert set(sections) == {"rows", "visual_tokens"}
+    assert sections["stages"] == {"busy_seconds": {}, "bound_by": None}
+    assert set(sections) == {"rows", "visual_tokens", "stages"}
     json.dumps(summary.as_dict())  # the CLI prints it as JSON
 
 

@@ -478,3 +478,56 @@ def test_adaptive_run_plans_the_corpus_from_its_kept_token_distribution(tmp_path
     assert float(a["saving_vs_keep_all"]) == pytest.approx(1 - float(a["total_usd"]) / float(keep_all["total_usd"]))
     assert f"| resprune | 112 | estimate, kept tokens: distribution of {run} (energy 0.999, 16 to keep 192) | vllm | 8 | " \
            "64 / 192 |" in planned.stdout
+
+
+def test_cpu_side_follows_the_cpu_table(tmp_path: Path) -> None:
+    """Cores per GPU and the CPU-bound flag follow from the CPU table given (--cpu-table): the same plan
+    with only the table's 1280x960 figure changed goes from fed to CPU-bound at 128 kept (the faster GPU
+    rate) while keep-all stays fed; sizes between measured ones are interpolated; measured rows stay empty."""
+    from pipeline.cost import cpu_side
+
+    cfg = load_config(REPO / "configs/llava-1.5-7b.yaml")
+    given = cpu_side.prepare_cores_per_gpu(cfg)  # prepare_stage at full size over the GPU pools' 16 GPUs
+    assert given == pytest.approx(cfg.prepare_stage.max_pool_size * min(cfg.prepare_stage.num_cpus, 1) / 16)
+    run = _hand_run(tmp_path / "run", method="resprune", keep=128, usd=2e-5, engine="vllm")
+
+    def plan(ms: float, size: str = "1280x960") -> tuple[list[dict], subprocess.CompletedProcess]:
+        table = {"measured": {"date": "2026-12-01", "machine": "test box", "command": "by hand",
+                              "jpeg_draft_margin": 2.0},
+                 "prepare_ms": {"llava": {"640x480": 10.0, "1280x960": ms, "4032x3024": 200.0}}}
+        out = tmp_path / f"{ms:g}-{size}"
+        out.mkdir()
+        (out / "cpu.yaml").write_text(yaml.safe_dump(table))
+        proc = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", str(IMAGES),
+                      "--budgets", "576,128", "--image-size", size, "--cpu-table", str(out / "cpu.yaml"),
+                      "--generated-tokens", "32", "--runs", str(run), "--out", str(out / "plan")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _rows(out / "plan"), proc
+
+    flags = {}
+    for ms in (20.0, 40.0):
+        rows, proc = plan(ms)
+        estimates = [r for r in rows if r["estimated"] == "True"]
+        for r in estimates:
+            ips = float(r["images_per_second_per_gpu"])
+            assert float(r["prepare_ms_per_image"]) == ms
+            assert float(r["cpu_cores_per_gpu"]) == pytest.approx(ms * ips / 1000)
+            assert float(r["cpu_images_per_second_per_gpu"]) == pytest.approx(given * 1000 / ms)
+            assert r["cpu_bound"] == str(float(r["cpu_images_per_second_per_gpu"]) < ips)
+        flags[ms] = [(int(r["keep"]), r["cpu_bound"]) for r in estimates]
+        [measured] = [r for r in rows if r["estimated"] == "False"]
+        assert all(measured[c] == "" for c in ("prepare_ms_per_image", "cpu_cores_per_gpu",
+                                               "cpu_images_per_second_per_gpu", "cpu_bound"))
+        md = (tmp_path / f"{ms:g}-1280x960" / "plan" / "plan.md").read_text()
+        assert "CPU side: preparing a 1280x960 image" in md and "measured 2026-12-01 on test box" in md
+    # 32 tokens: 28 (keep-all) and 60 (128 kept) img/s per GPU. 20 ms: 1.56 cores per GPU prepare 78 img/s,
+    # above both; 40 ms: 39 img/s, between them.
+    assert flags == {20.0: [(576, "False"), (128, "False")], 40.0: [(576, "False"), (128, "True")]}
+    assert "| 40 | " in proc.stdout and "| yes |" in proc.stdout and "| no |" in proc.stdout
+    # 960x720 lies 0.417 of the way (in pixels) from 640x480 to 1280x960: the figure in between.
+    rows, _ = plan(40.0, "960x720")
+    want = 10 + (960 * 720 - 640 * 480) / (1280 * 960 - 640 * 480) * 30
+    assert [float(r["prepare_ms_per_image"]) for r in rows if r["estimated"] == "True"] == [pytest.approx(want)] * 2
+    bad = _plan(["--model", "configs/llava-1.5-7b.yaml", "--accelerator", "h100-sxm", "--images", "10",
+                 "--cpu-table", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--cpu-table" in bad.stderr

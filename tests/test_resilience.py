@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.io.images import decode_image
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
 from pipeline.io.schema import ERROR_KINDS
@@ -134,6 +136,13 @@ def test_hostile_input_and_injected_faults_lose_nothing(tmp_path: Path, tiny_lla
         assert kind == expected_errors.get(rid, ""), (rid, r["error"])
         assert bool(r["answer"]) == (not kind)
     assert rows[poisoned]["error"].startswith("encode failed: InjectedFault")
+    # Image errors come from the CPU preparation stage, worded exactly as pipeline.io.images words them.
+    inputs = {r["id"]: r for r in pads.dataset(tmp_path / "in").to_table().to_pylist() if r["id"] in rows}
+    for rid, r in rows.items():
+        said = decode_image(inputs[rid]["image"], 1_000_000, 8)
+        if isinstance(said, str) and not expected_errors.get(rid, "").endswith("prompt"):
+            assert re.sub("0x[0-9a-f]+", "0x", r["error"]) == re.sub("0x[0-9a-f]+", "0x", said), rid  # PIL names a buffer
+        assert (r["prepare_ms"] > 0) == (not r["error"] or r["error"].startswith(("encode failed", "prompt too long")))
     assert "prompt too long: " in next(r["error"] for r in rows.values() if r["error"].startswith("prompt too long"))
     assert summary["input_rows"] == 27 and summary["expected_rows"] == 24 == summary["output_rows"]
     assert summary["dropped"] == {"missing id": 2, "repeated id": 1}

@@ -14,6 +14,7 @@ from pipeline.config import (
     GenerationConfig,
     InputConfig,
     ModelConfig,
+    PrepareStageConfig,
     PruningConfig,
     StageConfig,
     TextStageConfig,
@@ -26,6 +27,7 @@ from pipeline.pruning import gate, relevance, resprune_select
 from pipeline.stages.common import map_splitting_failures
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.prepare import PrepareStage
 from pipeline.io.images import decode_image
 from pipeline.stages.text import TextStage
 from pipeline.tiny.shapes_world import make_rows
@@ -54,14 +56,28 @@ def text_out(batch: dict) -> dict:
     return TextStage(TextStageConfig())(dict(batch))
 
 
+def _copy(batch: dict) -> dict:
+    return {k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in batch.items()}
+
+
+def _prepared(model: ModelConfig, batch: dict, inputs: InputConfig | None = None) -> dict:
+    """``batch`` through the CPU preparation stage (decode + the processor's resize), as the job does."""
+    return PrepareStage(model, inputs or InputConfig(path="x"), PrepareStageConfig())(_copy(batch))
+
+
+@pytest.fixture(scope="module")
+def prepare_out(tiny_llava: str, text_out: dict) -> dict:
+    return _prepared(MODEL, text_out, InputConfig(path="x", max_image_pixels=1_000_000))
+
+
 @pytest.fixture(scope="module")
 def encode_stage(tiny_llava: str) -> EncodeStage:
-    return EncodeStage(MODEL, PruningConfig(keep=32), InputConfig(path="x", max_image_pixels=1_000_000), StageConfig())
+    return EncodeStage(MODEL, PruningConfig(keep=32), StageConfig())
 
 
 @pytest.fixture(scope="module")
-def encode_out(encode_stage: EncodeStage, text_out: dict) -> dict:
-    return encode_stage({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in text_out.items()})
+def encode_out(encode_stage: EncodeStage, prepare_out: dict) -> dict:
+    return encode_stage(_copy(prepare_out))
 
 
 def test_text_stage(text_out: dict) -> None:
@@ -73,6 +89,20 @@ def test_text_stage(text_out: dict) -> None:
     assert set(text_out["extractor"]) == {"heuristic:spacy-blank-en"}
 
 
+def test_prepare_stage_row_errors_and_compact_pixels(prepare_out: dict) -> None:
+    """Image errors come from the CPU stage, worded by pipeline.io.images; good rows carry uint8
+    pixels at the model's input size (a quarter of the float32 the processor would emit)."""
+    errors = list(prepare_out["error"])
+    assert errors[2].startswith("corrupt image: ") and errors[4] == "missing image: null"
+    assert errors[3] == "image too large: 1200x1000 = 1200000 pixels > input.max_image_pixels = 1000000"
+    assert "image" not in prepare_out
+    assert [bool(b) for b in prepare_out["prepared_image"]] == [True, False, False, False, False, True]
+    pixels = payload_from_bytes(prepare_out["prepared_image"][0])["pixels"]
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (1, 3, 336, 336)
+    assert len(prepare_out["prepared_image"][0]) < 1.01 * pixels.numel() < 4 * pixels.numel()
+    assert prepare_out["prepare_ms"][0] > 0 and prepare_out["prepare_ms"][2] == 0
+
+
 def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_out: dict, text_out: dict) -> None:
     errors = list(encode_out["error"])
     assert errors[0] == "" and errors[5] == ""
@@ -80,7 +110,7 @@ def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_o
     assert errors[2].startswith("corrupt image: ")
     assert errors[3] == "image too large: 1200x1000 = 1200000 pixels > input.max_image_pixels = 1000000"
     assert errors[4] == "missing image: null"
-    assert "image" not in encode_out
+    assert "image" not in encode_out and "prepared_image" not in encode_out
     assert list(encode_out["visual_tokens_in"]) == [576, 0, 0, 0, 0, 576]
     assert list(encode_out["visual_tokens_kept"]) == [32, 0, 0, 0, 0, 32]
     assert encode_out["relevance_min"][1] is None
@@ -99,9 +129,9 @@ def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_o
 
 @pytest.mark.parametrize(("method", "kept"), [("none", 576), ("divprune", 40), ("score_topk", 40), ("random", 40)])
 def test_encode_stage_methods(tiny_llava: str, text_out: dict, method: str, kept: int) -> None:
-    stage = EncodeStage(MODEL, PruningConfig(method=method, keep=40), InputConfig(path="x"), StageConfig())
+    stage = EncodeStage(MODEL, PruningConfig(method=method, keep=40), StageConfig())
     one = {k: v[:1].copy() if isinstance(v, np.ndarray) else list(v[:1]) for k, v in text_out.items()}
-    out = stage(one)
+    out = stage(_prepared(MODEL, one))
     assert out["visual_tokens_kept"][0] == kept and out["method"][0] == method
     assert out["kept_indices"][0] == sorted(out["kept_indices"][0])
     assert out["relevance_mean"][0] is None  # only text-guided methods compute relevance
@@ -212,10 +242,10 @@ def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_ou
     tokens (in the row's payload, with its grid), and the decode stage hands them to the LLM: its
     answers are the HF engine's on exactly those rows (and another family's rows carry no payload)."""
     model = ModelConfig(path="tiny:qwen3_vl", device="cpu")
-    encode = EncodeStage(model, PruningConfig(prune_ratio=0.75), InputConfig(path="x"), StageConfig())
+    encode = EncodeStage(model, PruningConfig(prune_ratio=0.75), StageConfig())
     rows = [0, 5]  # two valid rows of different image sizes
     two = {k: v[rows].copy() if isinstance(v, np.ndarray) else [v[i] for i in rows] for k, v in text_out.items()}
-    out = encode(two)
+    out = encode(_prepared(model, two))
     images = [Image.open(io.BytesIO(text_out["image"][i])).convert("RGB") for i in rows]
     enc = encode.adapter.encode(images)
     assert enc.features[0].shape[0] != enc.features[1].shape[0]

@@ -72,14 +72,15 @@ from pipeline.models.sources import resolve_model_path
 from pipeline.stages.common import Batch, limit_torch_threads
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.text import TextStage
 from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 REPO = Path(__file__).resolve().parents[2]
 # CPUs per actor on a 2-CPU machine: decode is the bottleneck, so it gets a whole core (one
-# torch thread); encode half a core (still one thread); text and the read/finalize tasks a
-# quarter each. 0.25 + 0.5 + 1.0 + 0.25 = 2.0, so every pool and one io task fit at once.
-STAGE_CPUS = {"text_stage": 0.25, "encode_stage": 0.5, "decode_stage": 1.0}
+# torch thread); encode (still one thread), text, prepare and the read/finalize tasks a quarter
+# each. 0.25 + 0.25 + 0.25 + 1.0 + 0.25 = 2.0, so every pool and one io task fit at once.
+STAGE_CPUS = {"text_stage": 0.25, "prepare_stage": 0.25, "encode_stage": 0.25, "decode_stage": 1.0}
 IO_CPUS = 0.25
 TARGET_PRUNE_SPEEDUP = 2.0
 TARGET_PIPELINE_EFFICIENCY = 0.8
@@ -154,7 +155,8 @@ def time_stages(cfg: JobConfig, data_dir: Path, decode_python: str | None = None
     figures: dict[str, dict[str, float]] = {}
     stages = [
         ("text", lambda: TextStage(cfg.text_stage), cfg.text_stage),
-        ("encode", lambda: EncodeStage(cfg.model, cfg.pruning, cfg.input, cfg.encode_stage), cfg.encode_stage),
+        ("prepare", lambda: PrepareStage(cfg.model, cfg.input, cfg.prepare_stage), cfg.prepare_stage),
+        ("encode", lambda: EncodeStage(cfg.model, cfg.pruning, cfg.encode_stage), cfg.encode_stage),
         ("decode", lambda: DecodeStage(cfg.model, cfg.generation, cfg.input, cfg.decode_stage), cfg.decode_stage),
     ]
     for name, make, stage_cfg in stages:
@@ -206,7 +208,7 @@ def run_pipeline(cfg: JobConfig, files: list[Path], timeout: int) -> dict[str, A
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
     window: list[tuple[tuple[float, float], dict[int, tuple[int, str, float]]]] = []  # first / last arrival
-    columns: dict[str, list] = {c: [] for c in ("error", "decode_ms", "encode_ms", "prune_ms", "text_ms",
+    columns: dict[str, list] = {c: [] for c in ("error", "decode_ms", "encode_ms", "prune_ms", "text_ms", "prepare_ms",
                                                "visual_tokens_kept", "prompt_tokens", "generated_tokens")}
     with deadline(timeout, f"pipeline {cfg.pruning.method}/{cfg.pruning.keep}"):
         # One block per file: Ray would otherwise merge small files into fewer, larger read
@@ -270,6 +272,7 @@ def run_pipeline(cfg: JobConfig, files: list[Path], timeout: int) -> dict[str, A
         "end_to_end_images_per_s": rows / (end - start),
         "decode_utilisation": busy("decode_ms") / steady_s if steady_s > 0 else float("nan"),
         "encode_utilisation": busy("encode_ms", "prune_ms") / steady_s if steady_s > 0 else float("nan"),
+        "prepare_utilisation": busy("prepare_ms") / steady_s if steady_s > 0 else float("nan"),
         # Per-batch work rate inside the pipeline (busy time only): compare with the stage alone.
         "decode_images_per_busy_s": rows / (sum(columns["decode_ms"]) / 1e3),
         "encode_images_per_busy_s": rows / (sum(columns["encode_ms"] + columns["prune_ms"]) / 1e3),
@@ -400,7 +403,7 @@ def main() -> None:
     print(
         f"model={cfg.model.path} rows={n_rows} per kind, files={len(list(data_dirs['vqa'].glob('*.parquet')))} "
         f"batch_size={args.batch_size} max_new_tokens per kind {lengths} "
-        f"cpus: text {cfg.text_stage.num_cpus} encode {cfg.encode_stage.num_cpus} decode {cfg.decode_stage.num_cpus} "
+        f"cpus: text {cfg.text_stage.num_cpus} prepare {cfg.prepare_stage.num_cpus} encode {cfg.encode_stage.num_cpus} decode {cfg.decode_stage.num_cpus} "
         f"io {cfg.ray.io_num_cpus} (ray.num_cpus={cfg.ray.num_cpus}); pruned = resprune keep {args.keep}, "
         f"keep-all = none keep 576; engines: "
         + ", ".join(f"{e} ({v['package']} {v['version']})" for e, v in environments.items())

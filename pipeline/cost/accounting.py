@@ -34,6 +34,7 @@ class StageBilling:
     num_cpus: float
     num_gpus: float
     pool_size: int
+    max_pool_size: int  # the most actors the pool may grow to (pool_size when fixed)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class CostModel:
             shapes=shapes,
             kv_bytes_per_element=kv_bytes_per_element,
             stages=tuple(
-                StageBilling(name, STAGE_TIME_COLUMNS[name], s.num_cpus, s.num_gpus, s.pool_size)
+                StageBilling(name, STAGE_TIME_COLUMNS[name], s.num_cpus, s.num_gpus, s.pool_size,
+                             s.max_pool_size or s.pool_size)
                 for name, s in cfg.stages().items()
             ),
             accelerator=cfg.cost.accelerator,
@@ -118,7 +120,9 @@ class CostModel:
 
     def run_totals(self, rows: list[dict[str, Any]], wall_seconds: float, io_num_cpus: float) -> dict[str, Any]:
         """Totals and means of every cost column over the answered rows, each stage's busy time
-        and throughput, and the run's reservation (actors started up front x wall time)."""
+        and throughput, the stage that bounded the run, and the run's reservation (actors started
+        up front x wall time). The bound is the stage with the most busy time per actor of its
+        largest pool: the one whose actors had the least idle time to give."""
         ok = [r for r in rows if not r["error"]]
         totals = {c: sum(r[c] for r in ok) for c in COST_COLUMNS}
         stages = {}
@@ -126,8 +130,11 @@ class CostModel:
             busy = sum(r[c] for r in ok for c in s.time_columns) / 1e3
             stages[s.name] = {
                 "num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "pool_size": s.pool_size,
-                "busy_seconds": busy, "images_per_second": len(ok) / busy if busy > 0 else None,
+                "max_pool_size": s.max_pool_size, "busy_seconds": busy,
+                "busy_seconds_per_actor": busy / s.max_pool_size,
+                "images_per_second": len(ok) / busy if busy > 0 else None,
             }
+        busiest = max(stages, key=lambda name: stages[name]["busy_seconds_per_actor"]) if ok else None
         gpus = sum(s.pool_size * s.num_gpus for s in self.stages)
         cpus = io_num_cpus + sum(s.pool_size * s.num_cpus for s in self.stages)
         cpu_only = io_num_cpus + sum(s.pool_size * s.num_cpus for s in self.stages if s.num_gpus == 0)
@@ -144,6 +151,7 @@ class CostModel:
             "totals": totals,
             "mean_per_image": {c: (v / len(ok) if ok else None) for c, v in totals.items()},
             "stages": stages,
+            "bound_by": busiest,
             "reserved": {
                 "gpus": gpus, "cpus": cpus, "wall_seconds": wall_seconds,
                 "gpu_seconds": gpus * wall_seconds, "cpu_seconds": cpus * wall_seconds, "usd": reserved_usd,

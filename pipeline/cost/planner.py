@@ -30,6 +30,13 @@ corpus generates ~5-10x the tokens of a VQA one, which moves an image's cost fro
 length, so pruning shrinks them only through the KV cache): the plan has to know which corpus
 it is planning.
 
+The CPU side (``add_cpu_side``, ``pipeline.cost.cpu_side``): the preparation stage's CPU ms per
+image of the planned size, from the measured table (``configs/cpu_prepare.yaml``), turned into
+the cores that keep one GPU fed at each row's images/s per GPU (prepare_ms x images/s / 1000),
+the images/s per GPU the config's preparation pool allows (its cores at full size, each actor
+min(num_cpus, 1), over the GPUs of the GPU pools at full size: cores x 1000 / prepare_ms), and a
+CPU-bound flag when that is below the GPU's rate.
+
 Measured rows come from a run's ``_manifest.json``: GPU-seconds and dollars per image are the
 means of the per-row columns; a stage's images/s is answered rows / that stage's busy time; the
 engine is the one the run's decode stage used (``engine.name``; older manifests: the config's
@@ -83,6 +90,15 @@ class PlanRow:
     kept_p50: float | None = None
     kept_p90: float | None = None
     kept_from: str = "budget"
+    # The CPU side (estimates; null on measured rows and where the CPU table lacks the family): the
+    # preparation stage's CPU ms for the planned image size, the cores that keep one GPU fed at this
+    # row's images/s per GPU, the images/s per GPU the config's preparation pool allows (its cores at
+    # full size shared among the GPU pools' GPUs at full size; null for a config without GPU pools),
+    # and whether that is below the GPU's rate (the plan is CPU-bound).
+    prepare_ms_per_image: float | None = None
+    cpu_cores_per_gpu: float | None = None
+    cpu_images_per_second_per_gpu: float | None = None
+    cpu_bound: bool | None = None
 
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
@@ -322,6 +338,38 @@ def generated_tokens_for_estimates(given: int | None, runs: list[str], assumed: 
         f"--generated-tokens, or --runs of a corpus like the one planned, to plan for its answer lengths).")
 
 
+def add_cpu_side(rows: list[PlanRow], prepare_ms: float, cores_given_per_gpu: float | None) -> None:
+    """Fill the CPU-side columns of the estimate rows (measured rows keep them null) for images
+    that take ``prepare_ms`` CPU ms each to prepare, the config's preparation pool giving each GPU
+    ``cores_given_per_gpu`` cores (``cpu_side.prepare_cores_per_gpu``; None: no GPU pools, so no
+    rate and no flag)."""
+    from .cpu_side import cores_per_gpu, cpu_images_per_second
+
+    for row in rows:
+        if not row.estimated or row.images_per_second_per_gpu is None:
+            continue
+        row.prepare_ms_per_image = prepare_ms
+        row.cpu_cores_per_gpu = cores_per_gpu(prepare_ms, row.images_per_second_per_gpu)
+        if cores_given_per_gpu is not None:
+            row.cpu_images_per_second_per_gpu = cpu_images_per_second(prepare_ms, cores_given_per_gpu)
+            row.cpu_bound = row.cpu_images_per_second_per_gpu < row.images_per_second_per_gpu
+
+
+def cpu_side_note(table_source: str, table_path: str, family: str, size: str, prepare_ms: float | None,
+                  prepare_cores: float, gpus: float) -> str:
+    """The plan's note on its CPU-side columns: where the table came from and what the config's
+    preparation pool gives each GPU."""
+    if prepare_ms is None:
+        return (f"CPU side: {table_path} ({table_source}) has no figures for family {family}: the CPU columns "
+                f"are empty.")
+    pool = (f"the config's prepare_stage gives {prepare_cores:g} cores at full size (max_pool_size x min(num_cpus, "
+            f"1)) to the {gpus:g} GPUs of its GPU pools at full size, {prepare_cores / gpus:.3g} per GPU"
+            if gpus else "the config has no GPU pools, so no CPU rate per GPU and no CPU-bound flag")
+    return (f"CPU side: preparing a {size} image (decode + the processor's resize, one thread) takes "
+            f"{prepare_ms:.3g} CPU ms ({table_path}, {table_source}); CPU cores/GPU = that x img/s/GPU / 1000 "
+            f"keeps one GPU fed; {pool}; CPU-bound: the pool's images/s per GPU below the GPU's.")
+
+
 def add_savings(rows: list[PlanRow]) -> None:
     """saving_vs_keep_all against the keep-all row of the same model, accelerator, kind (estimate /
     measured) and decode engine; null when there is none."""
@@ -348,7 +396,8 @@ def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes:
 
 def table(rows: list[PlanRow]) -> str:
     head = ["model", "accelerator", "method", "keep", "kind", "engine", "gen tok", "kept p50 / p90", "TFLOP/img", "prefill TFLOP",
-            "decode TFLOP", "decode share", "KV MB", "img/s/GPU", "$/1k img", "wall h", "total $", "saving"]
+            "decode TFLOP", "decode share", "KV MB", "img/s/GPU", "$/1k img", "wall h", "total $", "saving",
+            "prep ms/img", "CPU cores/GPU", "CPU img/s/GPU", "CPU-bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -360,6 +409,8 @@ def table(rows: list[PlanRow]) -> str:
             _fmt(r.images_per_second_per_gpu), f"{r.usd_per_1k_images:.4g}", f"{r.wall_hours:.4g}",
             f"{r.total_usd:,.0f}" if r.total_usd >= 100 else f"{r.total_usd:.4g}",
             "" if r.saving_vs_keep_all is None else f"{100 * r.saving_vs_keep_all:.1f} %",
+            _fmt(r.prepare_ms_per_image), _fmt(r.cpu_cores_per_gpu), _fmt(r.cpu_images_per_second_per_gpu),
+            "-" if r.cpu_bound is None else ("yes" if r.cpu_bound else "no"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Image bytes -> one 8-bit RGB image, or the reason the row cannot use it.
 
-decode_image(data, max_pixels, min_side) returns a fully loaded RGB PIL image or "<kind>: <detail>".
+decode_image(data, max_pixels, min_side, draft) returns a fully loaded RGB PIL image or "<kind>: <detail>".
 The contract, one rule a line:
     None, a non-bytes value or 0 bytes -> "missing image: null" / "...: not bytes (<type>)" / "...: 0 bytes"
     bytes, bytearray, memoryview and numpy byte strings (np.bytes_) are all accepted as bytes
@@ -10,6 +10,10 @@ The contract, one rule a line:
     PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) hit first -> "image too large: PIL: <message>"
     either side < min_side -> "image too small: WxH < input.min_image_side = S"
     animated images (GIF, WebP, APNG) -> the first frame
+    draft(w, h) given and a JPEG (or an MPO: a camera JPEG carrying extra pictures): decoded at the smallest
+        DCT scale (1/2, 1/4, 1/8) that leaves each side at least the size draft returns for the header's size
+        (``PIL.Image.draft``; the checks above use the header, so no error changes), then EXIF-rotated as
+        below; other formats ignore it
     EXIF orientation is applied (the image as a viewer shows it); a broken EXIF block is ignored
     RGB -> as is
     L, 1, CMYK, YCbCr, LAB, HSV, P without transparency -> PIL's convert("RGB")
@@ -22,7 +26,9 @@ The contract, one rule a line:
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -78,8 +84,12 @@ def _to_rgb(img: Image.Image) -> Image.Image | str:
         return f"unsupported image mode: {mode}"
 
 
-def decode_image(data: object, max_pixels: int, min_side: int) -> Image.Image | str:
-    """A fully loaded 8-bit RGB image, or "<kind>: <detail>" (becomes the row's error)."""
+def decode_image(
+    data: object, max_pixels: int, min_side: int, draft: Callable[[int, int], tuple[int, int]] | None = None,
+) -> Image.Image | str:
+    """A fully loaded 8-bit RGB image, or "<kind>: <detail>" (becomes the row's error). ``draft``:
+    (width, height) of the stored image -> the smallest (width, height) worth decoding (see
+    ``draft_target``); None decodes every pixel."""
     data = _as_bytes(data)
     if isinstance(data, str):
         return data
@@ -94,6 +104,9 @@ def decode_image(data: object, max_pixels: int, min_side: int) -> Image.Image | 
                 return f"image too large: {w}x{h} = {w * h} pixels > input.max_image_pixels = {max_pixels}"
             if min(w, h) < min_side:
                 return f"image too small: {w}x{h} < input.min_image_side = {min_side}"
+            # MPO: JPEG frame 0 plus a multi-picture block (many phone photos): the same decoder.
+            if draft is not None and img.format in ("JPEG", "MPO"):
+                img.draft(None, draft(w, h))  # the mode stays; the DCT scale is picked before any pixel is decoded
             img.load()  # truncated or broken pixel data raises here, not later in the encoder
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"image too large: PIL: {e}"[:_MAX_DETAIL]
@@ -104,3 +117,19 @@ def decode_image(data: object, max_pixels: int, min_side: int) -> Image.Image | 
     except Exception:  # noqa: BLE001, S110 - a broken EXIF block only loses the rotation
         pass
     return _to_rgb(img)
+
+
+def draft_target(
+    input_size: Callable[[int, int], tuple[int, int]], margin: float
+) -> Callable[[int, int], tuple[int, int]]:
+    """``decode_image``'s ``draft``: a stored ``w`` x ``h`` image may be decoded down to ``margin``
+    times the size the model's processor resizes it to (``input_size``), taken for both
+    orientations (an EXIF rotation swaps the sides after decoding), so the processor's own
+    resize always starts from at least ``margin`` x its output (PIL's ``thumbnail`` uses 2)."""
+
+    def target(w: int, h: int) -> tuple[int, int]:
+        a_w, a_h = input_size(w, h)
+        b_h, b_w = input_size(h, w)  # rotated: the processor sees h x w; its output's sides swap back
+        return min(w, math.ceil(margin * max(a_w, b_w))), min(h, math.ceil(margin * max(a_h, b_h)))
+
+    return target

@@ -13,7 +13,8 @@ skipped_already_done, written_this_attempt, missing_ids, duplicate_ids, truncate
 ``visual_tokens`` (mean_in, mean_kept, and per answered image ``kept`` and ``energy_explained``:
 mean, p50, p90, min, max; ``pipeline.pruning.per_image_stats``), ``model`` (configured and
 resolved path, family, dtype), ``engine`` (the decode engine: name,
-package, version, the interpreter its actors ran in), ``cost``
+package, version, the interpreter its actors ran in), ``warnings`` (what the plan warned of, e.g.
+a preparation pool that cannot feed the GPU pools: ``pipeline.plan.check_prepare_pool``), ``cost``
 (see ``pipeline.cost.accounting.CostModel.run_totals``: accelerator, prices with sources,
 FLOP convention, shapes, totals and mean per image of every cost column, per-stage busy time
 and images/s, the run's reservation and the share of it the rows account for).

@@ -8,7 +8,8 @@ Output (Parquet, one row per input row, never the image bytes):
     answer              generated text ("" when the row has an error)
     error               "" when fine, else "<kind>: <detail>"; kinds: missing prompt, invalid prompt,
                         prompt too long, missing image, corrupt image, image too large, image too
-                        small, unsupported image mode, encode failed, decode failed (ERROR_KINDS)
+                        small, unsupported image mode, prepare failed, encode failed, decode failed
+                        (ERROR_KINDS)
     method              pruning method
     keep                the budget applied to this row: pruning.keep capped at the row's
                         visual_tokens_in, or visual_tokens_in less pruning.prune_ratio of them
@@ -30,7 +31,8 @@ Output (Parquet, one row per input row, never the image bytes):
     generated_tokens    tokens generated (up to and including EOS)
     prompt_truncated    the prompt was over the limit and cut to its first tokens (input.long_prompt:
                         truncate); `prompt` still holds it as read
-    text_ms, encode_ms, prune_ms, decode_ms   stage wall time per row (batch time / rows)
+    text_ms, prepare_ms, encode_ms, prune_ms, decode_ms   stage wall time per row (batch time / rows);
+                        prepare_ms: decoding the image and the CPU's share of the image processor
 
 Cost columns (null on error rows; see pipeline/cost/flops.py for the FLOP convention):
     flops_vision        vision encoder (patch embedding + every layer that runs) + projector
@@ -59,7 +61,7 @@ INPUT_COLUMNS = ("id", "image", "prompt")
 ERROR_KINDS = (
     "missing prompt", "invalid prompt", "prompt too long",  # text stage; prompt too long: decode stage
     *IMAGE_ERROR_KINDS,  # pipeline/io/images.py
-    "encode failed", "decode failed",  # the model raised on this row alone
+    "prepare failed", "encode failed", "decode failed",  # the image processor or the model raised on this row alone
 )
 
 OUTPUT_SCHEMA = pa.schema(
@@ -84,6 +86,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("generated_tokens", pa.int32()),
         ("prompt_truncated", pa.bool_()),
         ("text_ms", pa.float32()),
+        ("prepare_ms", pa.float32()),
         ("encode_ms", pa.float32()),
         ("prune_ms", pa.float32()),
         ("decode_ms", pa.float32()),
@@ -106,11 +109,12 @@ COST_COLUMNS = (
 )
 STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (billed at their reservation)
     "text_stage": ("text_ms",),
+    "prepare_stage": ("prepare_ms",),
     "encode_stage": ("encode_ms", "prune_ms"),
     "decode_stage": ("decode_ms",),
 }
 # Internal columns that never reach the output.
-DROPPED = ("image", "visual_kept", "visual_payload")
+DROPPED = ("image", "prepared_image", "visual_kept", "visual_payload")
 
 
 def _py(value: Any) -> Any:

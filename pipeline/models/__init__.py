@@ -19,9 +19,12 @@ from .base import (
     HFInputs,
     Part,
     Payload,
+    Prepared,
     VisionLanguageAdapter,
+    from_wire,
     payload_bytes,
     payload_from_bytes,
+    to_wire,
 )
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -64,15 +67,17 @@ def token_counts(path: str, cfg: ModelConfig, width: int, height: int, family: s
 
 def load_adapter(cfg: ModelConfig, part: Part, source: Location | None = None) -> VisionLanguageAdapter:
     """The family adapter for ``part`` of ``cfg.path`` (``source``: that path located with the
-    job's storage settings), resolved on this node (``sources``)."""
+    job's storage settings), resolved on this node (``sources``; the "image" part needs only the
+    checkpoint's JSON files)."""
     from .sources import resolve_model_path
 
-    path = resolve_model_path(source or cfg.path)
+    path = resolve_model_path(source or cfg.path, metadata_only=part == "image")
     family = detect_family(path) if cfg.family == "auto" else cfg.family
     return ADAPTERS[family](cfg, path, part)
 
 
 __all__ = [
-    "ADAPTERS", "DecodeRequest", "EncodedImages", "Generation", "HFInputs", "Part", "Payload", "VisionLanguageAdapter",
-    "detect_family", "load_adapter", "model_shapes", "payload_bytes", "payload_from_bytes", "token_counts",
+    "ADAPTERS", "DecodeRequest", "EncodedImages", "Generation", "HFInputs", "Part", "Payload", "Prepared",
+    "VisionLanguageAdapter", "detect_family", "from_wire", "load_adapter", "model_shapes", "payload_bytes",
+    "payload_from_bytes", "to_wire", "token_counts",
 ]

@@ -3,7 +3,14 @@
 A family adapter owns every transformers call for its family, so a transformers upgrade
 changes one file. The stages see plain tensors and one opaque per-image ``Payload``:
 
-- ``encode(images)`` -> visual tokens in the LLM input-embedding space, per image [N_i, D]
+- ``prepare_image(image)`` -> the image as the CPU preparation stage hands it to the GPU: the
+  pixel-count-dependent part of the family's image processor (resize, crop, pad, tiles) done,
+  as uint8 pixels at the model's input geometry plus what else the family needs (``Prepared``);
+  ``input_size(width, height)`` -> the size those pixels are resized to (for draft decoding);
+- ``encode_prepared(prepared)`` -> from prepared images: the processor's rescale and normalise
+  (``PixelLUT``: exactly its arithmetic, as a lookup on the device), patchify, vision tower,
+  projector; ``encode(images)`` is both steps in one process (tests, benchmarks):
+  visual tokens in the LLM input-embedding space, per image [N_i, D]
   (exactly the tokens the stock model would hand its LLM, in the same order), plus optional
   per-token seed scores (LLaVA: CLS attention) [N_i], the number of patches the vision encoder
   ran over (for FLOP counts) and the family's payload: whatever else its decoding needs
@@ -36,14 +43,21 @@ if TYPE_CHECKING:  # annotations only: the adapters import without pydantic or P
 
     from pipeline.config import ModelConfig
 
-# "vision": encoder + projector; "language": the LLM for HF decoding; "prompt": tokenizer, chat
-# template and config only (no weights), for engines that load the LLM themselves (vLLM).
-Part = Literal["vision", "language", "prompt"]
+# "image": the image processor and config only, for the CPU preparation stage; "vision": encoder +
+# projector; "language": the LLM for HF decoding; "prompt": tokenizer, chat template and config
+# only (no weights), for engines that load the LLM themselves (vLLM).
+Part = Literal["image", "vision", "language", "prompt"]
 
 # Per image, what a family needs besides its kept tokens to decode them, as named tensors only
 # its adapter and engine bindings read (the keys are the family's, documented in its module);
 # {} for families that need nothing else (LLaVA).
 Payload = dict[str, Tensor]
+
+# Per image, what the CPU preparation stage hands the GPU encode stage (``prepare_image``): the
+# processor's geometric work done, uint8 "pixels" at the model's input size (4x smaller than the
+# float32 the processor would emit) and the family's small extras; crosses Ray as ``payload_bytes``
+# (numpy arrays from ``prepare_image``, tensors after ``payload_from_bytes``: adapters take either).
+Prepared = dict[str, "np.ndarray | Tensor"]
 
 
 @dataclass
@@ -85,22 +99,59 @@ class HFInputs:
     extra: dict[str, Any] = field(default_factory=dict)  # further ``generate`` keywords for the whole batch
 
 
-def payload_bytes(payload: Payload) -> bytes:
-    """A payload as bytes for a dataset column (numpy's npz, no pickle); b"" when empty."""
+def to_wire(t: Tensor | np.ndarray) -> np.ndarray:
+    """A tensor as a numpy array for a dataset column, in its own dtype: bfloat16, which numpy
+    lacks, travels as its 16-bit patterns (uint16), so tokens cross in the model's dtype, not float32."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach().cpu()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_wire(a: np.ndarray) -> Tensor:
+    """The inverse of ``to_wire`` (uint16 is read back as bfloat16: no payload holds real uint16)."""
+    t = torch.from_numpy(a if a.flags.writeable else np.array(a))  # from_numpy warns on read-only buffers
+    return t.view(torch.bfloat16) if t.dtype == torch.uint16 else t
+
+
+def payload_bytes(payload: Payload | Prepared) -> bytes:
+    """A payload (or a prepared image) as bytes for a dataset column (numpy's npz, uncompressed,
+    no pickle; ``to_wire`` dtypes); b"" when empty."""
     if not payload:
         return b""
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: t.detach().cpu().numpy() for name, t in payload.items()})
+    np.savez(buffer, **{name: to_wire(t) for name, t in payload.items()})
     return buffer.getvalue()
 
 
 def payload_from_bytes(data: bytes) -> Payload:
-    """The inverse of ``payload_bytes``."""
+    """The inverse of ``payload_bytes``, as tensors."""
     if not len(data):
         return {}
     with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as arrays:
-        # np.array copies: torch.from_numpy would share (and warn about) a read-only buffer.
-        return {name: torch.from_numpy(np.array(arrays[name])) for name in arrays.files}
+        return {name: from_wire(arrays[name]) for name in arrays.files}
+
+
+class PixelLUT:
+    """An image processor's rescale + normalise as a [C, 256] lookup table of uint8 -> float32,
+    built by running the processor's own ``rescale``/``normalize`` on every value of every channel
+    (so equal to its output bit for bit: they are elementwise), applied on the model's device.
+    The GPU actor then does no per-pixel float work on the host."""
+
+    def __init__(self, image_processor: object, device: torch.device) -> None:
+        ip = image_processor
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()  # [C, H=1, W=256]
+        x = ip.rescale(values, ip.rescale_factor) if ip.do_rescale else values.astype(np.float32)
+        if ip.do_normalize:
+            x = ip.normalize(x, ip.image_mean, ip.image_std)
+        self.table = torch.from_numpy(np.ascontiguousarray(x[:, 0, :], dtype=np.float32)).to(device)
+        self.offsets = (torch.arange(3, device=device) * 256).view(3, 1, 1)
+
+    def __call__(self, pixels: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
+        """uint8 [..., 3, H, W] (host or device) -> the processor's float pixels on the table's
+        device, cast to ``dtype``."""
+        u8 = torch.as_tensor(pixels).to(self.table.device, non_blocking=True)
+        return self.table.flatten()[u8.long() + self.offsets].to(dtype)
 
 
 class VisionLanguageAdapter(ABC):
@@ -134,7 +185,24 @@ class VisionLanguageAdapter(ABC):
         defaults apply), so the cost planner can estimate a corpus without loading weights."""
 
     @abstractmethod
-    def encode(self, images: list[Image.Image]) -> EncodedImages: ...
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image processor resizes a ``width`` x ``height`` image to (the
+        largest view the model sees): a JPEG may be decoded at a reduced scale down to this
+        times ``input.jpeg_draft_margin`` (``pipeline.io.images``). "image" part."""
+
+    @abstractmethod
+    def prepare_image(self, image: Image.Image) -> Prepared:
+        """An RGB image -> what ``encode_prepared`` takes: the image processor up to and excluding
+        rescale/normalise (and patchify), on the CPU. "image" and "vision" parts."""
+
+    @abstractmethod
+    def encode_prepared(self, prepared: list[Prepared]) -> EncodedImages:
+        """Prepared images (``prepare_image``) -> their visual tokens, exactly as ``encode`` of the
+        images would give. "vision" part."""
+
+    def encode(self, images: list[Image.Image]) -> EncodedImages:
+        """Prepare and encode in one process (what the stock processor + model do)."""
+        return self.encode_prepared([self.prepare_image(image) for image in images])
 
     @abstractmethod
     def chat_text(self, prompt: str) -> str:

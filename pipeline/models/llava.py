@@ -1,5 +1,7 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): every transformers touchpoint of the family.
 
+Prepare (CPU): the image processor's resize and centre crop (or LLaVA's pad to square, then
+resize) as uint8 [1, 3, S, S]; rescale and normalise run on the device (``PixelLUT``).
 Encode: CLIP vision tower (eager attention, so CLS attention probabilities are available)
 -> hidden layer ``vision_feature_layer`` (-2), CLS dropped -> projector -> [576, D].
 Seed scores: attention from CLS to each patch in the layer that produces that hidden state,
@@ -16,11 +18,21 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.cost.flops import ModelShapes, VisionShape
 
-from .base import DecodeRequest, EncodedImages, HFInputs, Part, VisionLanguageAdapter, decoder_shape, word_embeddings
+from .base import (
+    DecodeRequest,
+    EncodedImages,
+    HFInputs,
+    Part,
+    PixelLUT,
+    Prepared,
+    VisionLanguageAdapter,
+    decoder_shape,
+    word_embeddings,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,10 +49,14 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.tokenizer = self.processor.tokenizer
         self.config = AutoConfig.from_pretrained(path)
         self.image_token_id: int = self.config.image_token_id
+        # The PIL backend, the processor's reference: what the CPU stage runs, on every node.
+        self.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        if part == "image":
+            return
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
         if part == "prompt":
             return
         model = self.model_class.from_pretrained(
@@ -57,6 +73,7 @@ class LlavaAdapter(VisionLanguageAdapter):
             self.core = model.model.to(self.device)
             self.vision_tower = self.core.vision_tower
             self.projector = self.core.multi_modal_projector
+            self.pixel_lut = PixelLUT(self.image_processor, self.device)
         else:
             self.model = model.to(self.device)
 
@@ -87,14 +104,29 @@ class LlavaAdapter(VisionLanguageAdapter):
         patches = (vc.image_size // vc.patch_size) ** 2
         return patches + (config.vision_feature_select_strategy == "full"), patches
 
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """The shortest edge to ``size`` (CLIP, then cropped), or with ``do_pad`` (LLaVA's pad to
+        square) the longest edge to the crop size."""
+        ip = self.image_processor
+        if getattr(ip, "do_pad", False):
+            scale = ip.crop_size["height"] / max(width, height)
+        else:
+            scale = ip.size["shortest_edge"] / min(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def prepare_image(self, image: Image.Image) -> Prepared:
+        """``{"pixels": uint8 [1, 3, S, S]}``: the processor with rescale and normalise left out."""
+        out = self.image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")
+        return {"pixels": out["pixel_values"]}
+
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> EncodedImages:
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def encode_prepared(self, prepared: list[Prepared]) -> EncodedImages:
+        pixels = self.pixel_lut(torch.cat([torch.as_tensor(p["pixels"]) for p in prepared]), self.dtype)
         features, cls_attention = self.encode_views(pixels)
         patches = pixels.shape[-2] * pixels.shape[-1] // self.vision_tower.config.patch_size**2
         return EncodedImages(
-            features=list(features), seed_scores=list(cls_attention), encoder_patches=[patches] * len(images),
-            payloads=[{} for _ in images],
+            features=list(features), seed_scores=list(cls_attention), encoder_patches=[patches] * len(prepared),
+            payloads=[{} for _ in prepared],
         )
 
     def encode_views(self, pixels: Tensor) -> tuple[Tensor, Tensor]:

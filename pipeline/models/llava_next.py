@@ -1,5 +1,6 @@
 """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): every transformers touchpoint of the family.
 
+Prepare (CPU): the image processor without rescale/normalise: uint8 views and the image size.
 Encode (anyres, as the stock model does it): the image processor picks the best grid from
 ``image_grid_pinpoints`` and cuts the image into a base view (the whole image at 336 px) plus
 tiles; CLIP runs on every view; the selected hidden layer goes through the projector; the
@@ -34,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import AutoConfig, LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
@@ -41,7 +43,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from pipeline.cost.flops import ModelShapes
 
-from .base import EncodedImages
+from .base import EncodedImages, Prepared
 from .llava import LlavaAdapter
 
 if TYPE_CHECKING:
@@ -79,18 +81,28 @@ class LlavaNextAdapter(LlavaAdapter):
         views = 1 + (best_h // view) * (best_w // view)
         return base + rows * cols + rows, views * side * side
 
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """The tiles' canvas: the best-fit resolution of ``image_grid_pinpoints``, aspect kept."""
+        best_h, best_w = select_best_resolution((height, width), self.image_processor.image_grid_pinpoints)
+        scale = min(best_w / width, best_h / height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def prepare_image(self, image: Image.Image) -> Prepared:
+        """``{"pixels": uint8 [V, 3, S, S] (the base view, then the tiles), "image_size": [h, w]}``."""
+        out = self.image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")
+        return {"pixels": out["pixel_values"][0], "image_size": np.asarray(out["image_sizes"][0], dtype=np.int64)}
+
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> EncodedImages:
-        # do_pad: every image's views padded to the batch's largest count, as the stock processor does.
-        inputs = self.processor.image_processor(images=images, do_pad=True, return_tensors="pt")
-        image_sizes = inputs["image_sizes"]  # (height, width) per image
+    def encode_prepared(self, prepared: list[Prepared]) -> EncodedImages:
+        image_sizes = torch.stack([torch.as_tensor(p["image_size"]) for p in prepared])  # (height, width) per image
         config = self.core.config
         views = [  # base view + tiles, per image
             image_size_to_num_patches(s, config.image_grid_pinpoints, patch_size=config.vision_config.image_size)
             for s in image_sizes
         ]
-        # Drop the padding views (the stock get_image_features does the same).
-        pixels = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], views, strict=True)])
+        if views != [len(p["pixels"]) for p in prepared]:
+            raise ValueError(f"prepared views {[len(p['pixels']) for p in prepared]} are not the grid's {views}")
+        pixels = self.pixel_lut(torch.cat([torch.as_tensor(p["pixels"]) for p in prepared]), self.dtype)
         features, cls_attention = self.encode_views(pixels)
         newline = self.core.image_newline.float()
         packed, _ = self.core.pack_image_features(
@@ -104,5 +116,5 @@ class LlavaNextAdapter(LlavaAdapter):
         per_view = pixels.shape[-2] * pixels.shape[-1] // self.vision_tower.config.patch_size**2
         return EncodedImages(
             features=[f.float() for f in packed], seed_scores=[s.squeeze(-1) for s in scores],
-            encoder_patches=[n * per_view for n in views], payloads=[{} for _ in images],
+            encoder_patches=[n * per_view for n in views], payloads=[{} for _ in prepared],
         )

@@ -7,6 +7,10 @@ the vision tower (window attention, full attention in a few blocks) and the 2 x 
 give ``t * h * w / 4`` tokens, in the row-major order of the merged grid, which is what the LLM
 receives. No CLS token: no seed scores (ResPrune seeds on the largest-norm token).
 
+Prepare (CPU): the processor's resize alone, uint8 [3, h, w] at the multiple-of-28 size (about a
+sixth of the float32 patches, which repeat every pixel ``temporal_patch_size`` times). Encode
+does rescale/normalise (``PixelLUT``) and the processor's patchify on the device.
+
 Payload: ``{"grid_thw": [t, h, w]}`` (``image_grid_thw``), whole whatever is kept; the kept
 indices place the kept tokens in that grid.
 
@@ -33,9 +37,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.image_utils import SizeDict
 
 from pipeline.cost.flops import ModelShapes, VisionShape
 
@@ -45,6 +51,8 @@ from .base import (
     HFInputs,
     Part,
     Payload,
+    PixelLUT,
+    Prepared,
     VisionLanguageAdapter,
     decoder_shape,
     word_embeddings,
@@ -67,19 +75,24 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
 
     def __init__(self, cfg: ModelConfig, path: str, part: Part) -> None:
         super().__init__(cfg, path, part)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.config = AutoConfig.from_pretrained(path)
         self.image_token_id: int = self.config.image_token_id
         self.merge: int = self.config.vision_config.spatial_merge_size
+        if part in ("image", "vision"):
+            # The PIL backend, the processor's reference: what the CPU stage runs, on every node.
+            self.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+            self.size = pixel_bounds(self.image_processor, cfg)
+        if part == "image":
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         if part == "prompt":
             return
-        self.image_processor = AutoImageProcessor.from_pretrained(path)
-        self.size = pixel_bounds(self.image_processor, cfg)
         model = self.model_class.from_pretrained(path, dtype=self.dtype).eval()
         self.embed = model.get_input_embeddings().to(self.device)
         if part == "vision":
             del model.model.language_model  # encoding needs the vision tower and merger only
             self.core = model.model.to(self.device)
+            self.pixel_lut = PixelLUT(self.image_processor, self.device)
         else:
             # Decoding runs on inputs_embeds (features come from the encode stage): the vision
             # tower is never called (the model touches it only for pixel_values), so it is freed.
@@ -124,13 +137,42 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         patches = (h // patch) * (w // patch)
         return patches // merge**2, patches
 
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """The processor's resize rule (``smart_resize``) at this config's pixel bounds."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        h, w = smart_resize(height, width, ip.patch_size * ip.merge_size, self.size["shortest_edge"],
+                            self.size["longest_edge"])
+        return w, h
+
+    def prepare_image(self, image: Image.Image) -> Prepared:
+        """``{"pixels": uint8 [3, h, w]}``: the processor's own resize (to a multiple of patch x
+        merge within the pixel bounds), nothing else."""
+        ip = self.image_processor
+        # A channels-first VIEW: the processor's resize hands PIL channels-last again, so a
+        # contiguous copy here would be transposed twice (measured: twice the resize time at 12 MP).
+        chw = np.moveaxis(np.asarray(image), -1, 0)
+        size = SizeDict(shortest_edge=self.size["shortest_edge"], longest_edge=self.size["longest_edge"])
+        return {"pixels": ip.resize(chw, size=size, resample=ip.resample, factor=ip.patch_size * ip.merge_size)}
+
+    def patchify(self, pixels: Tensor) -> tuple[Tensor, list[int]]:
+        """Normalised [3, h, w] -> the processor's flat patches [h/p * w/p, 3 * T * p * p] (merge
+        groups contiguous, every pixel repeated over the ``temporal_patch_size`` frames: the
+        processor's ``patchify``, on the device) and the grid [1, h/p, w/p]."""
+        ip = self.image_processor
+        p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        c, h, w = pixels.shape
+        gh, gw = h // p, w // p
+        x = pixels.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+        x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)
+        return x.reshape(gh * gw, c * t * p * p), [1, gh, gw]
+
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> EncodedImages:
-        inputs = self.image_processor(images=images, size=self.size, return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        out = self.core.get_image_features(
-            pixel_values=inputs["pixel_values"].to(self.device, self.dtype), image_grid_thw=grid.to(self.device)
-        )
+    def encode_prepared(self, prepared: list[Prepared]) -> EncodedImages:
+        patches, grids = zip(*(self.patchify(self.pixel_lut(p["pixels"], self.dtype)) for p in prepared), strict=True)
+        grid = torch.tensor(grids, dtype=torch.long)
+        out = self.core.get_image_features(pixel_values=torch.cat(patches), image_grid_thw=grid.to(self.device))
         return EncodedImages(
             features=[f.float() for f in out.pooler_output], seed_scores=None,
             encoder_patches=grid.prod(dim=-1).tolist(), payloads=self.image_payloads(grid, out),

@@ -15,7 +15,7 @@ from pipeline.config import DecodeStageConfig, GenerationConfig, InputConfig, Mo
 from pipeline.engines import DecodeRequest, load_engine
 from pipeline.engines.watchdog import Watchdog, call_bound_s
 from pipeline.io.storage import Location
-from pipeline.models import Generation, payload_from_bytes
+from pipeline.models import Generation, from_wire, payload_from_bytes
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
 from .engine_failures import CALL_TIMEOUT_S, EngineRestartsExhausted, batch_key
@@ -81,8 +81,8 @@ class DecodeStage:
         truncated = np.zeros(n, dtype=bool)
         rows: dict[int, DecodeRow] = {}
         for i in ok_rows(errors):
-            # np.array copies: Ray hands read-only views, which torch.from_numpy warns about on every row.
-            visual = torch.from_numpy(np.array(batch["visual_kept"][i], dtype=np.float32))
+            # In the encode actor's dtype (bf16 on GPUs: exactly the projector's output), float32 in the request.
+            visual = from_wire(np.asarray(batch["visual_kept"][i])).float()
             prompt, tokens, problem = self._fit(str(batch["prompt"][i]), len(visual))
             if problem:
                 errors[i] = problem

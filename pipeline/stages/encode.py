@@ -1,4 +1,4 @@
-"""Stage 2 (GPU): decode images, encode them into visual tokens, prune to the budget."""
+"""Stage 3 (GPU): prepared images (``pipeline.stages.prepare``) -> visual tokens, pruned to the budget."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline.config import InputConfig, ModelConfig, PruningConfig, StageConfig
-from pipeline.io.images import decode_image
+from pipeline.config import ModelConfig, PruningConfig, StageConfig
 from pipeline.io.storage import Location
-from pipeline.models import Payload, load_adapter, payload_bytes
+from pipeline.models import Payload, Prepared, load_adapter, payload_bytes, payload_from_bytes, to_wire
 from pipeline.pruning import ENERGY_TRACED, TEXT_GUIDED, energy_keep, get_method, relevance
 
 from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
@@ -28,39 +26,31 @@ class EncodedRow(NamedTuple):
 
 
 class EncodeStage:
-    """Drops ``image``; adds ``visual_kept`` ([K, D] float32, for the decode stage), ``visual_payload``
-    (the family's payload cut to the kept tokens, as ``payload_bytes``; b"" for none, for the decode
-    stage), ``kept_indices`` (ascending), ``method``,
+    """Drops ``prepared_image``; adds ``visual_kept`` ([K, D] in the vision model's dtype as
+    ``to_wire`` carries it: bf16 on GPUs, exactly the projector's output, half of float32; for the
+    decode stage), ``visual_payload`` (the family's payload cut to the kept tokens, floats in the
+    same dtype, as ``payload_bytes``; b"" for none, for the decode stage), ``kept_indices`` (ascending), ``method``,
     ``keep`` (the budget applied to the row; with ``pruning.energy``, its cap), ``visual_tokens_in/kept``,
     ``energy_explained`` (ResPrune: the share of the image's token energy its kept tokens span;
     null for other methods), ``encoder_patches``, ``relevance_min/mean/max`` (null without nouns
     or for methods that ignore text), ``encode_ms`` and ``prune_ms``."""
 
     def __init__(
-        self, model: ModelConfig, pruning: PruningConfig, inputs: InputConfig, stage: StageConfig,
-        source: Location | None = None,
+        self, model: ModelConfig, pruning: PruningConfig, stage: StageConfig, source: Location | None = None,
     ) -> None:
         limit_torch_threads(stage.num_cpus)
         self.adapter = load_adapter(model, "vision", source)
         self.pruning = pruning
         self.alpha = pruning.alpha_for(self.adapter.default_alpha)
-        self.max_pixels = inputs.max_image_pixels
-        self.min_side = inputs.min_image_side
 
     def __call__(self, batch: Batch) -> Batch:
         crash("encode", [str(i) for i in batch["id"]])
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()
-        images: dict[int, Image.Image] = {}
-        for i in ok_rows(errors):
-            decoded = decode_image(batch["image"][i], self.max_pixels, self.min_side)
-            if isinstance(decoded, str):
-                errors[i] = decoded
-            else:
-                images[i] = decoded
-        rows = list(images)
-        items = [(str(batch["id"][i]), images[i], list(batch["nouns"][i])) for i in rows]
+        rows = ok_rows(errors)
+        items = [(str(batch["id"][i]), payload_from_bytes(batch["prepared_image"][i]), list(batch["nouns"][i]))
+                 for i in rows]
         encoded = map_splitting_failures(self._encode, items, "encode")
         feats: dict[int, EncodedRow] = {}
         for i, result in zip(rows, encoded, strict=True):
@@ -74,13 +64,15 @@ class EncodeStage:
         pruned = prune_rows(feats, self.pruning, self.alpha)
         prune_ms = watch.per_row_ms(errors)
 
-        empty = np.zeros((0, 0), dtype=np.float32)
+        wire = self.adapter.dtype  # the tokens were computed in it: casting back from float32 is exact
+        empty = to_wire(torch.zeros((0, 0), dtype=wire))
         visual_kept, payloads = np.empty(n, dtype=object), np.empty(n, dtype=object)
         for i in range(n):
-            visual_kept[i] = feats[i].features[pruned[i].kept].numpy() if i in pruned else empty
-            payloads[i] = (payload_bytes(self.adapter.kept_payload(feats[i].payload, pruned[i].kept)) if i in pruned
-                           else b"")
-        batch.pop("image")
+            visual_kept[i] = to_wire(feats[i].features[pruned[i].kept].to(wire)) if i in pruned else empty
+            payloads[i] = (payload_bytes({k: v.to(wire) if v.is_floating_point() else v
+                                          for k, v in self.adapter.kept_payload(feats[i].payload, pruned[i].kept).items()})
+                           if i in pruned else b"")
+        batch.pop("prepared_image")
         batch["nouns"] = list_column(batch["nouns"])
         batch["visual_kept"] = visual_kept
         batch["visual_payload"] = payloads
@@ -100,9 +92,9 @@ class EncodeStage:
         batch["prune_ms"] = prune_ms
         return batch
 
-    def _encode(self, items: list[tuple[str, Image.Image, list[str]]]) -> list[EncodedRow]:
+    def _encode(self, items: list[tuple[str, Prepared, list[str]]]) -> list[EncodedRow]:
         fail_if_poisoned("encode", [rid for rid, _, _ in items])
-        enc = self.adapter.encode([img for _, img, _ in items])
+        enc = self.adapter.encode_prepared([prepared for _, prepared, _ in items])
         words = self.adapter.embed_words([nouns for _, _, nouns in items])
         scores = enc.seed_scores or [None] * len(items)
         return [

@@ -1,7 +1,7 @@
 """Faults on purpose, for the fault tests and for drills on a real cluster.
 
 ``RESPRUNE_FAULTS`` (JSON, read once per actor) lists faults; each names a ``stage``
-(``text``, ``encode``, ``decode``) and one of:
+(``text``, ``prepare``, ``encode``, ``decode``) and one of:
 
 - ``"fail_ids": [...]``: the stage's model call raises ``InjectedFault`` for any batch holding
   one of these ids, every time (a poisoned row: the batch is split until only it fails);
