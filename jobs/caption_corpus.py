@@ -116,10 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     if summary.bound_by:
         busy = ", ".join(f"{name.removesuffix('_stage')} {b['per_actor']:.1f}" for name, b in summary.stage_busy_seconds.items())
         print(f"busy seconds per actor: {busy}; the run was bound by the {summary.bound_by}")
+    for name, t in summary.tasks.items():
+        parts = [f"{t['answered']} answered", f"{t['errors']} errors" + (f" ({t['errors_by_kind']})" if t["errors"] else "")]
+        if "labels" in t:
+            parts.append("labels " + ", ".join(f"{k} {v}" for k, v in t["labels"].items()))
+        if t.get("valid_rate") is not None:
+            parts.append(f"valid {100 * t['valid_rate']:.1f} %")
+        print(f"task {name} ({t['type']}): {'; '.join(parts)}")
     for ex in summary.examples:
+        if "answer" not in ex:  # a task spec: each task's answer (or error)
+            print(f"  {ex['id']}: " + (ex["error"] or "; ".join(f"{k} = {v}" for k, v in ex.items() if k not in ("id", "error"))))
+            continue
         said = ex["error"] or repr(ex["answer"])
         label = f"  (expected {ex['expected']!r})" if "expected" in ex else ""
         print(f"  {ex['id']}: {ex['prompt'].splitlines()[0] if ex['prompt'] else '<no prompt>'} -> {said}{label}")
+    for name, s in summary.task_scores.items():
+        print(f"task {name} against the shapes labels: {s['metric']} {100 * s['value']:.1f} % over {s['rows']} images")
     if summary.accuracy is not None:
         print(f"accuracy against `expected` (short answers, exact match): {100 * summary.accuracy:.1f} %")
     if summary.caption_f1 is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pipeline.engines import registry as engine_registry  # light: no torch, vLLM or Ray
@@ -224,6 +224,84 @@ class GenerationConfig(_Strict):
     seed: int = Field(0, description="Torch seed set before each sampled batch.")
 
 
+TASK_TYPES = ("text", "choice", "json")
+
+
+class TaskConfig(_Strict):
+    """One annotation task: what a run asks of every image (docs/tasks.md). Its answer goes to
+    the output column named after it; `choice` and `json` answers are constrained while they are
+    generated (both engines), so they always parse unless generation stops first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,39}$", description="The task's output column (and prefix of its other columns): "
+        "lower case, digits and underscores, starting with a letter, at most 40 characters; unique in the run.",
+    )
+    prompt: str = Field(
+        min_length=1, description="The question, a fixed text or a template over the row's columns: `{column}` is "
+        "replaced by the row's value (`{{` and `}}` for literal braces). A row whose column is null or empty gets "
+        "that task's `missing prompt` error.",
+    )
+    type: Literal["text", "choice", "json"] = Field(
+        "text", description="`text`: free text; `choice`: exactly one of `choices`; `json`: a JSON value that "
+        "validates against `schema`.",
+    )
+    choices: list[str] | None = Field(
+        None, validate_default=True, description="type choice only: the labels, at least one, each non-empty and unique.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", validate_default=True, description="type json only: a JSON Schema (draft 2020-12 unless it names another); "
+        "an object with `properties` is written as an Arrow struct, a list as a list (docs/tasks.md).",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="Upper bound on this task's generated tokens (None: generation.max_new_tokens). "
+        "A `json` answer cut off by it is the task's error (`invalid answer`).",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from pipeline.tasks import template_columns
+
+        template_columns(v)  # raises ValueError naming what is wrong
+        if not v.strip():
+            raise ValueError("empty prompt")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        kind = info.data.get("type")
+        if kind != "choice":
+            if v is not None:
+                raise ValueError(f"choices is for type choice only (this task is type {kind})")
+            return v
+        if not v:
+            raise ValueError("type choice needs a non-empty list of choices")
+        if any(not c.strip() for c in v):
+            raise ValueError("a label is empty")
+        repeated = sorted({c for c in v if v.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} given more than once")
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        kind = info.data.get("type")
+        if kind != "json":
+            if v is not None:
+                raise ValueError(f"schema is for type json only (this task is type {kind})")
+            return v
+        if v is None:
+            raise ValueError("type json needs a schema (a JSON Schema)")
+        from pipeline.tasks import check_json_schema
+
+        check_json_schema(v)  # raises ValueError saying why
+        return v
+
+
 class StageConfig(_Strict):
     """Resources of one Ray Data stage: an actor pool of `pool_size` actors (autoscaling up to
     `max_pool_size` when set), each reserving `num_cpus` / `num_gpus`."""
@@ -387,6 +465,31 @@ class JobConfig(_Strict):
     cost: CostConfig = CostConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    tasks: list[TaskConfig] | None = Field(
+        None, description="The annotation tasks asked of every image, each with its own output columns "
+        "(docs/tasks.md), or the path of a YAML file holding that list (read when the config is loaded; relative "
+        "to the working directory, else to the config's directory). None: one free-text task from each row's "
+        "`prompt` column, written as today's `answer` columns.",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: list[TaskConfig] | None) -> list[TaskConfig] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty task list: give at least one task, or leave tasks out")
+        from pipeline.tasks import reserved_column
+
+        names = [t.name for t in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task names must be unique: {', '.join(map(repr, repeated))} repeated")
+        for t in v:
+            clash = reserved_column(t.name, names)
+            if clash:
+                raise ValueError(f"task name {t.name!r}: {clash}")
+        return v
 
     @model_validator(mode="after")
     def _accelerator_named(self) -> JobConfig:
@@ -422,7 +525,27 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    if isinstance(raw.get("tasks"), str):
+        raw["tasks"] = read_task_file(raw["tasks"], Path(path).parent)
     return validate_config(raw, source=str(path))
+
+
+def read_task_file(name: str, config_dir: Path) -> Any:
+    """The task list a config names by path: relative to the working directory, else to the
+    config's directory."""
+    candidates = [Path(name)] if Path(name).is_absolute() else [Path(name), config_dir / name]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"tasks: task file {name!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+    try:
+        tasks = yaml.safe_load(found.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"tasks: cannot read task file {found}: {e}") from e
+    if isinstance(tasks, dict) and set(tasks) == {"tasks"}:
+        tasks = tasks["tasks"]  # a file may hold the list under `tasks:` too
+    if not isinstance(tasks, list):
+        raise ConfigError(f"tasks: task file {found} must hold a list of tasks")
+    return tasks
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
@@ -430,6 +553,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+            f"{'.'.join('schema' if p == 'json_schema' else str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in e.errors()
         )
         raise ConfigError(f"invalid {source}: {problems}") from None

@@ -24,6 +24,7 @@ from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.text import TextStage
+from pipeline.tasks import TaskSpec, task_spec
 
 
 def execute(plan: JobPlan, failures: Any) -> None:
@@ -82,7 +83,9 @@ def build_pipeline(
     retries = cfg.ray.max_task_retries
     engine = engine or engine_environment(cfg.decode_stage)
     model = model or locate(cfg.model.path, cfg.storage)
-    ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage}, **_pool(cfg.text_stage, retries))
+    spec = task_spec(cfg)
+    ds = ds.map_batches(TextStage, fn_constructor_kwargs={"cfg": cfg.text_stage, "tasks": spec.tasks},
+                        **_pool(cfg.text_stage, retries))
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs={"model": cfg.model, "inputs": cfg.input, "stage": cfg.prepare_stage, "source": model},
@@ -97,20 +100,20 @@ def build_pipeline(
         DecodeStage,
         fn_constructor_kwargs={
             "model": cfg.model, "generation": cfg.generation, "inputs": cfg.input, "stage": cfg.decode_stage,
-            "source": model, "failures": failures,
+            "tasks": spec.tasks, "source": model, "failures": failures,
         },
         **_pool(cfg.decode_stage, retries, engine.runtime_env()),
     )
     return ds.map_batches(
-        finalize, fn_kwargs={"costs": costs or cost_model(cfg)},
+        finalize, fn_kwargs={"costs": costs or cost_model(cfg), "spec": spec},
         batch_format="numpy", batch_size=None, num_cpus=cfg.ray.io_num_cpus,
     )
 
 
-def finalize(batch: dict[str, Any], costs: CostModel) -> Any:
+def finalize(batch: dict[str, Any], costs: CostModel, spec: TaskSpec | None = None) -> Any:
     """Cost columns from each row's lengths and stage times, then the output schema, in one
     task: a separate map would round-trip the ragged list columns through Arrow in between."""
-    return to_output_table(costs(batch))
+    return to_output_table(costs(batch), spec)
 
 
 def _pool(stage: StageConfig, max_task_retries: int, runtime_env: dict[str, Any] | None = None) -> dict:

@@ -24,6 +24,7 @@ from pipeline.io.runs import plan_incremental
 from pipeline.io.storage import Location, locate
 from pipeline.plan import JobPlan, check_resources, cost_model, prepare, run_identity
 from pipeline.report import JobSummary, read_output_rows, summarize
+from pipeline.tasks import task_spec
 from pipeline.stages.engine_failures import close_ledger, open_ledger
 from pipeline.stages.faults import ENV as FAULTS_ENV
 
@@ -129,9 +130,10 @@ def run_attempt(plan: JobPlan) -> Attempt:
 
 def report(plan: JobPlan, held: Claim, attempt: Attempt) -> JobSummary:
     """The summary, read back from the output, and the `completed` manifest built from it."""
-    rows = read_output_rows(plan.output)
+    spec = task_spec(plan.cfg)
+    rows = read_output_rows(plan.output, spec)
     run_cost = plan.costs.run_totals(rows, attempt.wall_seconds, plan.cfg.ray.io_num_cpus)
-    summary = summarize(rows, plan.inputs, held.already_done, plan.output.uri, run_cost)
+    summary = summarize(rows, plan.inputs, held.already_done, plan.output.uri, run_cost, spec)
     failures = attempt.engine_failures or {}
     summary.engine = plan.engine.as_dict()
     summary.engine_restarts, summary.retried_batches = failures["restarts"], failures["retried_batches"]

@@ -8,6 +8,7 @@ fails here as a ``ConfigError`` naming it, before any worker starts. Nothing her
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pipeline.io.storage import Location, locate
 from pipeline.models import ADAPTERS, detect_family, model_shapes, token_counts
 from pipeline.models.base import planned_dtype
 from pipeline.models.sources import resolve_model_path
+from pipeline.tasks import task_fields, template_columns
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_checkpoint"  # under the output: Ray Data's record of committed ids
@@ -88,7 +90,10 @@ def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPla
     previous = check_output(cfg, out, identity)
     if not source.is_remote and not Path(source.uri).exists():
         raise ConfigError(f"input.path {source.uri!r} does not exist")
-    inputs = check_input(source, cfg.input.id_policy, incremental.shards if incremental else None)
+    check_constraints(cfg)  # a JSON Schema the grammar library cannot take fails here, before Ray
+    inputs = check_input(source, cfg.input.id_policy, incremental.shards if incremental else None,
+                         prompt_columns(cfg))
+    check_task_columns(cfg, inputs.columns)
     model = locate(cfg.model.path, cfg.storage)
     cfg, model_path = resolve_model(cfg, model)
     costs = cost_model(cfg, model_path)  # reads the price table: a bad accelerator or price file fails before Ray starts
@@ -111,7 +116,46 @@ def run_identity(cfg: JobConfig) -> dict[str, Any]:
         "pruning": cfg.pruning.model_dump(mode="json"),
         "generation": cfg.generation.model_dump(mode="json"),
         "engine": cfg.decode_stage.engine,  # engines agree on greedy answers, but numerics may differ
+        # Only with a task spec: a run without one keeps the identity runs had before tasks existed.
+        **({"tasks": [t.model_dump(mode="json", by_alias=True) for t in cfg.tasks]} if cfg.tasks else {}),
     }
+
+
+def prompt_columns(cfg: JobConfig) -> dict[str, str] | None:
+    """The input columns a task spec's prompts read, each with the field that names it first
+    (None without a task spec: the ``prompt`` column, as always)."""
+    if not cfg.tasks:
+        return None
+    columns: dict[str, str] = {}
+    for k, task in enumerate(cfg.tasks):
+        for c in template_columns(task.prompt):
+            columns.setdefault(c, f"tasks.{k}.prompt")
+    return columns
+
+
+def check_task_columns(cfg: JobConfig, input_columns: list[str]) -> None:
+    """A task's output column must not be an input column (input columns pass through to the output)."""
+    for k, task in enumerate(cfg.tasks or ()):
+        clash = [f.name for f in task_fields(task) if f.name in input_columns]
+        if clash:
+            raise ConfigError(f"tasks.{k}.name: {task.name!r} would write column(s) {clash} that the input already "
+                              "has (input columns pass through to the output); choose another name")
+
+
+def check_constraints(cfg: JobConfig) -> None:
+    """Compile every ``json`` task's schema with the grammar library both engines constrain with
+    (xgrammar): a valid JSON Schema it cannot take fails now, naming the task, not on the GPUs."""
+    tasks = [(k, t) for k, t in enumerate(cfg.tasks or ()) if t.type == "json"]
+    if not tasks:
+        return
+    import xgrammar as xgr
+
+    for k, task in tasks:
+        try:
+            xgr.Grammar.from_json_schema(json.dumps(task.json_schema), any_whitespace=False)
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError or its own errors
+            raise ConfigError(f"tasks.{k}.schema: the constrained decoders cannot take this JSON Schema: "
+                              f"{str(e).strip()[:300]}") from None
 
 
 def check_output(cfg: JobConfig, out: Location, identity: dict[str, Any]) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ the manifest (``pipeline.io.manifest``), so no field is listed twice."""
 from __future__ import annotations
 
 import heapq
+import json
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -14,6 +15,8 @@ from pipeline.io.schema import COST_COLUMNS, STAGE_TIME_COLUMNS
 from pipeline.io.storage import Location
 from pipeline.pruning import per_image_stats
 from pipeline.quality.scoring import is_caption, label_scores
+from pipeline.tasks import TaskSpec, one_answer
+from pipeline.tiny.scoring import task_scores
 
 EXAMPLES = 5  # rows the summary shows
 CAPTION_EXAMPLES = 3  # and caption rows beyond them
@@ -64,6 +67,11 @@ class JobSummary:
     engine: dict[str, str] = field(default_factory=dict)  # decode engine: name, package, version, interpreter
     engine_restarts: int = 0  # decode engines that died or got stuck and were replaced (pipeline.engines.watchdog)
     retried_batches: int = 0  # distinct decode batches that ran again on a fresh engine
+    # With a task spec, per task: answered, errors (by kind, the image's own errors excluded), a
+    # `choice` task's label counts, a `json` task's share of generated answers that validated.
+    tasks: dict[str, dict[str, Any]] = _in("tasks", "by_task", factory=dict)
+    # With a task spec and the shapes world's labels: each task scored against them (pipeline.tiny.scoring).
+    task_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,18 +86,56 @@ class JobSummary:
         return sections
 
 
-def read_output_rows(output: Location) -> list[dict[str, Any]]:
-    """The columns the summary and manifest need, read back from what was written."""
+def read_output_rows(output: Location, spec: TaskSpec | None = None) -> list[dict[str, Any]]:
+    """The columns the summary and manifest need, read back from what was written. With a task
+    spec each row also gets the one-answer fields the summary reads: ``visual_tokens_kept`` (the
+    mean over its answered tasks) and ``prompt_truncated`` (any task's)."""
+    spec = spec or one_answer()
     time_columns = [c for cols in STAGE_TIME_COLUMNS.values() for c in cols]
-    columns = ["id", "prompt", "answer", "error", "extractor", "visual_tokens_in", "visual_tokens_kept",
-               "prompt_truncated", *time_columns, *COST_COLUMNS]
+    columns = ["id", "error", "extractor", "visual_tokens_in", *time_columns, *COST_COLUMNS]
+    if spec.one_answer:
+        columns += ["prompt", "answer", "visual_tokens_kept", "prompt_truncated"]
+    else:
+        columns += [f"{n}{suffix}" for n in spec.names
+                    for suffix in ("", "_error", "_visual_tokens_kept", "_prompt_truncated")]
     ds = output.parquet_dataset()
-    columns += [c for c in ("energy_explained", "expected", "question_type") if c in ds.schema.names]
-    return output.retrying(lambda: ds.to_table(columns=columns).to_pylist(), f"reading back {output.uri}")
+    labels = ("energy_explained", "expected", "question_type", "prompt", "shape", "expected_objects")
+    columns += [c for c in labels if c in ds.schema.names and c not in columns]
+    rows = output.retrying(lambda: ds.to_table(columns=columns).to_pylist(), f"reading back {output.uri}")
+    if not spec.one_answer:
+        for r in rows:
+            kept = [r[f"{n}_visual_tokens_kept"] for n in spec.names if not r[f"{n}_error"]]
+            r["visual_tokens_kept"] = sum(kept) / len(kept) if kept else 0
+            r["prompt_truncated"] = any(r[f"{n}_prompt_truncated"] for n in spec.names)
+    return rows
+
+
+def task_stats(rows: list[dict[str, Any]], spec: TaskSpec) -> dict[str, dict[str, Any]]:
+    """Per task of a task spec: answered, errors by kind (images that failed as a whole are the
+    rows' own errors, not counted here), a `choice` task's label counts, and a `json` task's
+    validity: the share of the answers it generated that parsed and validated."""
+    if spec.one_answer:
+        return {}
+    images = [r for r in rows if not r["error"] or any(not r[f"{n}_error"] for n in spec.names)]
+    stats = {}
+    for task in spec.tasks:
+        errors = Counter(r[f"{task.name}_error"].split(":")[0] for r in images if r[f"{task.name}_error"])
+        answered = sum(1 for r in images if not r[f"{task.name}_error"])
+        entry: dict[str, Any] = {"type": task.type, "answered": answered, "errors": sum(errors.values()),
+                                 "errors_by_kind": dict(errors)}
+        if task.type == "choice":
+            counts = Counter(r[task.name] for r in images if not r[f"{task.name}_error"])
+            entry["labels"] = {label: counts.get(label, 0) for label in task.choices or ()}
+        if task.type != "text":
+            generated = answered + errors.get("invalid answer", 0)
+            entry["valid_rate"] = round(answered / generated, 4) if generated else None
+        stats[task.name] = entry
+    return stats
 
 
 def summarize(
-    rows: list[dict[str, Any]], plan: InputPlan, already_done: int, output: str, run_cost: dict[str, Any]
+    rows: list[dict[str, Any]], plan: InputPlan, already_done: int, output: str, run_cost: dict[str, Any],
+    spec: TaskSpec | None = None,
 ) -> JobSummary:
     ok = [r for r in rows if not r["error"]]
     distinct = len({r["id"] for r in rows})
@@ -97,10 +143,17 @@ def summarize(
     def mean(key: str) -> float:
         return round(sum(r[key] for r in ok) / len(ok), 3) if ok else 0.0
 
-    labelled = bool(rows) and all(r.get("expected") is not None for r in rows)
+    spec = spec or one_answer()
+    labelled = spec.one_answer and bool(rows) and all(r.get("expected") is not None for r in rows)
     first = heapq.nsmallest(EXAMPLES, rows, key=lambda r: r["id"])
-    # and a few captions, which a person reads differently from one-word answers
-    first += heapq.nsmallest(CAPTION_EXAMPLES, [r for r in rows if is_caption(r) and r not in first], key=lambda r: r["id"])
+    if spec.one_answer:  # and a few captions, which a person reads differently from one-word answers
+        first += heapq.nsmallest(CAPTION_EXAMPLES, [r for r in rows if is_caption(r) and r not in first],
+                                 key=lambda r: r["id"])
+        examples = [{k: r[k] or "" for k in ("id", "prompt", "answer", "error", "expected") if k in r} for r in first]
+    else:  # each task's answer, or its error
+        examples = [{"id": r["id"], "error": r["error"],
+                     **{n: r[f"{n}_error"] or json.dumps(r[n], separators=(",", ":")) for n in spec.names}}
+                    for r in first]
     scores = label_scores(rows) if labelled else {}
     return JobSummary(
         input_rows=plan.rows,
@@ -133,5 +186,7 @@ def summarize(
         utilisation=run_cost["reserved"]["utilisation"],
         accuracy=None if scores.get("accuracy") is None else round(scores["accuracy"], 4),
         caption_f1=None if scores.get("caption_f1") is None else round(scores["caption_f1"], 4),
-        examples=[{k: r[k] or "" for k in ("id", "prompt", "answer", "error", "expected") if k in r} for r in first],
+        examples=examples,
+        tasks=task_stats(rows, spec),
+        task_scores=task_scores(rows, list(spec.tasks)) if not spec.one_answer else {},
     )

@@ -22,7 +22,7 @@ from pipeline.config import (
 from pipeline.engines import DecodeRequest
 from pipeline.engines.hf import HFEngine
 from pipeline.models import payload_from_bytes
-from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA
+from pipeline.io.schema import COST_COLUMNS, OUTPUT_SCHEMA, answer_columns
 from pipeline.pruning import gate, relevance, resprune_select
 from pipeline.stages.common import map_splitting_failures
 from pipeline.stages.decode import DecodeStage
@@ -30,6 +30,7 @@ from pipeline.stages.encode import EncodeStage
 from pipeline.stages.prepare import PrepareStage
 from pipeline.io.images import decode_image
 from pipeline.stages.text import TextStage
+from pipeline.tasks import one_answer
 from pipeline.tiny.shapes_world import make_rows
 
 MODEL = ModelConfig(path="tiny:llava")
@@ -82,10 +83,11 @@ def encode_out(encode_stage: EncodeStage, prepare_out: dict) -> dict:
 
 def test_text_stage(text_out: dict) -> None:
     assert list(text_out["error"]) == ["", "missing prompt", "", "", "", ""]
-    assert text_out["nouns"][1] == []
-    assert all(text_out["nouns"][i] for i in (0, 2, 3, 4))
-    assert text_out["nouns"][5] == []  # "Describe the image.": a noun naming the image itself guides nothing
-    assert "answer" not in text_out["nouns"][0] and "phrase" not in text_out["nouns"][0]  # instructions cleaned
+    nouns = [n[0] for n in text_out["task_nouns"]]  # one task: the row's prompt
+    assert nouns[1] == [] and list(text_out["task_error"][1]) == ["missing prompt"]
+    assert all(nouns[i] for i in (0, 2, 3, 4))
+    assert nouns[5] == []  # "Describe the image.": a noun naming the image itself guides nothing
+    assert "answer" not in nouns[0] and "phrase" not in nouns[0]  # instructions cleaned
     assert set(text_out["extractor"]) == {"heuristic:spacy-blank-en"}
 
 
@@ -112,18 +114,19 @@ def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_o
     assert errors[4] == "missing image: null"
     assert "image" not in encode_out and "prepared_image" not in encode_out
     assert list(encode_out["visual_tokens_in"]) == [576, 0, 0, 0, 0, 576]
-    assert list(encode_out["visual_tokens_kept"]) == [32, 0, 0, 0, 0, 32]
-    assert encode_out["relevance_min"][1] is None
+    assert [[len(k) for k in s] for s in encode_out["kept_indices"]] == [[32], [], [], [], [], [32]]
+    assert [list(s) for s in encode_out["task_selection"]] == [[0], [-1], [-1], [-1], [-1], [0]]
+    assert encode_out["relevance_min"][1] == []
 
     # Independent recomputation for row 0: encode, embed nouns, ResPrune with CLS seed, sort.
     img = Image.open(io.BytesIO(text_out["image"][0])).convert("RGB")
     enc = encode_stage.adapter.encode([img])
-    words = encode_stage.adapter.embed_words([list(text_out["nouns"][0])])
+    words = encode_stage.adapter.embed_words([list(text_out["task_nouns"][0][0])])
     expected = resprune_select(enc.features[0], 32, text=words[0], alpha=0.75, seed=enc.seed_scores[0]).sort().values
-    assert encode_out["kept_indices"][0] == expected.tolist()
-    np.testing.assert_allclose(encode_out["visual_kept"][0], enc.features[0][expected].numpy(), rtol=1e-5, atol=1e-5)
+    assert encode_out["kept_indices"][0] == [expected.tolist()]
+    np.testing.assert_allclose(encode_out["visual_kept"][0][0], enc.features[0][expected].numpy(), rtol=1e-5, atol=1e-5)
     r = relevance(enc.features[0], words[0])
-    assert encode_out["relevance_max"][0] == pytest.approx(float(r.max()))
+    assert encode_out["relevance_max"][0][0] == pytest.approx(float(r.max()))
     assert float(gate(r, 0.75).min()) > 0
 
 
@@ -132,18 +135,18 @@ def test_encode_stage_methods(tiny_llava: str, text_out: dict, method: str, kept
     stage = EncodeStage(MODEL, PruningConfig(method=method, keep=40), StageConfig())
     one = {k: v[:1].copy() if isinstance(v, np.ndarray) else list(v[:1]) for k, v in text_out.items()}
     out = stage(_prepared(MODEL, one))
-    assert out["visual_tokens_kept"][0] == kept and out["method"][0] == method
-    assert out["kept_indices"][0] == sorted(out["kept_indices"][0])
-    assert out["relevance_mean"][0] is None  # only text-guided methods compute relevance
+    assert len(out["kept_indices"][0][0]) == kept and out["method"][0] == method
+    assert out["kept_indices"][0][0] == sorted(out["kept_indices"][0][0])
+    assert out["relevance_mean"][0] == [None]  # only text-guided methods compute relevance
 
 
 def test_decode_stage_and_output_schema(tiny_llava: str, encode_out: dict) -> None:
     stage = DecodeStage(MODEL, GenerationConfig(max_new_tokens=5), InputConfig(path="x"), DecodeStageConfig())
     out = stage({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in encode_out.items()})
     assert "visual_kept" not in out
-    assert [bool(a) for a in out["answer"]] == [True, False, False, False, False, True]
-    assert out["prompt_tokens"][0] > 32 and out["prompt_tokens"][1] == 0
-    assert 1 <= out["generated_tokens"][0] <= 5
+    assert [bool(a[0]) for a in out["task_answer"]] == [True, False, False, False, False, True]
+    assert out["task_prompt_tokens"][0][0] > 32 and out["task_prompt_tokens"][1][0] == 0
+    assert 1 <= out["task_generated_tokens"][0][0] <= 5
     from pipeline.config import load_config
     from pipeline.job import cost_model, finalize
 
@@ -178,8 +181,13 @@ def test_decode_image_formats() -> None:
 
 def _decode_batch(encode_out: dict, rows: list[int], prompts: list[str]) -> dict:
     batch = {k: (v[rows].copy() if isinstance(v, np.ndarray) else [v[i] for i in rows]) for k, v in encode_out.items()}
-    batch["prompt"] = np.array(prompts, dtype=object)
+    batch["task_prompt"] = [[p] for p in prompts]
     return batch
+
+
+def _answers(out: dict) -> dict:
+    """The one-answer view of a decode stage's output (what the job writes without a task spec)."""
+    return answer_columns(out, one_answer())
 
 
 def test_decode_stage_rejects_or_truncates_long_prompts(tiny_llava: str, encode_out: dict) -> None:
@@ -188,17 +196,17 @@ def test_decode_stage_rejects_or_truncates_long_prompts(tiny_llava: str, encode_
     reject = DecodeStage(MODEL, gen, InputConfig(path="x"), DecodeStageConfig())
     context = reject.adapter.context_length
     assert reject.adapter.text_tokens(long) > context
-    out = reject(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"]))
+    out = _answers(reject(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"])))
     assert out["error"][0].startswith("prompt too long: ") and f"context of {context}" in out["error"][0]
-    assert out["answer"][0] == "" and out["answer"][1] and not out["prompt_truncated"].any()
+    assert out["answer"][0] == "" and out["answer"][1] and not any(out["prompt_truncated"])
 
     limited = DecodeStage(MODEL, gen, InputConfig(path="x", max_prompt_tokens=40), DecodeStageConfig())
-    out = limited(_decode_batch(encode_out, [0], ["word " * 60]))
+    out = _answers(limited(_decode_batch(encode_out, [0], ["word " * 60])))
     tokens = limited.adapter.text_tokens("word " * 60)
     assert tokens > 60 and out["error"][0] == f"prompt too long: {tokens} tokens > input.max_prompt_tokens = 40"
 
     cut = DecodeStage(MODEL, gen, InputConfig(path="x", max_prompt_tokens=40, long_prompt="truncate"), DecodeStageConfig())
-    out = cut(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"]))
+    out = _answers(cut(_decode_batch(encode_out, [0, 5], [long, "What colour is the circle?"])))
     assert list(out["error"]) == ["", ""] and out["answer"][0] and list(out["prompt_truncated"]) == [True, False]
     assert out["prompt_tokens"][0] <= 40 + 32  # the cut prompt and the 32 kept visual tokens
     fitted = cut.adapter.fit_prompt(long, 40)
@@ -213,7 +221,7 @@ def test_decode_stage_bounds_padded_tokens_per_call(tiny_llava: str, encode_out:
     calls = []
     real = stage.adapter.hf_inputs  # once per engine call: count the calls, run them for real
     stage.adapter.hf_inputs = lambda requests: calls.append(len(requests)) or real(requests)
-    out = stage(batch)
+    out = _answers(stage(batch))
     assert all(out["answer"]) and not any(out["error"])
     # The 190-token row runs alone; the three short ones (under 100 tokens with 32 visual) share a call.
     assert sorted(calls) == [1, 3]
@@ -249,27 +257,27 @@ def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_ou
     images = [Image.open(io.BytesIO(text_out["image"][i])).convert("RGB") for i in rows]
     enc = encode.adapter.encode(images)
     assert enc.features[0].shape[0] != enc.features[1].shape[0]
-    payloads = [payload_from_bytes(b) for b in out["visual_payload"]]
+    payloads = [payload_from_bytes(b[0]) for b in out["visual_payload"]]
     for i in range(2):
-        kept = out["kept_indices"][i]
-        assert len(kept) == out["visual_tokens_kept"][i] < out["visual_tokens_in"][i]
+        kept = out["kept_indices"][i][0]
+        assert len(kept) < out["visual_tokens_in"][i]
         assert set(payloads[i]) == {"grid_thw", "deepstack"}
         assert torch.equal(payloads[i]["grid_thw"], enc.payloads[i]["grid_thw"])
         np.testing.assert_allclose(payloads[i]["deepstack"].numpy(), enc.payloads[i]["deepstack"][:, kept].numpy(),
                                    rtol=1e-5, atol=1e-5)
     decode = DecodeStage(model, GenerationConfig(max_new_tokens=6), InputConfig(path="x"), DecodeStageConfig())
-    answers = decode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in out.items()})
+    answers = _answers(decode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in out.items()}))
     assert "visual_payload" not in answers
     direct = HFEngine(decode.adapter).generate(
-        [DecodeRequest(str(out["id"][i]), str(out["prompt"][i]), torch.from_numpy(np.array(out["visual_kept"][i])),
-                       torch.tensor(out["kept_indices"][i]), payloads[i]) for i in range(2)],
+        [DecodeRequest(str(out["id"][i]), str(out["prompt"][i]), torch.from_numpy(np.array(out["visual_kept"][i][0])),
+                       torch.tensor(out["kept_indices"][i][0]), payloads[i]) for i in range(2)],
         GenerationConfig(max_new_tokens=6),
     )
     assert list(answers["answer"]) == [g.text for g in direct]
 
 
 def test_families_without_a_payload_carry_none(encode_out: dict) -> None:
-    assert all(payload_from_bytes(p) == {} for p in encode_out["visual_payload"])
+    assert all(payload_from_bytes(p) == {} for s in encode_out["visual_payload"] for p in s)
 
 
 def test_an_error_from_a_live_engine_stays_a_row_error_under_the_watchdog(
@@ -287,7 +295,7 @@ def test_an_error_from_a_live_engine_stays_a_row_error_under_the_watchdog(
     monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "decode", "fail_ids": ["b"]}]))
     faults._faults.cache_clear()
     try:
-        out = stage(batch)
+        out = _answers(stage(batch))
     finally:
         faults._faults.cache_clear()
     assert out["error"][1].startswith("decode failed: InjectedFault") and out["answer"][1] == ""

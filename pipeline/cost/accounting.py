@@ -18,13 +18,22 @@ import numpy as np
 from pipeline.config import ConfigError, JobConfig
 from pipeline.io.schema import COST_COLUMNS, STAGE_TIME_COLUMNS
 
-from .flops import ModelShapes, row_flops
+from .flops import ModelShapes, RowFlops, row_flops, vision_flops
 from .prices import Price, PriceTable, load_prices
 
 FLOP_CONVENTION = (
     "2 FLOPs per multiply-add, matrix products only, full L x L attention scores (as "
     "torch.utils.flop_counter.FlopCounterMode counts); LM head once per generated token"
 )
+
+
+@dataclass(frozen=True)
+class TaskTokens:
+    """One answered task of an image: what its sequence held and generated."""
+
+    visual_tokens_kept: int
+    prompt_tokens: int  # text + kept visual tokens prefilled
+    generated_tokens: int
 
 
 @dataclass(frozen=True)
@@ -65,34 +74,58 @@ class CostModel:
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A numpy-format batch after the decode stage -> the same batch with the cost columns."""
+        """A numpy-format batch after the decode stage -> the same batch with the cost columns
+        per image, and per task ``task_flops`` (its prefill and decode) and ``task_kv_cache_bytes``."""
         n = len(batch["id"])
         out: dict[str, list] = {c: [None] * n for c in COST_COLUMNS}
+        task_flops: list[list] = []
+        task_kv: list[list] = []
         for i in range(n):
+            errors = batch["task_error"][i]
+            task_flops.append([None] * len(errors))
+            task_kv.append([None] * len(errors))
             if batch["error"][i]:
                 continue  # error rows carry nulls, not zeros pretending to be costs
-            for name, value in self.row(
-                visual_tokens_in=int(batch["visual_tokens_in"][i]),
-                visual_tokens_kept=int(batch["visual_tokens_kept"][i]),
-                encoder_patches=int(batch["encoder_patches"][i]),
-                prompt_tokens=int(batch["prompt_tokens"][i]),
-                generated_tokens=int(batch["generated_tokens"][i]),
-                stage_ms={c: float(batch[c][i]) for s in self.stages for c in s.time_columns},
-            ).items():
+            kept = batch["kept_indices"][i]
+            answered = {
+                j: TaskTokens(visual_tokens_kept=len(kept[int(batch["task_selection"][i][j])]),
+                              prompt_tokens=int(batch["task_prompt_tokens"][i][j]),
+                              generated_tokens=int(batch["task_generated_tokens"][i][j]))
+                for j, e in enumerate(errors) if not e
+            }
+            image, per_task = self.row(
+                visual_tokens_in=int(batch["visual_tokens_in"][i]), encoder_patches=int(batch["encoder_patches"][i]),
+                tasks=list(answered.values()), stage_ms={c: float(batch[c][i]) for s in self.stages for c in s.time_columns},
+            )
+            for name, value in image.items():
                 out[name][i] = value
+            for j, f in zip(answered, per_task, strict=True):
+                task_flops[i][j], task_kv[i][j] = f.prefill + f.decode, f.kv_cache_bytes
         for name, values in out.items():
             batch[name] = np.array(values, dtype=object)
+        batch["task_flops"] = task_flops
+        batch["task_kv_cache_bytes"] = task_kv
         return batch
 
     def row(
-        self, *, visual_tokens_in: int, visual_tokens_kept: int, encoder_patches: int, prompt_tokens: int,
-        generated_tokens: int, stage_ms: dict[str, float],
-    ) -> dict[str, float | int]:
-        f = row_flops(
-            self.shapes, visual_tokens_in=visual_tokens_in, visual_tokens_kept=visual_tokens_kept,
-            encoder_patches=encoder_patches, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens,
-            bytes_per_element=self.kv_bytes_per_element,
-        )
+        self, *, visual_tokens_in: int, encoder_patches: int, tasks: list[TaskTokens], stage_ms: dict[str, float],
+    ) -> tuple[dict[str, float | int], list[RowFlops]]:
+        """One image's cost columns, and each task's counts. The image is encoded once, so its
+        vision FLOPs count once however many tasks it answered; each task adds its own prefill,
+        decode and KV cache (its sequence holds the image's kept tokens and its own prompt)."""
+        per_task = [
+            row_flops(
+                self.shapes, visual_tokens_in=visual_tokens_in, visual_tokens_kept=t.visual_tokens_kept,
+                encoder_patches=encoder_patches, prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
+                bytes_per_element=self.kv_bytes_per_element,
+            )
+            for t in tasks
+        ]
+        vision = vision_flops(self.shapes.vision, encoder_patches)
+        prefill = sum(f.prefill for f in per_task)
+        prefill_unpruned = sum(f.prefill_unpruned for f in per_task)
+        decode = sum(f.decode for f in per_task)
+        decode_unpruned = sum(f.decode_unpruned for f in per_task)
         gpu_s = cpu_s = cpu_only_s = 0.0
         for s in self.stages:
             seconds = sum(stage_ms[c] for c in s.time_columns) / 1e3
@@ -101,18 +134,18 @@ class CostModel:
             if s.num_gpus == 0:
                 cpu_only_s += seconds * s.num_cpus
         return {
-            "flops_vision": f.vision,
-            "flops_prefill": f.prefill,
-            "flops_prefill_unpruned": f.prefill_unpruned,
-            "flops_decode": f.decode,
-            "flops_total": f.total,
-            "flops_total_unpruned": f.total_unpruned,
-            "kv_cache_bytes": f.kv_cache_bytes,
-            "kv_cache_bytes_unpruned": f.kv_cache_bytes_unpruned,
+            "flops_vision": vision,
+            "flops_prefill": prefill,
+            "flops_prefill_unpruned": prefill_unpruned,
+            "flops_decode": decode,
+            "flops_total": vision + prefill + decode,
+            "flops_total_unpruned": vision + prefill_unpruned + decode_unpruned,
+            "kv_cache_bytes": sum(f.kv_cache_bytes for f in per_task),
+            "kv_cache_bytes_unpruned": sum(f.kv_cache_bytes_unpruned for f in per_task),
             "gpu_seconds": gpu_s,
             "cpu_seconds": cpu_s,
             "cost_usd": self.usd(gpu_s, cpu_only_s),
-        }
+        }, per_task
 
     def usd(self, gpu_seconds: float, cpu_only_core_seconds: float) -> float:
         gpu_rate = self.accelerator_price.usd_per_hour if self.accelerator_price else 0.0

@@ -5,11 +5,17 @@ The engine owns the batch: it asks the family adapter for each row's model input
 family places tokens itself), left-pads them into one batch, calls ``model.generate`` and cuts
 each answer at its first EOS. Families whose LLM runs through the stock ``generate`` need
 nothing else here.
+
+Constrained answers (a task's ``choice`` or JSON Schema, ``pipeline.tasks.Constraint``) go through
+xgrammar's logits processor for transformers, with the grammars the vLLM engine hands vLLM's
+xgrammar backend for the same constraint (``Constraint.choice_grammar``; JSON Schema compiled
+without free whitespace, as vLLM does), so the two engines mask the same tokens.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,20 +26,60 @@ from .base import DecodeEngine
 
 if TYPE_CHECKING:
     from pipeline.config import GenerationConfig
+    from pipeline.tasks import Constraint
 
 
 class HFEngine(DecodeEngine):
     name = "hf"
     schedules_batches = False  # static padded batches: the stage groups rows by length
 
+    def __init__(self, adapter: Any) -> None:
+        super().__init__(adapter)
+        self._compiler: Any = None  # xgrammar's, built on the first constrained request
+        self._grammars: dict[Constraint, Any] = {}
+
     @torch.inference_mode()
     def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]:
+        """One ``generate`` per bound and constraint among ``requests`` (the decode stage sends one
+        task's rows per call, so usually one)."""
         adapter = self.adapter
-        return generate_from_inputs(adapter.model, adapter.tokenizer, adapter.embed, adapter.hf_inputs(requests), gen)
+        groups: dict[tuple[int, Constraint | None], list[int]] = defaultdict(list)
+        for k, r in enumerate(requests):
+            groups[r.max_new_tokens or gen.max_new_tokens, r.constraint].append(k)
+        out: list[Generation | None] = [None] * len(requests)
+        for (new_tokens, rule), members in groups.items():
+            options = gen if new_tokens == gen.max_new_tokens else gen.model_copy(update={"max_new_tokens": new_tokens})
+            processors = [self._logits_processor(rule)] if rule is not None else None
+            results = generate_from_inputs(adapter.model, adapter.tokenizer, adapter.embed,
+                                           adapter.hf_inputs([requests[k] for k in members]), options, processors)
+            for k, result in zip(members, results, strict=True):
+                out[k] = result
+        return out  # type: ignore[return-value]  # every index filled
+
+    def _logits_processor(self, rule: Constraint) -> Any:
+        """A fresh xgrammar processor (one per ``generate`` call: it keeps per-row state) for ``rule``."""
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if self._compiler is None:
+            model, tokenizer = self.adapter.model, self.adapter.tokenizer
+            eos = model.generation_config.eos_token_id
+            info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0],
+                stop_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else None,
+            )
+            self._compiler = xgr.GrammarCompiler(info)
+        if rule not in self._grammars:
+            self._grammars[rule] = (
+                self._compiler.compile_grammar(rule.choice_grammar) if rule.choices else
+                self._compiler.compile_json_schema(rule.json_schema, any_whitespace=False, separators=(",", ":"))
+            )
+        return LogitsProcessor(self._grammars[rule])
 
 
 def generate_from_inputs(
-    model: object, tokenizer: object, embed: torch.nn.Module, inputs: HFInputs, gen: GenerationConfig
+    model: object, tokenizer: object, embed: torch.nn.Module, inputs: HFInputs, gen: GenerationConfig,
+    logits_processors: list[Any] | None = None,
 ) -> list[Generation]:
     """``model.generate`` on ``inputs``' rows left-padded into one batch, the answers cut at EOS.
 
@@ -57,6 +103,10 @@ def generate_from_inputs(
     ).to(device)
     if inputs.positions is not None:
         batch["position_ids"] = left_padded_positions(inputs.positions, width).to(device)
+    if logits_processors:
+        from transformers import LogitsProcessorList
+
+        batch["logits_processor"] = LogitsProcessorList(logits_processors)
     new = model.generate(**batch, **inputs.extra, pad_token_id=pad_id, **generate_options(gen))
     if token_ids:  # generate returns the prompt's ids before the new ones (embeddings: the new ones only)
         new = new[:, width:]

@@ -57,6 +57,9 @@ class VLLMEngine(DecodeEngine):
             max_num_seqs=cfg.max_num_seqs,
             enforce_eager=eager,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            # Constrained answers (a task's choice or JSON Schema): xgrammar, as the HF engine uses,
+            # and JSON without free whitespace (an untrained model otherwise fills max_tokens with it).
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             seed=0,
             **options,
         )
@@ -74,15 +77,23 @@ class VLLMEngine(DecodeEngine):
 
     def generate(self, requests: list[DecodeRequest], gen: GenerationConfig) -> list[Generation]:
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        def params(r: DecodeRequest) -> SamplingParams:
+            rule = r.constraint
+            # A choice as the grammar the HF engine compiles too (an optional space, then a label).
+            structured = (None if rule is None else StructuredOutputsParams(grammar=rule.choice_grammar) if rule.choices
+                          else StructuredOutputsParams(json=rule.json_schema))
+            return SamplingParams(
+                max_tokens=r.max_new_tokens or gen.max_new_tokens,
+                temperature=gen.temperature if gen.do_sample else 0.0,
+                top_p=gen.top_p if gen.do_sample else 1.0,
+                seed=gen.seed if gen.do_sample else None,
+                structured_outputs=structured,
+            )
 
         prompts = [self.adapter.vllm_request(r) for r in requests]
-        params = SamplingParams(
-            max_tokens=gen.max_new_tokens,
-            temperature=gen.temperature if gen.do_sample else 0.0,
-            top_p=gen.top_p if gen.do_sample else 1.0,
-            seed=gen.seed if gen.do_sample else None,
-        )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, [params(r) for r in requests], use_tqdm=False)
         results = []
         for out in outputs:
             completion = out.outputs[0]

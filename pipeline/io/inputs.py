@@ -27,10 +27,11 @@ STAGED_FILE = "first_rows_of_repeated_ids.parquet"
 EXAMPLES = 5
 # The required columns (schema.INPUT_COLUMNS) and the types the job reads; prompts stored as
 # bytes are decoded per row (UTF-8).
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 ACCEPTED_TYPES = {
     "id": (pa.string(), pa.large_string()),
     "image": (pa.binary(), pa.large_binary()),
-    "prompt": (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()),
+    "prompt": TEXT_TYPES,  # without a task spec; with one, the columns its prompts read (``text_columns``)
 }
 
 
@@ -46,6 +47,7 @@ class InputPlan:
     dropped: dict[str, int] = field(default_factory=dict)  # {"missing id": n, "repeated id": n}
     excluded_ids: list[str] = field(default_factory=list)  # repeated ids: their kept row comes from `first_rows`
     first_rows: pa.Table | None = None
+    columns: list[str] = field(default_factory=list)  # the shards' columns
 
     @property
     def expected_rows(self) -> int:
@@ -53,19 +55,22 @@ class InputPlan:
         return self.rows - sum(self.dropped.values())
 
 
-def check_input(source: Location, policy: str, files: list[str] | None = None) -> InputPlan:
+def check_input(
+    source: Location, policy: str, files: list[str] | None = None, text_columns: dict[str, str] | None = None,
+) -> InputPlan:
     """Validate every shard's schema and the ids of ``source`` (or of its ``files`` only, relative
-    to it: an incremental run's shards); the plan for ``policy``."""
+    to it: an incremental run's shards); the plan for ``policy``. ``text_columns``: the columns
+    the prompts read, each with the config field that names it (None: ``prompt``, required)."""
     path = source.uri
     dataset = source.parquet_dataset(files)
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     if not fragments:
         raise InputError(f"input {path}: no Parquet files found")
     schemas = [source.retrying(lambda f=f: f.physical_schema, f"reading the footer of {f.path}") for f in fragments]
-    _check_schemas([f.path for f in fragments], schemas)
+    _check_schemas([f.path for f in fragments], schemas, text_columns)
 
     ids = source.retrying(lambda: dataset.to_table(columns=["id"]).column("id"), f"reading the ids of {path}")
-    plan = InputPlan(files=[f.path for f in fragments], rows=len(ids))
+    plan = InputPlan(files=[f.path for f in fragments], rows=len(ids), columns=list(schemas[0].names))
     missing = int(pc.sum(pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0)).fill_null(True)).as_py() or 0)
     counts = pa.table({"id": ids}).filter(pc.is_valid(pc.field("id"))).group_by("id").aggregate([("id", "count")])
     repeated = counts.filter(pc.greater(counts.column("id_count"), 1))
@@ -92,12 +97,17 @@ def check_input(source: Location, policy: str, files: list[str] | None = None) -
     return plan
 
 
-def _check_schemas(paths: list[str], schemas: list[pa.Schema]) -> None:
+def _check_schemas(paths: list[str], schemas: list[pa.Schema], text_columns: dict[str, str] | None) -> None:
     first = schemas[0]
+    required = dict(ACCEPTED_TYPES)
+    if text_columns is not None:
+        required.pop("prompt")
+        required |= {c: TEXT_TYPES for c in text_columns}
     for path, schema in zip(paths, schemas, strict=True):
-        for name, types in ACCEPTED_TYPES.items():
+        for name, types in required.items():
             if name not in schema.names:
-                raise InputError(f"input file {path}: lacks required column {name!r} (columns: {schema.names})")
+                named_by = f"{text_columns[name]} names column {name!r}, but " if text_columns and name in text_columns else ""
+                raise InputError(f"{named_by}input file {path}: lacks required column {name!r} (columns: {schema.names})")
             if schema.field(name).type not in types:
                 raise InputError(
                     f"input file {path}: column {name!r} is {schema.field(name).type}, expected one of "

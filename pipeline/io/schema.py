@@ -50,10 +50,13 @@ Cost columns (null on error rows; see pipeline/cost/flops.py for the FLOP conven
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.tasks import TaskSpec, answer_type, one_answer, task_fields, to_arrow_value
 
 from .images import IMAGE_ERROR_KINDS
 
@@ -62,6 +65,7 @@ ERROR_KINDS = (
     "missing prompt", "invalid prompt", "prompt too long",  # text stage; prompt too long: decode stage
     *IMAGE_ERROR_KINDS,  # pipeline/io/images.py
     "prepare failed", "encode failed", "decode failed",  # the image processor or the model raised on this row alone
+    "invalid answer",  # a choice or JSON task's answer that does not parse: generation stopped first
 )
 
 OUTPUT_SCHEMA = pa.schema(
@@ -115,6 +119,23 @@ STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (bi
 }
 # Internal columns that never reach the output.
 DROPPED = ("image", "prepared_image", "visual_kept", "visual_payload")
+# Columns of one answer: in the one-answer layout the first (only) task's, taken from the per-task
+# (``task_*``) and per-selection lists the stages carry; with a task spec each task's own columns.
+ANSWER_COLUMNS = ("prompt", "answer", "visual_tokens_kept", "energy_explained", "kept_indices", "nouns",
+                  "relevance_min", "relevance_mean", "relevance_max", "prompt_tokens", "generated_tokens",
+                  "prompt_truncated")
+INTERNAL = ("task_prompt", "task_nouns", "task_error", "task_selection", "task_answer", "task_prompt_tokens",
+            "task_generated_tokens", "task_truncated", "task_flops", "task_kv_cache_bytes", "kept_indices",
+            "energy_explained", "relevance_min", "relevance_mean", "relevance_max")
+
+
+def output_schema(spec: TaskSpec) -> pa.Schema:
+    """The contract's columns for a run: ``OUTPUT_SCHEMA`` without a task spec; with one, the
+    shared columns, then each task's (``pipeline.tasks.task_fields``)."""
+    if spec.one_answer:
+        return OUTPUT_SCHEMA
+    shared = [f for f in OUTPUT_SCHEMA if f.name not in ANSWER_COLUMNS]
+    return pa.schema(shared + [f for t in spec.tasks for f in task_fields(t)])
 
 
 def _py(value: Any) -> Any:
@@ -127,14 +148,67 @@ def _py(value: Any) -> Any:
     return value
 
 
-def to_output_table(batch: dict[str, Any]) -> pa.Table:
-    """A numpy-format batch -> an Arrow table with the contract's schema, then extra input columns."""
-    arrays, fields = [], []
-    for f in OUTPUT_SCHEMA:
-        arrays.append(pa.array([_py(v) for v in batch[f.name]], type=f.type))
-        fields.append(f)
+def answer_columns(batch: dict[str, Any], spec: TaskSpec) -> dict[str, list]:
+    """Per task, its output columns from the stages' per-task and per-selection lists."""
+    n = len(batch["id"])
+    columns: dict[str, list] = {}
+    for j, task in enumerate(spec.tasks):
+        name = task.name if not spec.one_answer else None
+        kind = answer_type(task)
+
+        def pick(key: str, i: int, by_selection: bool = False, _j: int = j) -> Any:
+            if by_selection:
+                s = int(batch["task_selection"][i][_j])
+                return _py(batch[key][i][s]) if s >= 0 else None
+            return _py(batch[key][i][_j])
+
+        errors = [str(pick("task_error", i)) or str(batch["error"][i]) for i in range(n)]
+        answers = []
+        for i in range(n):
+            text = pick("task_answer", i)
+            if errors[i]:
+                answers.append("" if spec.one_answer else None)
+            elif task.type == "json":
+                answers.append(to_arrow_value(json.loads(text), kind))
+            else:
+                answers.append(text)
+        kept = [pick("kept_indices", i, True) or [] for i in range(n)]
+        values = {
+            "answer": answers,
+            "error": errors,
+            "prompt_tokens": [pick("task_prompt_tokens", i) for i in range(n)],
+            "generated_tokens": [pick("task_generated_tokens", i) for i in range(n)],
+            "prompt_truncated": [bool(pick("task_truncated", i)) for i in range(n)],
+            "visual_tokens_kept": [len(k) for k in kept],
+            "kept_indices": kept,
+            "nouns": [list(pick("task_nouns", i) or []) for i in range(n)],
+        }
+        if spec.one_answer:
+            values["error"] = [str(e) for e in batch["error"]]
+            values["prompt"] = [_py(p) for p in batch["prompt"]]
+            for key in ("energy_explained", "relevance_min", "relevance_mean", "relevance_max"):
+                values[key] = [pick(key, i, True) for i in range(n)]
+            return values
+        values["flops"] = [pick("task_flops", i) for i in range(n)]
+        values["kv_cache_bytes"] = [pick("task_kv_cache_bytes", i) for i in range(n)]
+        for key, column in values.items():
+            columns[name if key == "answer" else f"{name}_{key}"] = column
+    return columns
+
+
+def to_output_table(batch: dict[str, Any], spec: TaskSpec | None = None) -> pa.Table:
+    """A numpy-format batch (after the cost step) -> an Arrow table with the run's contract
+    (``output_schema``; ``spec`` None: no task spec), then the extra input columns."""
+    spec = spec or one_answer()
+    schema = output_schema(spec)
+    derived = answer_columns(batch, spec)
+    arrays = []
+    for f in schema:
+        values = derived[f.name] if f.name in derived else [_py(v) for v in batch[f.name]]
+        arrays.append(pa.array(values, type=f.type))
+    fields = list(schema)
     for name, values in batch.items():
-        if name in OUTPUT_SCHEMA.names or name in DROPPED:
+        if name in schema.names or name in DROPPED or name in INTERNAL or name in derived:
             continue
         arrays.append(pa.array([_py(v) for v in values]))
         fields.append(pa.field(name, arrays[-1].type))

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # annotations only: the adapters import without pydantic or P
     from PIL import Image
 
     from pipeline.config import ModelConfig
+    from pipeline.tasks import Constraint
 
 # "image": the image processor and config only, for the CPU preparation stage; "vision": encoder +
 # projector; "language": the LLM for HF decoding; "prompt": tokenizer, chat template and config
@@ -79,6 +80,8 @@ class DecodeRequest(NamedTuple):
     visual: Tensor  # [K, D] kept visual tokens, float32, in the LLM's input-embedding space
     kept_indices: Tensor  # [K] ascending indices into the image's N visual tokens
     payload: Payload = {}  # the family's payload, cut to the kept tokens (``kept_payload``); never mutated
+    max_new_tokens: int | None = None  # this request's bound (its task's); None: generation.max_new_tokens
+    constraint: Constraint | None = None  # a choice or JSON Schema the answer must take (pipeline.tasks)
 
 
 @dataclass

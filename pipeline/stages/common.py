@@ -28,6 +28,30 @@ def list_column(values: Any) -> list[list]:
     return [list(v) for v in values]
 
 
+# The stages' list columns: per task (``task_*``) or per selection (the encode stage's), some
+# nested. Every stage hands them on as Python lists (``as_lists``), so Arrow keeps them lists
+# instead of Ray pickling the arrays of arrays it hands to numpy batches.
+LIST_COLUMNS = (
+    "task_prompt", "task_nouns", "task_error", "task_selection", "task_answer", "task_prompt_tokens",
+    "task_generated_tokens", "task_truncated", "kept_indices", "energy_explained", "relevance_min",
+    "relevance_mean", "relevance_max", "visual_payload",
+)
+
+
+def as_lists(batch: Batch) -> Batch:
+    """``batch`` with its ``LIST_COLUMNS`` as (nested) Python lists."""
+    for name in LIST_COLUMNS:
+        if name in batch:
+            batch[name] = [_nested(v) for v in batch[name]]
+    return batch
+
+
+def _nested(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [_nested(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def ok_rows(errors: Sequence[str]) -> list[int]:
     return [i for i, e in enumerate(errors) if not e]
 

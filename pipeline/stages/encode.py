@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -13,27 +13,32 @@ from pipeline.io.storage import Location
 from pipeline.models import Payload, Prepared, load_adapter, payload_bytes, payload_from_bytes, to_wire
 from pipeline.pruning import ENERGY_TRACED, TEXT_GUIDED, energy_keep, get_method, relevance
 
-from .common import Batch, Stopwatch, errors_of, limit_torch_threads, list_column, map_splitting_failures, ok_rows
+from .common import Batch, Stopwatch, as_lists, errors_of, limit_torch_threads, map_splitting_failures, ok_rows
 from .faults import crash, fail_if_poisoned
 
 
 class EncodedRow(NamedTuple):
     features: torch.Tensor  # [N, D] visual tokens
     seed_scores: torch.Tensor | None  # [N], e.g. CLS attention
-    words: torch.Tensor  # [M, D] noun embeddings (M may be 0)
+    words: Any  # [M, D] noun embeddings (M may be 0): of one selection (``_encode`` returns one per selection)
     encoder_patches: int  # patches the vision encoder ran over, all views
     payload: Payload = {}  # the family's, for all N tokens (the adapter's ``kept_payload`` cuts it)
 
 
 class EncodeStage:
-    """Drops ``prepared_image``; adds ``visual_kept`` ([K, D] in the vision model's dtype as
-    ``to_wire`` carries it: bf16 on GPUs, exactly the projector's output, half of float32; for the
-    decode stage), ``visual_payload`` (the family's payload cut to the kept tokens, floats in the
-    same dtype, as ``payload_bytes``; b"" for none, for the decode stage), ``kept_indices`` (ascending), ``method``,
-    ``keep`` (the budget applied to the row; with ``pruning.energy``, its cap), ``visual_tokens_in/kept``,
-    ``energy_explained`` (ResPrune: the share of the image's token energy its kept tokens span;
-    null for other methods), ``encoder_patches``, ``relevance_min/mean/max`` (null without nouns
-    or for methods that ignore text), ``encode_ms`` and ``prune_ms``."""
+    """Drops ``prepared_image``; encodes each image once and selects its kept tokens once per
+    distinct selection its tasks need: one per distinct noun list when the method reads the text
+    (``TEXT_GUIDED``), else one for all tasks. Adds per row ``visual_kept``: the selections'
+    tokens one after another ([sum of K, D] in the vision model's dtype as ``to_wire`` carries it:
+    bf16 on GPUs, exactly the projector's output, half of float32); and one entry per selection:
+    ``visual_payload`` (the family's payload cut
+    to the kept tokens, floats in the same dtype, as ``payload_bytes``; b"" for none),
+    ``kept_indices`` (ascending), ``energy_explained`` (ResPrune: the share of the image's token
+    energy its kept tokens span; null for other methods), ``relevance_min/mean/max`` (null
+    without nouns or for methods that ignore text); ``task_selection`` (per task, the index of
+    its selection; -1 for a task with an error); and per image ``method``, ``keep`` (the budget
+    applied; with ``pruning.energy``, its cap), ``visual_tokens_in``, ``encoder_patches``,
+    ``encode_ms`` and ``prune_ms``."""
 
     def __init__(
         self, model: ModelConfig, pruning: PruningConfig, stage: StageConfig, source: Location | None = None,
@@ -49,15 +54,18 @@ class EncodeStage:
         errors = errors_of(batch)
         watch = Stopwatch()
         rows = ok_rows(errors)
-        items = [(str(batch["id"][i]), payload_from_bytes(batch["prepared_image"][i]), list(batch["nouns"][i]))
-                 for i in rows]
+        # Per row, the distinct noun lists its tasks select with (one shared list when the method ignores text).
+        wanted = {i: selections_of(batch["task_nouns"][i], batch["task_error"][i], self.pruning.method in TEXT_GUIDED)
+                  for i in rows}
+        items = [(str(batch["id"][i]), payload_from_bytes(batch["prepared_image"][i]), wanted[i][0]) for i in rows]
         encoded = map_splitting_failures(self._encode, items, "encode")
-        feats: dict[int, EncodedRow] = {}
+        feats: dict[tuple[int, int], EncodedRow] = {}
         for i, result in zip(rows, encoded, strict=True):
             if isinstance(result, str):
                 errors[i] = result
             else:
-                feats[i] = result
+                for s, words in enumerate(result.words):
+                    feats[i, s] = result._replace(words=words)
         encode_ms = watch.per_row_ms(errors)
 
         watch = Stopwatch()
@@ -65,45 +73,67 @@ class EncodeStage:
         prune_ms = watch.per_row_ms(errors)
 
         wire = self.adapter.dtype  # the tokens were computed in it: casting back from float32 is exact
-        empty = to_wire(torch.zeros((0, 0), dtype=wire))
-        visual_kept, payloads = np.empty(n, dtype=object), np.empty(n, dtype=object)
-        for i in range(n):
-            visual_kept[i] = to_wire(feats[i].features[pruned[i].kept].to(wire)) if i in pruned else empty
-            payloads[i] = (payload_bytes({k: v.to(wire) if v.is_floating_point() else v
-                                          for k, v in self.adapter.kept_payload(feats[i].payload, pruned[i].kept).items()})
-                           if i in pruned else b"")
+        selections = {i: sorted(s for (r, s) in pruned if r == i) for i in range(n)}
         batch.pop("prepared_image")
-        batch["nouns"] = list_column(batch["nouns"])
-        batch["visual_kept"] = visual_kept
-        batch["visual_payload"] = payloads
-        batch["kept_indices"] = [pruned[i].kept.tolist() if i in pruned else [] for i in range(n)]
+        batch["task_selection"] = [wanted[i][1] if i in wanted and selections[i] else [-1] * len(batch["task_error"][i])
+                                   for i in range(n)]
+        # The selections' tokens one after another ([sum of K, D]: one tensor column, as Arrow takes
+        # it); the decode stage splits them by the lengths of ``kept_indices``.
+        empty = torch.zeros((0, 0), dtype=wire)
+        batch["visual_kept"] = [to_wire(torch.cat([feats[i, s].features[pruned[i, s].kept] for s in selections[i]])
+                                        .to(wire) if selections[i] else empty) for i in range(n)]
+        batch["visual_payload"] = [
+            [payload_bytes({k: v.to(wire) if v.is_floating_point() else v
+                            for k, v in self.adapter.kept_payload(feats[i, s].payload, pruned[i, s].kept).items()})
+             for s in selections[i]] for i in range(n)]
+        batch["kept_indices"] = [[pruned[i, s].kept.tolist() for s in selections[i]] for i in range(n)]
         batch["method"] = np.array([self.pruning.method] * n)
-        tokens_in = [feats[i].features.shape[0] if i in feats else 0 for i in range(n)]
-        batch["keep"] = np.array([pruned[i].budget if i in pruned else 0 for i in range(n)], dtype=np.int64)
-        batch["visual_tokens_in"] = np.array(tokens_in, dtype=np.int64)
-        batch["visual_tokens_kept"] = np.array([len(pruned[i].kept) if i in pruned else 0 for i in range(n)],
-                                               dtype=np.int64)
-        batch["energy_explained"] = [pruned[i].energy_explained if i in pruned else None for i in range(n)]
-        batch["encoder_patches"] = np.array([feats[i].encoder_patches if i in feats else 0 for i in range(n)])
+        first = {i: feats[i, 0] for i in range(n) if (i, 0) in feats}
+        batch["keep"] = np.array([pruned[i, 0].budget if i in first else 0 for i in range(n)], dtype=np.int64)
+        batch["visual_tokens_in"] = np.array([first[i].features.shape[0] if i in first else 0 for i in range(n)],
+                                             dtype=np.int64)
+        batch["encoder_patches"] = np.array([first[i].encoder_patches if i in first else 0 for i in range(n)])
+        batch["energy_explained"] = [[pruned[i, s].energy_explained for s in selections[i]] for i in range(n)]
         for k, name in enumerate(("relevance_min", "relevance_mean", "relevance_max")):
-            batch[name] = [pruned[i].relevance[k] if i in pruned and pruned[i].relevance else None for i in range(n)]
+            batch[name] = [[pruned[i, s].relevance[k] if pruned[i, s].relevance else None for s in selections[i]]
+                           for i in range(n)]
         batch["error"] = np.array(errors, dtype=object)
         batch["encode_ms"] = encode_ms
         batch["prune_ms"] = prune_ms
-        return batch
+        return as_lists(batch)
 
-    def _encode(self, items: list[tuple[str, Prepared, list[str]]]) -> list[EncodedRow]:
+    def _encode(self, items: list[tuple[str, Prepared, list[list[str]]]]) -> list[EncodedRow]:
+        """Each image through the vision tower once; ``words`` holds one noun embedding per selection."""
         fail_if_poisoned("encode", [rid for rid, _, _ in items])
         enc = self.adapter.encode_prepared([prepared for _, prepared, _ in items])
-        words = self.adapter.embed_words([nouns for _, _, nouns in items])
+        nouns = [n for _, _, lists in items for n in lists]
+        flat = iter(self.adapter.embed_words(nouns))
+        words = [[next(flat).cpu() for _ in lists] for _, _, lists in items]
         scores = enc.seed_scores or [None] * len(items)
         return [
-            EncodedRow(f.cpu(), s.cpu() if s is not None else None, t.cpu(), int(patches),
+            EncodedRow(f.cpu(), s.cpu() if s is not None else None, w, int(patches),
                        {name: x.cpu() for name, x in payload.items()})
-            for f, s, t, patches, payload in zip(
+            for f, s, w, patches, payload in zip(
                 enc.features, scores, words, enc.encoder_patches, enc.payloads, strict=True
             )
         ]
+
+
+def selections_of(task_nouns: Any, task_errors: Any, text_guided: bool) -> tuple[list[list[str]], list[int]]:
+    """``(noun lists, per task its selection)``: the distinct noun lists a row's tasks without
+    an error select with, in first-use order (one, the first task's, when selection ignores the
+    text: every task then shares it), and each task's index into them (-1: the task has an error)."""
+    lists: list[list[str]] = []
+    index: list[int] = []
+    for nouns, error in zip(task_nouns, task_errors, strict=True):
+        if error:
+            index.append(-1)
+            continue
+        key = list(nouns) if text_guided or not lists else lists[0]
+        if key not in lists:
+            lists.append(key)
+        index.append(lists.index(key))
+    return lists, index
 
 
 class Pruned(NamedTuple):
@@ -113,7 +143,7 @@ class Pruned(NamedTuple):
     relevance: tuple[float, float, float] | None  # min / mean / max text relevance, when used
 
 
-def prune_rows(rows: dict[int, EncodedRow], pruning: PruningConfig, alpha: float) -> dict[int, Pruned]:
+def prune_rows(rows: dict[Any, EncodedRow], pruning: PruningConfig, alpha: float) -> dict[Any, Pruned]:
     """Select per row, batched over rows with the same token count (and so the same budget).
 
     ResPrune always traces its energy (``energy_explained`` per row); with ``pruning.energy`` a
@@ -121,7 +151,7 @@ def prune_rows(rows: dict[int, EncodedRow], pruning: PruningConfig, alpha: float
     (``pipeline.pruning.energy_keep``): the picks are nested, so the cut rows are exactly what a
     fixed budget of that count would keep."""
     select, traced = get_method(pruning.method), ENERGY_TRACED.get(pruning.method)
-    groups: dict[int, list[int]] = defaultdict(list)
+    groups: dict[int, list[Any]] = defaultdict(list)
     for i, row in rows.items():
         groups[row.features.shape[0]].append(i)
     out: dict[int, Pruned] = {}

@@ -11,7 +11,7 @@ from pipeline.io.images import decode_image, draft_target
 from pipeline.io.storage import Location
 from pipeline.models import load_adapter, payload_bytes
 
-from .common import Batch, Stopwatch, errors_of, limit_torch_threads, map_splitting_failures, ok_rows
+from .common import Batch, Stopwatch, as_lists, errors_of, limit_torch_threads, map_splitting_failures, ok_rows
 from .faults import crash
 
 
@@ -56,7 +56,7 @@ class PrepareStage:
         batch["prepared_image"] = out
         batch["error"] = np.array(errors, dtype=object)
         batch["prepare_ms"] = watch.per_row_ms(errors)
-        return batch
+        return as_lists(batch)
 
     def _prepare(self, images: list[Image.Image]) -> list[bytes]:
         return [payload_bytes(self.adapter.prepare_image(image)) for image in images]

@@ -47,7 +47,7 @@ def checkpoint(recipe: str) -> str:
         return str(trained)
     from pipeline.models.sources import cache_root
 
-    target = cache_root() / f"tiny-{recipe}-{VERSION}"  # "tiny-llava-v2": the name tiny:llava always had
+    target = cache_root() / f"tiny-{recipe}-{VERSION}"  # "tiny-llava-v3"
     if not (target / "config.json").exists():
         build(recipe, target)
     return str(target)

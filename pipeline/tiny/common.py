@@ -6,7 +6,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-VERSION = "v2"  # bump when a recipe changes so caches rebuild
+VERSION = "v3"  # bump when a recipe changes so caches rebuild (v3: the Llama-style decoder)
 SEED = 1234
 
 _WORDS = """
@@ -29,7 +29,11 @@ def tiny_tokenizer(extra_specials: tuple[str, ...] = (), **tokens: Any) -> Any:
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>", *extra_specials]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    bpe.decoder = decoders.Metaspace()
+    # Decoded as sentencepiece-converted Llama tokenizers are ("▁" -> space, then the first space
+    # stripped): the same text as a Metaspace decoder, in the form the grammar library that
+    # constrains answers (xgrammar, both engines) reads as space-prefixed words.
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     corpus = [" ".join(_WORDS[i:] + _WORDS[:i]) for i in range(len(_WORDS))]
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=list(string.printable), show_progress=False

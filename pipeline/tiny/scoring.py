@@ -11,6 +11,7 @@ has labelled captions. Short answers are scored there too, by normalised exact m
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -84,3 +85,42 @@ def caption_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     do (object F1 means nothing against labels that name none of the world's objects)."""
     labelled = [r for r in rows if is_shapes_caption(r)]
     return caption_summary(labelled) if labelled else {}
+
+
+def task_scores(rows: list[dict[str, Any]], tasks: list[Any]) -> dict[str, dict[str, float | int | str]]:
+    """Annotation tasks (docs/tasks.md) scored against this world's labels, on output rows that
+    carry them (``expected_objects``; ``shape``): a ``text`` task's answer as a caption and a
+    ``json`` task's ``objects`` by object F1 (``caption_match``'s multiset rule) against every
+    object in the image; a ``choice`` task whose prompt names ``{shape}`` by accuracy against that
+    shape's colour. An answer the task did not give (an error) counts as wrong (names no object).
+    ``{}`` when the rows carry no labels."""
+    labelled = [r for r in rows if r.get("expected_objects")]
+    if not labelled:
+        return {}
+    out: dict[str, dict[str, float | int | str]] = {}
+    for task in tasks:
+        name = task.name
+        if task.type == "choice" and "{shape}" in task.prompt:
+            asked = [r for r in labelled if r.get("shape")]
+            right = sum(1 for r in asked if not r[f"{name}_error"] and r[name] == _colour_of(r))
+            out[name] = {"metric": "accuracy", "value": right / len(asked) if asked else 0.0, "rows": len(asked)}
+            continue
+        if task.type not in ("text", "json"):
+            continue
+        p = e = m = 0
+        for r in labelled:
+            want = [(o["colour"], o["shape"]) for o in json.loads(r["expected_objects"])]
+            got = [] if r[f"{name}_error"] else _objects_of(r[name]) if task.type == "json" else caption_objects(r[name])
+            p, e, m = p + len(got), e + len(want), m + sum((Counter(got) & Counter(want)).values())
+        out[name] = {"metric": "object_f1", "value": f1(m, p, e), "rows": len(labelled)}
+    return out
+
+
+def _colour_of(row: dict[str, Any]) -> str | None:
+    return next((o["colour"] for o in json.loads(row["expected_objects"]) if o["shape"] == row["shape"]), None)
+
+
+def _objects_of(value: Any) -> list[tuple[str, str]]:
+    """``(colour, shape)`` pairs of a JSON answer holding ``{"objects": [{"colour", "shape"}, ...]}``."""
+    items = value.get("objects") if isinstance(value, dict) else None
+    return [(o.get("colour"), o.get("shape")) for o in items or [] if isinstance(o, dict)]

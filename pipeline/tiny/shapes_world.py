@@ -33,6 +33,7 @@ Input schema (what the job reads; extra columns pass through to the output):
 | prompt          | string | the question or instruction for this image         |
 
 Sample corpora add ``expected`` (the true answer) and ``question_type`` (one of the types above),
+and for annotation tasks ``shape`` and ``expected_objects`` (``task_labels``),
 which the job summary and the evaluation job (``jobs/evaluate_pruning.py``) score against; captions
 are scored by objects only where these labels are present (``pipeline.tiny.scoring``).
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
     ("expected", pa.string()), ("question_type", pa.string()),
+    ("shape", pa.string()), ("expected_objects", pa.string()),
 ])
 MIN_SIDE, MAX_SIDE = 200, 800
 SINGLE_WORD = "\nAnswer the question using a single word or phrase."
@@ -199,8 +202,19 @@ def make_rows(n: int, seed: int = 0, corrupt: int = 0, types: tuple[str, ...] = 
         if i >= n - corrupt:
             data = b"\x89PNG\r\n\x1a\n" + b"not really an image" * 8
         rows.append({"id": f"sample-{seed}-{i:05d}", "image": data, "prompt": prompt, "expected": expected,
-                     "question_type": qtype})
+                     "question_type": qtype, **task_labels(scene)})
     return rows
+
+
+def task_labels(scene: Scene) -> dict[str, str | None]:
+    """What an annotation-task run (docs/tasks.md) asks of and scores against: ``shape``, the
+    leftmost shape that occurs once (the colour question's subject; null when none does), and
+    ``expected_objects``, every object left to right as JSON (``[{"colour": ..., "shape": ...}, ...]``)."""
+    ordered = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+    shapes = [o.shape for o in ordered]
+    single = next((s for s in shapes if shapes.count(s) == 1), None)
+    objects = [{"colour": o.colour, "shape": o.shape} for o in ordered]
+    return {"shape": single, "expected_objects": json.dumps(objects, separators=(",", ":"))}
 
 
 def parse_types(text: str) -> tuple[str, ...]:
