@@ -43,8 +43,10 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default (configs/local.yaml), through `ray job submit`
 # against a local head that the script starts and stops. The script draws the demo corpus
 # (data/sample, input.create_sample_rows rows of the shapes world) first if it is missing.
+# Then the same corpus asked three annotation tasks per image (configs/local-tasks.yaml, docs/tasks.md).
 demo: $(STAMP)
 	VENV=$(VENV) bash jobs/submit_local.sh configs/local.yaml
+	VENV=$(VENV) OUT=$(CURDIR)/out/local-tasks bash jobs/submit_local.sh configs/local-tasks.yaml
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q

@@ -257,6 +257,9 @@ def run_grid(base: JobConfig, cells: list[Cell], input_path: str, out: Path, *, 
     (``matched_pairs`` pairs them), unless the grid has that cell already."""
     from pipeline.job import run_job
 
+    if base.tasks:  # its scores read one answer per row
+        raise ConfigError("tasks: the evaluation grid compares each row's one answer across budgets; give it a "
+                          "config without tasks (the row's prompt column), e.g. one question per row")
     runs: dict[Cell, str] = {}
     outputs: dict[Cell, list[dict[str, Any]]] = {}  # each run's output, read once
 

@@ -22,9 +22,10 @@ EXAMPLES = 5  # rows the summary shows
 CAPTION_EXAMPLES = 3  # and caption rows beyond them
 
 
-def _in(section: str, key: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
-    """A summary field that the manifest also holds, as ``manifest[section][key]``."""
-    return field(default=default, default_factory=factory, metadata={"manifest": (section, key)})
+def _in(section: str, key: str, default: Any = MISSING, factory: Any = MISSING, when_set: bool = False) -> Any:
+    """A summary field that the manifest also holds, as ``manifest[section][key]`` (``when_set``:
+    only when it holds something, so runs without the feature keep their manifest's shape)."""
+    return field(default=default, default_factory=factory, metadata={"manifest": (section, key), "when_set": when_set})
 
 
 @dataclass
@@ -69,7 +70,7 @@ class JobSummary:
     retried_batches: int = 0  # distinct decode batches that ran again on a fresh engine
     # With a task spec, per task: answered, errors (by kind, the image's own errors excluded), a
     # `choice` task's label counts, a `json` task's share of generated answers that validated.
-    tasks: dict[str, dict[str, Any]] = _in("tasks", "by_task", factory=dict)
+    tasks: dict[str, dict[str, Any]] = _in("tasks", "by_task", factory=dict, when_set=True)
     # With a task spec and the shapes world's labels: each task scored against them (pipeline.tiny.scoring).
     task_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -80,7 +81,7 @@ class JobSummary:
         """The manifest's sections this summary fills (``rows``, ``visual_tokens``, ``stages``)."""
         sections: dict[str, dict[str, Any]] = {}
         for f in fields(self):
-            if "manifest" in f.metadata:
+            if "manifest" in f.metadata and (getattr(self, f.name) or not f.metadata["when_set"]):
                 section, key = f.metadata["manifest"]
                 sections.setdefault(section, {})[key] = getattr(self, f.name)
         return sections

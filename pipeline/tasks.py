@@ -36,10 +36,10 @@ TASK_SUFFIXES = {
     "flops": pa.int64(),
     "kv_cache_bytes": pa.int64(),
 }
-# Shared columns a task's columns must not shadow (the output schema's, and the input's own).
+# Shared columns a task's columns must not shadow (the input's other columns: pipeline.plan).
 SHARED_COLUMNS = frozenset({
     "id", "prompt", "error", "answer", "method", "keep", "visual_tokens_in", "encoder_patches", "extractor",
-    "text_ms", "prepare_ms", "encode_ms", "prune_ms", "decode_ms", "image", "expected", "question_type",
+    "text_ms", "prepare_ms", "encode_ms", "prune_ms", "decode_ms", "image",
 })
 
 

@@ -145,9 +145,11 @@ def _batch() -> dict:
     return {
         "id": np.array(["a", "b", "c"], dtype=object),
         "error": np.array(["", "corrupt image: x", ""], dtype=object),
-        "visual_tokens_in": np.array([576, 0, 576]), "visual_tokens_kept": np.array([128, 0, 576]),
-        "encoder_patches": np.array([576, 0, 576]),
-        "prompt_tokens": np.array([150, 0, 598]), "generated_tokens": np.array([5, 0, 5]),
+        "visual_tokens_in": np.array([576, 0, 576]), "encoder_patches": np.array([576, 0, 576]),
+        # One task per row (no task spec): its selection's kept indices, prompt and generated tokens.
+        "kept_indices": [[list(range(128))], [], [list(range(576))]], "task_selection": [[0], [-1], [0]],
+        "task_error": [[""], ["corrupt image: x"], [""]],
+        "task_prompt_tokens": [[150], [0], [598]], "task_generated_tokens": [[5], [0], [5]],
         "text_ms": np.array([1.0, 0.0, 1.0]), "prepare_ms": np.array([6.0, 0.0, 6.0]), "encode_ms": np.array([40.0, 0.0, 40.0]),
         "prune_ms": np.array([10.0, 0.0, 0.0]), "decode_ms": np.array([100.0, 0.0, 300.0]),
     }
@@ -166,8 +168,8 @@ def test_row_costs_apportion_reserved_resources_and_price_from_the_table(shapes,
         # GPU stages' CPUs come with the GPU's price; only the CPU-only text and prepare stages pay per core.
         expected = (out["gpu_seconds"][i] * gpu_rate + 0.25 * (text_s + prep_s) * core_rate) / 3600
         assert out["cost_usd"][i] == pytest.approx(expected)
-        f = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=int(_batch()["visual_tokens_kept"][i]),
-                      encoder_patches=576, prompt_tokens=int(_batch()["prompt_tokens"][i]), generated_tokens=5,
+        f = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=len(_batch()["kept_indices"][i][0]),
+                      encoder_patches=576, prompt_tokens=_batch()["task_prompt_tokens"][i][0], generated_tokens=5,
                       bytes_per_element=2)
         assert out["flops_total"][i] == f.total == out["flops_vision"][i] + out["flops_prefill"][i] + out["flops_decode"][i]
     # Row 0 was pruned 576 -> 128: the unpruned figures are the same row with 598 prompt tokens.
@@ -235,3 +237,31 @@ def test_gpu_stages_need_a_priced_accelerator(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(local))
     with pytest.raises(ConfigError, match=r"cost\.prices: cannot read"):
         cost_model(load_config(path).model_copy(update={"model": job.model}))
+
+
+def test_an_image_asked_several_tasks_counts_its_vision_once(shapes) -> None:
+    """Three tasks on one image: vision FLOPs once, each task's prefill, decode and KV cache on
+    top (its own prompt and kept tokens); a task with an error adds nothing."""
+    model = _cost_model(shapes, "configs/prices.yaml")
+    batch = {
+        "id": np.array(["a"], dtype=object), "error": np.array([""], dtype=object),
+        "visual_tokens_in": np.array([576]), "encoder_patches": np.array([576]),
+        "kept_indices": [[list(range(128)), list(range(64))]], "task_selection": [[0, 1, 0]],
+        "task_error": [["", "", "prompt too long: 9000 tokens > 4000"]],
+        "task_prompt_tokens": [[150, 90, 0]], "task_generated_tokens": [[20, 3, 0]],
+        "text_ms": np.array([1.0]), "prepare_ms": np.array([6.0]), "encode_ms": np.array([40.0]),
+        "prune_ms": np.array([10.0]), "decode_ms": np.array([100.0]),
+    }
+    out = model(batch)
+    one = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=128, encoder_patches=576, prompt_tokens=150,
+                    generated_tokens=20, bytes_per_element=2)
+    two = row_flops(shapes, visual_tokens_in=576, visual_tokens_kept=64, encoder_patches=576, prompt_tokens=90,
+                    generated_tokens=3, bytes_per_element=2)
+    assert out["flops_vision"][0] == one.vision == two.vision
+    assert out["flops_total"][0] == one.vision + one.prefill + one.decode + two.prefill + two.decode
+    assert out["flops_total"][0] < one.total + two.total  # what one row per question would have counted
+    assert out["flops_total_unpruned"][0] == one.vision + one.prefill_unpruned + one.decode_unpruned \
+        + two.prefill_unpruned + two.decode_unpruned
+    assert out["kv_cache_bytes"][0] == one.kv_cache_bytes + two.kv_cache_bytes
+    assert out["task_flops"][0] == [one.prefill + one.decode, two.prefill + two.decode, None]
+    assert out["task_kv_cache_bytes"][0] == [one.kv_cache_bytes, two.kv_cache_bytes, None]

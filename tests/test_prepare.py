@@ -22,6 +22,8 @@ from pipeline.config import (
 )
 from pipeline.models import from_wire, load_adapter, payload_bytes, payload_from_bytes, to_wire
 from pipeline.models.base import PixelLUT
+from pipeline.io.schema import answer_columns
+from pipeline.tasks import one_answer
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.prepare import PrepareStage
@@ -103,13 +105,13 @@ def test_bf16_tokens_cross_between_the_gpu_stages_exactly_and_at_half_the_bytes(
     out = encode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in batch.items()})
     reference = encode.adapter.encode_prepared(prepared)  # features in bf16, upcast to float32
     for i in range(3):
-        wire = out["visual_kept"][i]
+        wire = out["visual_kept"][i]  # one selection (one task): its 16 tokens
         assert wire.dtype == np.uint16 and wire.shape == (16, reference.features[i].shape[1])
-        kept = torch.tensor(out["kept_indices"][i])
+        kept = torch.tensor(out["kept_indices"][i][0])
         assert torch.equal(from_wire(wire).float(), reference.features[i][kept])
     decode = DecodeStage(model, GenerationConfig(max_new_tokens=3), InputConfig(path="x"), DecodeStageConfig())
-    answered = decode(out)
-    assert list(answered["error"]) == ["", "", ""] and all(answered["generated_tokens"] > 0)
+    answered = answer_columns(decode(out), one_answer())
+    assert list(answered["error"]) == ["", "", ""] and all(g > 0 for g in answered["generated_tokens"])
 
 
 def test_an_image_the_processor_refuses_is_that_rows_error_and_the_batch_goes_on() -> None:

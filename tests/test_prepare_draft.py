@@ -30,6 +30,8 @@ from pipeline.config import load_config
 from pipeline.io.images import decode_image
 from pipeline.models import payload_from_bytes
 from pipeline.models.base import PixelLUT
+from pipeline.io.schema import answer_columns
+from pipeline.tasks import one_answer
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.prepare import PrepareStage
@@ -74,7 +76,7 @@ def runs(config, texted: dict) -> dict:
                                config.prepare_stage)
         prepared = prepare(_copy(texted))
         answered = decode(encode(_copy(prepared)))
-        out[margin] = (prepare, prepared, answered)
+        out[margin] = (prepare, prepared, answered | answer_columns(answered, one_answer()))
     return out
 
 

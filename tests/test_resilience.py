@@ -203,20 +203,15 @@ def _wait_until_quiet(folder: Path, quiet_s: float, limit_s: float) -> None:
     raise AssertionError(f"{folder} kept changing for {limit_s} s after the driver was killed")
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str, engine: str) -> None:
-    # Ten shards and small batches: blocks of a few rows flow through, so writes commit one by one.
-    write_corpus(str(tmp_path / "in"), rows=40, shards=10, seed=8)
-    want = set(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
-    cfg = _config(tmp_path, text_stage={"batch_size": 4}, encode_stage={"batch_size": 4},
-                  decode_stage={"batch_size": 4, "engine": engine})
-    args = ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
-    # A second per decode batch: once vLLM has started, it would otherwise answer every row (the
-    # encode stage runs ahead while the engine starts) before the kill could land mid-run.
+def kill_mid_run(args: list[str], out: Path) -> None:
+    """Start the job, SIGKILL its driver (then the local Ray it started, as a lost machine would)
+    once a write has committed, and wait until the killed attempt's writes are quiet. A second
+    per decode batch: once vLLM has started, it would otherwise answer every row (the encode stage
+    runs ahead while the engine starts) before the kill could land mid-run."""
     slow = _env(RESPRUNE_FAULTS=json.dumps([{"stage": "decode", "delay_s": 1.0}]))
     proc = subprocess.Popen([sys.executable, "jobs/caption_corpus.py", *args], cwd=REPO, env=slow,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = tmp_path / "out" / "_checkpoint"
+    checkpoint = out / "_checkpoint"
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
@@ -228,13 +223,24 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
         os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
         proc.wait(timeout=30)
     finally:
-        try:  # then whatever it started (the local Ray), as a lost machine would
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     # A write task already running may still commit for a moment (seen: 1.6 s after the kill);
     # a resume starts once the old attempt is quiet, as it would after a real crash.
     _wait_until_quiet(checkpoint, quiet_s=5, limit_s=60)
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str, engine: str) -> None:
+    # Ten shards and small batches: blocks of a few rows flow through, so writes commit one by one.
+    write_corpus(str(tmp_path / "in"), rows=40, shards=10, seed=8)
+    want = set(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
+    cfg = _config(tmp_path, text_stage={"batch_size": 4}, encode_stage={"batch_size": 4},
+                  decode_stage={"batch_size": 4, "engine": engine})
+    args = ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    kill_mid_run(args, tmp_path / "out")
     before = _output_ids(tmp_path / "out")
     assert 0 < sum(before.values()) < len(want)
     assert read_manifest(locate(str(tmp_path / "out")))["status"] == "running"

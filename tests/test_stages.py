@@ -124,7 +124,7 @@ def test_encode_stage_row_errors_and_pruning(encode_stage: EncodeStage, encode_o
     words = encode_stage.adapter.embed_words([list(text_out["task_nouns"][0][0])])
     expected = resprune_select(enc.features[0], 32, text=words[0], alpha=0.75, seed=enc.seed_scores[0]).sort().values
     assert encode_out["kept_indices"][0] == [expected.tolist()]
-    np.testing.assert_allclose(encode_out["visual_kept"][0][0], enc.features[0][expected].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(encode_out["visual_kept"][0], enc.features[0][expected].numpy(), rtol=1e-5, atol=1e-5)
     r = relevance(enc.features[0], words[0])
     assert encode_out["relevance_max"][0][0] == pytest.approx(float(r.max()))
     assert float(gate(r, 0.75).min()) > 0
@@ -269,7 +269,7 @@ def test_deepstack_levels_travel_with_the_kept_tokens_through_the_stages(text_ou
     answers = _answers(decode({k: v.copy() if isinstance(v, np.ndarray) else list(v) for k, v in out.items()}))
     assert "visual_payload" not in answers
     direct = HFEngine(decode.adapter).generate(
-        [DecodeRequest(str(out["id"][i]), str(out["prompt"][i]), torch.from_numpy(np.array(out["visual_kept"][i][0])),
+        [DecodeRequest(str(out["id"][i]), str(out["prompt"][i]), torch.from_numpy(np.array(out["visual_kept"][i])),
                        torch.tensor(out["kept_indices"][i][0]), payloads[i]) for i in range(2)],
         GenerationConfig(max_new_tokens=6),
     )

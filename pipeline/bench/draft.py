@@ -281,10 +281,12 @@ def answer(rows: list[dict[str, Any]], config: str, margins: tuple[float, ...]) 
     from pipeline.stages.decode import DecodeStage
     from pipeline.stages.encode import EncodeStage
     from pipeline.stages.prepare import PrepareStage
+    from pipeline.io.schema import answer_columns
     from pipeline.stages.text import TextStage
+    from pipeline.tasks import one_answer
 
     cfg = load_config(REPO / config, {"input.path": "unused", "model.path": "tiny:llava-shapes"})
-    columns = ("id", "image", "prompt", "expected", "question_type")
+    columns = ("id", "image", "prompt", "expected", "question_type")  # the world's task labels are not needed
 
     def batches(size: int) -> list[dict[str, np.ndarray]]:
         return [{k: np.array([r[k] for r in rows[s : s + size]], dtype=object) for k in columns}
@@ -305,6 +307,7 @@ def answer(rows: list[dict[str, Any]], config: str, margins: tuple[float, ...]) 
             batch = {k: (v[s : s + size].copy() if isinstance(v, np.ndarray) else list(v[s : s + size]))
                      for k, v in merged.items()}
             result = decode(encode(prepare(batch)))
+            result |= answer_columns(result, one_answer())  # the one-answer view: answer, kept_indices
             done += [{k: result[k][i] for k in ("id", "prompt", "expected", "question_type", "answer", "error",
                                                "kept_indices", "prepare_ms")} for i in range(len(result["id"]))]
         out[margin] = done
