@@ -38,8 +38,8 @@ origin). Every estimate row is then the image encoded once (vision once, each ta
 decode), next to the same questions as one row each (the image encoded once per task): columns
 tasks_per_image, flops_per_image_per_row_questions, gpu_seconds_per_image_per_row_questions,
 usd_per_1k_images_per_row_questions, encode_once_flops_saving, encode_once_saving. Without
-either, one task per image (T = 1: the per-row columns equal the others, saving 0). Writes plan.csv, plan.md and plan.png under --out and
-prints the table.
+either, one task per image (T = 1: the per-row columns equal the others, saving 0).
+Writes plan.csv, plan.md and plan.png under --out and prints the table.
 Exit status 2 on a configuration error.
 """
 

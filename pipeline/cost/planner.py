@@ -426,12 +426,13 @@ def task_loads(tasks: Sequence[TaskConfig], generated: int, generated_from: str,
 def tasks_note(loads: Sequence[TaskLoad], source: str, text_tokens: int) -> str:
     """The plan's note on its task spec: the tasks, each one's generated tokens and where they came
     from, and what the encode-once columns compare."""
-    each = ", ".join(f"{t.name} {t.generated_tokens} ({'its max_new_tokens' if t.generated_from == TASK_FROM else t.generated_from})"
-                     for t in loads)
+    each = ", ".join(
+        f"{t.name} {t.generated_tokens} ({'its max_new_tokens' if t.generated_from == TASK_FROM else t.generated_from})"
+        for t in loads)
     return (f"Tasks per image: {len(loads)} ({source}); generated tokens per task: {each}; "
             f"{sum(t.generated_tokens for t in loads)} per image. Each task's prompt is the kept visual tokens + "
-            f"{text_tokens} text tokens, prefilled and decoded per task; the image is encoded once (vision paid once per "
-            f"image). The 1-row-per-question columns (*_per_row_questions) ask the same questions as one row each, "
+            f"{text_tokens} text tokens, prefilled and decoded per task; the image is encoded once (vision paid once "
+            f"per image). The 1-row-per-question columns (*_per_row_questions) ask the same questions as one row each, "
             f"the image encoded once per task; encode_once_saving is 1 - GPU-seconds (so $) encoding once / one row "
             f"per question, encode_once_flops_saving the same of FLOPs.")
 
@@ -517,11 +518,13 @@ def table(rows: list[PlanRow]) -> str:
             "-" if r.cpu_bound is None else ("yes" if r.cpu_bound else "no"),
         ]
         if several:
-            per_row = r.flops_per_image_per_row_questions is not None
-            cells += [str(r.tasks_per_image) if r.estimated else "-", f"{r.flops_vision_per_image / 1e12:.3g}",
-                      f"{r.flops_per_image_per_row_questions / 1e12:.3g}" if per_row else "-",
-                      f"{r.usd_per_1k_images_per_row_questions:.4g}" if per_row else "-",
-                      f"{100 * r.encode_once_flops_saving:.1f} % / {100 * r.encode_once_saving:.1f} %" if per_row else "-"]
+            if r.flops_per_image_per_row_questions is None:  # measured rows
+                cells += ["-", f"{r.flops_vision_per_image / 1e12:.3g}", "-", "-", "-"]
+            else:
+                cells += [str(r.tasks_per_image), f"{r.flops_vision_per_image / 1e12:.3g}",
+                          f"{r.flops_per_image_per_row_questions / 1e12:.3g}",
+                          f"{r.usd_per_1k_images_per_row_questions:.4g}",
+                          f"{100 * r.encode_once_flops_saving:.1f} % / {100 * r.encode_once_saving:.1f} %"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
