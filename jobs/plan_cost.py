@@ -3,7 +3,7 @@ GPU, wall time and total cost on G accelerators, and the saving against keeping 
 
     python jobs/plan_cost.py --model configs/llava-1.5-7b.yaml --accelerator h100-sxm \\
         --images 10000000 [--gpus 8] [--engine vllm|hf] [--generated-tokens N] [--runs OUT_DIR ...] \\
-        --out plans/llava-7b
+        [--tasks configs/tasks/shapes.yaml | --tasks-per-image 4] --out plans/llava-7b
 
 Without --runs: estimates from the checkpoint's shapes (model.architecture, else model.path)
 and configs/accelerators.yaml, for one --image-size image (what it costs in visual tokens and
@@ -28,8 +28,18 @@ CPU-bound (that rate below the GPU's). Measured rows leave them empty.
 Generated tokens per image, the decode term's input (a caption corpus generates several times a
 VQA one's): --generated-tokens N, else the mean over the answered rows of the --runs given, else
 the accelerator table's assumption; every row and plan.md say which (column generated_tokens_from:
-given / measured from runs / assumed). Writes plan.csv, plan.md and plan.png under --out and
-prints the table.
+given / measured from runs / assumed).
+
+Several tasks per image: a task spec (--tasks FILE, a YAML task list as configs/tasks/shapes.yaml,
+validated like a config's tasks; else the --model config's own tasks:) or --tasks-per-image N
+(N free-text tasks). Each task generates its max_new_tokens, else the figure above (column
+generated_tokens: their sum per image; generated_tokens_from: "task spec" and/or the figure's
+origin). Every estimate row is then the image encoded once (vision once, each task's prefill and
+decode), next to the same questions as one row each (the image encoded once per task): columns
+tasks_per_image, flops_per_image_per_row_questions, gpu_seconds_per_image_per_row_questions,
+usd_per_1k_images_per_row_questions, encode_once_flops_saving, encode_once_saving. Without
+either, one task per image (T = 1: the per-row columns equal the others, saving 0).
+Writes plan.csv, plan.md and plan.png under --out and prints the table.
 Exit status 2 on a configuration error.
 """
 
@@ -85,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean generated tokens per image the estimates decode (e.g. 8 for short VQA answers, 128 "
                    "for long captions); default: the mean over the answered rows of --runs, else "
                    "assumptions.generated_tokens of the accelerator table")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--tasks", metavar="FILE",
+                      help="a YAML task list (as configs/tasks/shapes.yaml; relative to the working directory, else "
+                      "to --model's directory) asked of every image, replacing the config's tasks: plan the image "
+                      "encoded once against one row per question; default: the config's tasks, if any")
+    spec.add_argument("--tasks-per-image", type=int, metavar="N",
+                      help="N free-text tasks per image, each generating the estimates' generated tokens (a task "
+                      "spec without a file)")
     for name, kind in ASSUMPTION_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"override assumptions.{name} ({args_source})")
     return p
@@ -97,7 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--images and --gpus must be >= 1")
         if args.generated_tokens is not None and args.generated_tokens < 1:
             raise ConfigError("--generated-tokens must be >= 1")
+        if args.tasks_per_image is not None and args.tasks_per_image < 1:
+            raise ConfigError("--tasks-per-image must be >= 1")
         cfg = load_config(args.model)
+        tasks_source = f"the tasks of {args.model}" if cfg.tasks else None
+        if args.tasks:
+            try:  # validated as a config's tasks are, so errors name the task and field
+                cfg = load_config(args.model, overrides={"tasks": args.tasks})
+            except ConfigError as e:
+                raise ConfigError(f"--tasks {args.tasks}: {str(e).removeprefix(f'invalid {args.model}: ')}") from None
+            tasks_source = f"--tasks {args.tasks}"
+        elif args.tasks_per_image is not None:
+            tasks_source = f"--tasks-per-image {args.tasks_per_image}"
         table = load_accelerators(args.accelerators)
         prices = load_prices(cfg.cost.prices)
         if args.accelerator not in table.accelerators:
@@ -112,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--runs {run}: not a finished run with a manifest ({type(e).__name__}: {e})") from e
         # Read after the runs were checked, so a bad run is named as such rather than by this.
         gen, gen_from, gen_note = planner.generated_tokens_for_estimates(
-            args.generated_tokens, args.runs, table.assumptions.generated_tokens)
+            args.generated_tokens, args.runs, table.assumptions.generated_tokens,
+            per="task without its own max_new_tokens" if tasks_source else "image")
+        cap = cfg.generation.max_new_tokens
+        if args.tasks_per_image is not None:
+            loads = [planner.TaskLoad(f"task{i + 1}", gen, gen_from, cap) for i in range(args.tasks_per_image)]
+        elif cfg.tasks:
+            loads = planner.task_loads(cfg.tasks, gen, gen_from, cap)
+        else:
+            loads = None  # one implicit task: the single-task plan
         overrides = {k: getattr(args, k) for k in ASSUMPTION_FLAGS if getattr(args, k) is not None}
         assume = table.assumptions.model_copy(update=overrides | {"generated_tokens": gen})
         try:
@@ -148,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
                     assume=assume, images=args.images, gpus=args.gpus,
                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,
+                    tasks=loads,
                 ))
             for run in args.runs:  # a sample run's adaptive kept-token distribution, on the planned model
                 adaptive = planner.adaptive_budget(run)
@@ -159,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     accelerator_name=args.accelerator, accelerator=table.accelerators[args.accelerator], price=price,
                     assume=assume, images=args.images, gpus=args.gpus,
                     engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens, generated_from=gen_from,
+                    tasks=loads,
                 ))
         if prep_ms is not None:
             planner.add_cpu_side(rows, prep_ms, cpu_side.prepare_cores_per_gpu(cfg))
@@ -175,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     notes = planner.assumption_notes(assume, args.accelerator, table.accelerators[args.accelerator], price,
                                      engine=args.engine, max_new_tokens=cfg.generation.max_new_tokens,
                                      generated_note=gen_note)
-    notes += [n for n in (image_note, cpu_note) if n]
+    tasks_note = (planner.tasks_note(loads, tasks_source, assume.text_tokens)
+                  if loads is not None and not args.no_estimates else None)
+    notes += [n for n in (image_note, tasks_note, cpu_note) if n]
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
           f"(estimates are labelled and assume decode engine {args.engine}; assumptions in {args.out / 'plan.md'})")
     if not args.no_estimates:
         print(gen_note)
+    if tasks_note:
+        print(tasks_note)
     if cpu_note:
         print(cpu_note)
     print(planner.table(rows))

@@ -30,6 +30,16 @@ corpus generates ~5-10x the tokens of a VQA one, which moves an image's cost fro
 length, so pruning shrinks them only through the KV cache): the plan has to know which corpus
 it is planning.
 
+Several tasks per image (``TaskLoad``, ``task_loads``): an image asked T questions (a task spec,
+docs/tasks.md) pays the vision term once and each task's prefill (the kept visual tokens + the
+table's ``text_tokens`` for the task's prompt) and decode steps (its own generated tokens: the
+task's ``max_new_tokens``, else the estimates' generated tokens above; hf pays up to the task's
+cap, else generation.max_new_tokens), summed per image: what the job does, encoding once. The
+same questions as one row each encode the image T times: the ``*_per_row_questions`` columns add
+(T - 1) x the vision term, and ``encode_once_saving`` / ``encode_once_flops_saving`` say what
+encoding once saves. Without a task spec an image has one task of the estimates' generated tokens
+(T = 1): the same formulas, the per-row columns equal to the encode-once ones, saving 0.
+
 The CPU side (``add_cpu_side``, ``pipeline.cost.cpu_side``): the preparation stage's CPU ms per
 image of the planned size, from the measured table (``configs/cpu_prepare.yaml``), turned into
 the cores that keep one GPU fed at each row's images/s per GPU (prepare_ms x images/s / 1000),
@@ -49,8 +59,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.engines.registry import engine_spec
 from pipeline.io.manifest import read_manifest
@@ -58,6 +70,9 @@ from pipeline.io.storage import locate
 
 from .flops import ModelShapes, decode_flops, kv_cache_bytes, prefill_flops, vision_flops
 from .prices import Accelerator, Price, Utilisation
+
+if TYPE_CHECKING:
+    from pipeline.config import TaskConfig
 
 
 @dataclass
@@ -99,12 +114,34 @@ class PlanRow:
     cpu_cores_per_gpu: float | None = None
     cpu_images_per_second_per_gpu: float | None = None
     cpu_bound: bool | None = None
+    # Several tasks per image (estimates; null on measured rows): the tasks each image is asked
+    # (1 without a task spec), and the same questions asked as one row each, the image encoded once
+    # per question: FLOPs, GPU-seconds and $ per 1k images, and what encoding once saves of them
+    # (1 - encode once / one row per question; 0 at one task).
+    tasks_per_image: int = 1
+    flops_per_image_per_row_questions: float | None = None
+    gpu_seconds_per_image_per_row_questions: float | None = None
+    usd_per_1k_images_per_row_questions: float | None = None
+    encode_once_flops_saving: float | None = None
+    encode_once_saving: float | None = None  # of GPU-seconds, so of $
+
+
+@dataclass(frozen=True)
+class TaskLoad:
+    """What one task asks of an image's LLM, for the estimate: its generated tokens, where that
+    figure came from (TASK_FROM or one of GENERATED_FROM) and the cap a static batch (hf) runs to."""
+
+    name: str
+    generated_tokens: int
+    generated_from: str
+    max_new_tokens: int | None = None
 
 
 CSV_COLUMNS = [f.name for f in fields(PlanRow)]
 # Where an estimate's generated tokens per image came from, in the order they are preferred.
 GENERATED_FROM = ("given", "measured from runs", "assumed")
 DEFAULT_ENGINE = "vllm"  # what the cluster configs run (configs/llava-1.5-7b.yaml and siblings)
+TASK_FROM = "task spec"  # a task's generated tokens taken from its max_new_tokens
 
 
 def model_label(path: str) -> str:
@@ -122,49 +159,79 @@ def estimate(
     shapes: ModelShapes, *, model: str, method: str, keep: int, visual_tokens_in: int, encoder_patches: int,
     accelerator_name: str, accelerator: Accelerator, price: Price, assume: Utilisation, images: int, gpus: int,
     engine: str = DEFAULT_ENGINE, max_new_tokens: int | None = None, bytes_per_element: int = 2,
-    generated_from: str = "assumed",
+    generated_from: str = "assumed", tasks: Sequence[TaskLoad] | None = None,
 ) -> PlanRow:
     """One image of ``visual_tokens_in`` visual tokens (``encoder_patches`` through the vision
-    encoder) with ``keep`` of them kept, generating ``assume.generated_tokens`` tokens (where that
-    figure came from: ``generated_from``, one of GENERATED_FROM), decoded by ``engine`` (see the
-    module's docstring); ``max_new_tokens`` (generation.max_new_tokens) is the static batch's
-    length for ``hf``."""
+    encoder) with ``keep`` of them kept, encoded once and asked ``tasks`` (None: one task generating
+    ``assume.generated_tokens`` tokens, where that figure came from: ``generated_from``, one of
+    GENERATED_FROM), each task decoded by ``engine`` (see the module's docstring);
+    ``max_new_tokens`` (generation.max_new_tokens) is the static batch's length for ``hf``."""
     if generated_from not in GENERATED_FROM:
         raise ValueError(f"generated_from {generated_from!r}: one of {', '.join(GENERATED_FROM)}")
     engine_spec(engine)  # an unknown engine is a ValueError naming the registered ones
+    if tasks is None:  # no task spec: the one implicit task, T = 1 through the same arithmetic
+        tasks = [TaskLoad("answer", assume.generated_tokens, generated_from, max_new_tokens)]
+    if not tasks:
+        raise ValueError("tasks: at least one task per image")
+    for t in tasks:
+        if t.generated_from not in (TASK_FROM, *GENERATED_FROM):
+            raise ValueError(f"task {t.name}: generated_from {t.generated_from!r}: one of {TASK_FROM}, "
+                             f"{', '.join(GENERATED_FROM)}")
     lang = shapes.language
     kept = min(keep, visual_tokens_in)
-    seq = kept + assume.text_tokens
-    gen = assume.generated_tokens
+    seq = kept + assume.text_tokens  # every task's prompt: the kept tokens + the assumed text
     f_vision = vision_flops(shapes.vision, encoder_patches)
-    f_prefill = prefill_flops(lang, seq)
-    f_decode = decode_flops(lang, seq, gen)
     t_vision = f_vision / (accelerator.bf16_flops * assume.vision_mfu)
-    t_prefill = f_prefill / (accelerator.bf16_flops * assume.prefill_mfu)
-    paid = paid_tokens(engine, gen, max_new_tokens)
-    steps = max(0, paid - 1)
-    if steps:
-        mean_kv = kv_cache_bytes(lang, seq, 1 + steps // 2, bytes_per_element)  # cache midway through decoding
-        step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * mean_kv
-        step_flops = assume.decode_batch * decode_flops(lang, seq, paid) / steps
-        t_step = max(step_bytes / (accelerator.memory_bandwidth * assume.decode_bandwidth),
-                     step_flops / (accelerator.bf16_flops * assume.prefill_mfu))
-        t_decode = steps * t_step / assume.decode_batch
-    else:
-        t_decode = 0.0
+    f_prefill = f_decode = kv_bytes = 0  # integer counts, as flops.py gives them
+    t_prefill = t_decode = 0.0
+    for task in tasks:
+        gen = task.generated_tokens
+        f_task_prefill = prefill_flops(lang, seq)
+        f_prefill += f_task_prefill
+        f_decode += decode_flops(lang, seq, gen)
+        kv_bytes += kv_cache_bytes(lang, seq, gen, bytes_per_element)
+        t_prefill += f_task_prefill / (accelerator.bf16_flops * assume.prefill_mfu)
+        t_decode += decode_seconds(shapes, assume, accelerator, seq,
+                                   paid_tokens(engine, gen, task.max_new_tokens), bytes_per_element)
     gpu_s = t_vision + t_prefill + t_decode
     usd_per_image = gpu_s * price.usd_per_hour / 3600
+    n = len(tasks)
+    flops = f_vision + f_prefill + f_decode
+    # One row per question: the image prepared and encoded once per task, the LLM's work the same.
+    flops_rows = flops + (n - 1) * f_vision
+    gpu_s_rows = gpu_s + (n - 1) * t_vision
     return PlanRow(
         model=model, method=method, keep=kept, estimated=True, source="estimate", accelerator=accelerator_name,
-        engine=engine, generated_tokens=gen, generated_tokens_from=generated_from,
+        engine=engine, generated_tokens=sum(t.generated_tokens for t in tasks),
+        generated_tokens_from=" + ".join(dict.fromkeys(t.generated_from for t in tasks)),
         flops_vision_per_image=f_vision, flops_prefill_per_image=f_prefill, flops_decode_per_image=f_decode,
-        flops_per_image=f_vision + f_prefill + f_decode,
-        kv_cache_bytes_per_image=kv_cache_bytes(lang, seq, gen, bytes_per_element),
+        flops_per_image=flops, kv_cache_bytes_per_image=kv_bytes,
         gpu_seconds_per_image=gpu_s, decode_share=t_decode / gpu_s, images_per_second_per_gpu=1 / gpu_s,
         vision_images_per_second=1 / t_vision, llm_images_per_second=1 / (t_prefill + t_decode),
         usd_per_1k_images=1000 * usd_per_image,
         wall_hours=images * gpu_s / gpus / 3600, total_usd=images * usd_per_image,
+        tasks_per_image=n, flops_per_image_per_row_questions=flops_rows,
+        gpu_seconds_per_image_per_row_questions=gpu_s_rows,
+        usd_per_1k_images_per_row_questions=1000 * gpu_s_rows * price.usd_per_hour / 3600,
+        encode_once_flops_saving=1 - flops / flops_rows, encode_once_saving=1 - gpu_s / gpu_s_rows,
     )
+
+
+def decode_seconds(shapes: ModelShapes, assume: Utilisation, accelerator: Accelerator, seq: int, paid: int,
+                   bytes_per_element: int = 2) -> float:
+    """GPU-seconds of one task's decode steps per image: ``paid - 1`` steps after a ``seq``-token
+    prompt, each step of ``assume.decode_batch`` rows reading the LLM weights once plus each row's
+    KV cache (taken midway through decoding), or compute-bound where that is slower."""
+    lang = shapes.language
+    steps = max(0, paid - 1)
+    if not steps:
+        return 0.0
+    mean_kv = kv_cache_bytes(lang, seq, 1 + steps // 2, bytes_per_element)  # cache midway through decoding
+    step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * mean_kv
+    step_flops = assume.decode_batch * decode_flops(lang, seq, paid) / steps
+    t_step = max(step_bytes / (accelerator.memory_bandwidth * assume.decode_bandwidth),
+                 step_flops / (accelerator.bf16_flops * assume.prefill_mfu))
+    return steps * t_step / assume.decode_batch
 
 
 def paid_tokens(engine: str, generated: int, max_new_tokens: int | None) -> int:
@@ -284,6 +351,8 @@ def estimate_distribution(shares: list[float], *, visual_tokens_in: int, kept_fr
         return sum(weights[c] * get(r) for c, r in rows.items()) / len(counts)  # type: ignore[operator]
 
     gpu_s = avg(lambda r: r.gpu_seconds_per_image)
+    gpu_s_rows = avg(lambda r: r.gpu_seconds_per_image_per_row_questions)
+    flops_rows = avg(lambda r: r.flops_per_image_per_row_questions)
     stats = per_image_stats(counts)
     first = next(iter(rows.values()))
     return PlanRow(
@@ -300,6 +369,11 @@ def estimate_distribution(shares: list[float], *, visual_tokens_in: int, kept_fr
         llm_images_per_second=1 / avg(lambda r: 1 / r.llm_images_per_second),
         usd_per_1k_images=avg(lambda r: r.usd_per_1k_images), wall_hours=avg(lambda r: r.wall_hours),
         total_usd=avg(lambda r: r.total_usd), kept_p50=stats["p50"], kept_p90=stats["p90"], kept_from=kept_from,
+        tasks_per_image=first.tasks_per_image, flops_per_image_per_row_questions=flops_rows,
+        gpu_seconds_per_image_per_row_questions=gpu_s_rows,
+        usd_per_1k_images_per_row_questions=avg(lambda r: r.usd_per_1k_images_per_row_questions),
+        encode_once_flops_saving=1 - avg(lambda r: r.flops_per_image) / flops_rows,
+        encode_once_saving=1 - gpu_s / gpu_s_rows,
     )
 
 
@@ -318,24 +392,49 @@ def run_generated_tokens(run: str) -> tuple[float, int]:
     return sum(tokens) / len(tokens), len(tokens)
 
 
-def generated_tokens_for_estimates(given: int | None, runs: list[str], assumed: int) -> tuple[int, str, str]:
+def generated_tokens_for_estimates(given: int | None, runs: list[str], assumed: int,
+                                   per: str = "image") -> tuple[int, str, str]:
     """The generated tokens per image the estimates use, where it came from (one of GENERATED_FROM)
     and a sentence for the plan: ``given`` (--generated-tokens) wins; else the mean over every
     answered row of ``runs``, rounded to a whole token (the decode term counts steps); else
-    ``assumed`` (the accelerator table's)."""
+    ``assumed`` (the accelerator table's). ``per``: what the figure is per in the sentence (with a
+    task spec, each task without its own max_new_tokens)."""
     if given is not None:
-        return given, "given", f"Estimates generate {given} tokens per image: given (--generated-tokens)."
+        return given, "given", f"Estimates generate {given} tokens per {per}: given (--generated-tokens)."
     if runs:
         measured = [run_generated_tokens(r) for r in runs]
         rows = sum(n for _, n in measured)
         mean = sum(g * n for g, n in measured) / rows
         tokens = max(1, math.floor(mean + 0.5))
         return tokens, "measured from runs", (
-            f"Estimates generate {tokens} tokens per image: measured from runs (mean {mean:.2f} over {rows} answered "
+            f"Estimates generate {tokens} tokens per {per}: measured from runs (mean {mean:.2f} over {rows} answered "
             f"rows of {len(runs)} run(s), rounded; --generated-tokens overrides).")
     return assumed, "assumed", (
-        f"Estimates generate {assumed} tokens per image: assumed (assumptions.generated_tokens; give "
+        f"Estimates generate {assumed} tokens per {per}: assumed (assumptions.generated_tokens; give "
         f"--generated-tokens, or --runs of a corpus like the one planned, to plan for its answer lengths).")
+
+
+def task_loads(tasks: Sequence[TaskConfig], generated: int, generated_from: str,
+               max_new_tokens: int | None) -> list[TaskLoad]:
+    """The estimate's view of a task spec: each task generates its own ``max_new_tokens`` (TASK_FROM;
+    under vllm an upper bound, what the task may generate), else ``generated`` (the estimates'
+    figure, from ``generated_from``) with ``max_new_tokens`` (generation.max_new_tokens) its cap."""
+    return [TaskLoad(t.name, t.max_new_tokens, TASK_FROM, t.max_new_tokens) if t.max_new_tokens
+            else TaskLoad(t.name, generated, generated_from, max_new_tokens) for t in tasks]
+
+
+def tasks_note(loads: Sequence[TaskLoad], source: str, text_tokens: int) -> str:
+    """The plan's note on its task spec: the tasks, each one's generated tokens and where they came
+    from, and what the encode-once columns compare."""
+    each = ", ".join(
+        f"{t.name} {t.generated_tokens} ({'its max_new_tokens' if t.generated_from == TASK_FROM else t.generated_from})"
+        for t in loads)
+    return (f"Tasks per image: {len(loads)} ({source}); generated tokens per task: {each}; "
+            f"{sum(t.generated_tokens for t in loads)} per image. Each task's prompt is the kept visual tokens + "
+            f"{text_tokens} text tokens, prefilled and decoded per task; the image is encoded once (vision paid once "
+            f"per image). The 1-row-per-question columns (*_per_row_questions) ask the same questions as one row each, "
+            f"the image encoded once per task; encode_once_saving is 1 - GPU-seconds (so $) encoding once / one row "
+            f"per question, encode_once_flops_saving the same of FLOPs.")
 
 
 def add_cpu_side(rows: list[PlanRow], prepare_ms: float, cores_given_per_gpu: float | None) -> None:
@@ -395,9 +494,15 @@ def write_plan(rows: list[PlanRow], out: Path, *, images: int, gpus: int, notes:
 
 
 def table(rows: list[PlanRow]) -> str:
+    """The plan's table; with several tasks per image (a task spec) also the same questions as one
+    row each and what encoding once saves."""
     head = ["model", "accelerator", "method", "keep", "kind", "engine", "gen tok", "kept p50 / p90", "TFLOP/img", "prefill TFLOP",
             "decode TFLOP", "decode share", "KV MB", "img/s/GPU", "$/1k img", "wall h", "total $", "saving",
             "prep ms/img", "CPU cores/GPU", "CPU img/s/GPU", "CPU-bound"]
+    several = any(r.tasks_per_image > 1 for r in rows)
+    if several:
+        head += ["tasks/img", "vision TFLOP/img", "TFLOP/img, 1 row/question", "$/1k img, 1 row/question",
+                 "encode-once saving (FLOPs / $)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -412,6 +517,14 @@ def table(rows: list[PlanRow]) -> str:
             _fmt(r.prepare_ms_per_image), _fmt(r.cpu_cores_per_gpu), _fmt(r.cpu_images_per_second_per_gpu),
             "-" if r.cpu_bound is None else ("yes" if r.cpu_bound else "no"),
         ]
+        if several:
+            if r.flops_per_image_per_row_questions is None:  # measured rows
+                cells += ["-", f"{r.flops_vision_per_image / 1e12:.3g}", "-", "-", "-"]
+            else:
+                cells += [str(r.tasks_per_image), f"{r.flops_vision_per_image / 1e12:.3g}",
+                          f"{r.flops_per_image_per_row_questions / 1e12:.3g}",
+                          f"{r.usd_per_1k_images_per_row_questions:.4g}",
+                          f"{100 * r.encode_once_flops_saving:.1f} % / {100 * r.encode_once_saving:.1f} %"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
