@@ -139,7 +139,10 @@ def render(template: str, values: Mapping[str, str | None], errors: Mapping[str,
     columns = template_columns(template)
     for c in columns:
         if errors.get(c):
-            return "", errors[c] if template == f"{{{c}}}" else f"{errors[c]} (column {c!r})"
+            if template == f"{{{c}}}":
+                return "", errors[c]
+            kind, _, detail = errors[c].partition(": ")
+            return "", f"{kind}: column {c!r}" + (f": {detail}" if detail else " is null or empty")
     return template.format(**{c: values[c] for c in columns}), ""
 
 

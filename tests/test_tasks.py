@@ -277,7 +277,7 @@ def test_three_tasks_through_the_job_parse_and_score(hf_run: tuple[dict, list[di
         if r["shape"]:
             assert r["colour"] in COLOUR_CHOICES and not r["colour_error"]
         else:  # no shape occurs once: the template's column is null, that task alone fails
-            assert r["colour"] is None and r["colour_error"] == "missing prompt (column 'shape')"
+            assert r["colour"] is None and r["colour_error"] == "missing prompt: column 'shape' is null or empty"
         if not r["objects_error"]:
             jsonschema.validate(r["objects"], OBJECTS_SCHEMA)
         else:
