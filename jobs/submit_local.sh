@@ -82,6 +82,9 @@ until ray job list --address "$ADDRESS" >/dev/null 2>&1; do
   sleep 2
 done
 id="caption-$(date -u +%Y%m%dT%H%M%S)-$$"
+# The retries get their own minute: on a loaded machine the wait above can take most of its bound
+# and the agent still come up after it (seen: a submit refused once, no time left to retry).
+deadline=$(( SECONDS + 60 ))
 # Paths are made absolute: the job runs in a copy of the working directory.
 for attempt in 1 2 3 4 5 6; do
   if reply=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$id" --working-dir "$ROOT" -- \
