@@ -58,6 +58,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pipeline.bench.pipeline
 	$(PY) -m pipeline.bench.engine
 	$(PY) -m pipeline.bench.feed
+	$(PY) -m pipeline.bench.tasks
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out .cache

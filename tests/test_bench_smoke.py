@@ -26,7 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SMOKED = {"gpu": "needs a GPU"}
-SMOKED = {"select", "prefill", "pipeline", "engine", "feed", "draft"}  # each has a test below
+SMOKED = {"select", "prefill", "pipeline", "engine", "feed", "draft", "tasks"}  # each has a test below
 
 
 def run_bench(module: str, *args: str, timeout: int) -> dict[str, Any]:
@@ -99,6 +99,34 @@ def test_pipeline_bench() -> None:
         assert r["end_to_end_images_per_s"][name] > 0
         assert 0 < r["mean_generated_tokens"][name] <= (2 if "vqa" in name else 3)
     assert set(r["targets_pass"]) == {"pruned_over_keep_all", "pipeline_over_slowest_stage"}
+
+
+def test_tasks_bench() -> None:
+    # --smoke: 3 images of tiny:llava on hf, one a batch: the four tasks as a spec, as four rows per
+    # image, and as a spec of the rows' free-text questions (text); no prefix cache, so no shared way.
+    r = run_bench("tasks", "--smoke", timeout=420)
+    assert r["images"] == 3 and r["engine"] == "hf" and r["tasks"] == ["caption", "colour", "count", "object"]
+    positive(r, "llava_encode_once_over_per_row", "llava_flops_per_row_over_encode_once",
+             "llava_cpu_s_per_row_over_encode_once", "llava_encode_once_over_per_row_same_decode",
+             "llava_flops_per_row_over_encode_once_same_decode",
+             "llava_gpu_estimate_encode_once_over_per_row", "llava_gpu_estimate_flops_per_row_over_encode_once")
+    assert set(r["runs"]) == {"llava_spec_prefix_off", "llava_rows_prefix_off", "llava_text_prefix_off"}
+    spec, rows, text = (r["runs"][f"llava_{w}_prefix_off"] for w in ("spec", "rows", "text"))
+    # Encode once: one vision encode per image against four, and the vision FLOPs with them.
+    assert spec["vision_encodes_per_image"] == text["vision_encodes_per_image"] == 1
+    assert rows["vision_encodes_per_image"] == 4
+    assert rows["flops_vision_per_image"] == pytest.approx(4 * spec["flops_vision_per_image"])
+    assert spec["rows"] == text["rows"] == 3 and rows["rows"] == 12
+    # text asks the rows' questions at the rows' length: the same prefill, fewer vision FLOPs.
+    assert text["max_new_tokens"] == rows["max_new_tokens"] > 0
+    assert text["flops_prefill_per_image"] == rows["flops_prefill_per_image"]
+    # Constrained answers all parse (the JSON one fits its max_new_tokens), so every task is counted.
+    assert spec["task_errors"] == {"caption": 0, "colour": 0, "count": 0, "object": 0}
+    assert r["llava_flops_per_row_over_encode_once"] > 1
+    # Both 7B estimates are there and price encoding once as a saving (4 tasks).
+    assert r["gpu_estimate"]["llava"]["flops_per_row_over_encode_once"] > 1
+    assert r["llava_prefix_caching_on_over_off_spec"] is None  # hf: no prefix cache, no on/off runs
+    assert r["notes"] == []
 
 
 def test_feed_bench(tmp_path: Path) -> None:
