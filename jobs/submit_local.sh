@@ -82,16 +82,16 @@ until ray job list --address "$ADDRESS" >/dev/null 2>&1; do
   sleep 2
 done
 id="caption-$(date -u +%Y%m%dT%H%M%S)-$$"
-# The retries get their own minute: on a loaded machine the wait above can take most of its bound
-# and the agent still come up after it (seen: a submit refused once, no time left to retry).
-deadline=$(( SECONDS + 60 ))
+# The retries get their own bound: on a loaded machine the wait above can spend most of its bound
+# and the agent still come up after it (seen: the first submit refused, no time left to retry).
+deadline=$(( SECONDS + 90 ))
 # Paths are made absolute: the job runs in a copy of the working directory.
-for attempt in 1 2 3 4 5 6; do
+for attempt in $(seq 1 18); do
   if reply=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$id" --working-dir "$ROOT" -- \
       python jobs/caption_corpus.py --config "$CONFIG" --input "$DATA" --output "$OUT" "$@" 2>&1); then
     break
   fi
-  if [[ "$reply" == *"No available agent"* ]] && (( attempt < 6 && SECONDS < deadline )); then
+  if [[ "$reply" == *"No available agent"* ]] && (( attempt < 18 && SECONDS < deadline )); then
     echo "the head has no job agent yet (attempt $attempt): retrying in 5 s"; sleep 5; continue
   fi
   echo "$reply" >&2; exit 1
