@@ -60,16 +60,20 @@ except urllib.error.HTTPError:
     pass
 PY
 }
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 if ! answers; then
   echo "starting a local Ray head (dashboard $ADDRESS)"
   head_cpus=()
   [ -n "${HEAD_CPUS:-}" ] && head_cpus=(--num-cpus "$HEAD_CPUS")
+  # The job agent's HTTP port is fixed (52365) unless given: a second Ray instance on the machine
+  # (another user's, a test run's, this script's worker node) then holds it and no job can be
+  # submitted. Each node takes a free one.
   ray start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$PORT" \
-    --num-gpus 0 "${head_cpus[@]}" "${store[@]}" --disable-usage-stats >/dev/null
+    --dashboard-agent-listen-port "$(free_port)" --num-gpus 0 "${head_cpus[@]}" "${store[@]}" --disable-usage-stats >/dev/null
   started=1
   if [ "${WORKER_GPUS:-0}" != 0 ]; then
     echo "starting a local worker node: ${WORKER_CPUS:-2} CPUs, $WORKER_GPUS logical GPUs"
-    ray start --address "127.0.0.1:$GCS_PORT" --num-cpus "${WORKER_CPUS:-2}" --num-gpus "$WORKER_GPUS" \
+    ray start --address "127.0.0.1:$GCS_PORT" --dashboard-agent-listen-port "$(free_port)" --num-cpus "${WORKER_CPUS:-2}" --num-gpus "$WORKER_GPUS" \
       "${store[@]}" --disable-usage-stats >/dev/null
   fi
 fi

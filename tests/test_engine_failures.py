@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, DecodeStageConfig, validate_config
@@ -124,8 +127,28 @@ def _engine_cores() -> list[psutil.Process]:
     return found
 
 
+def _committed_files(out: Path) -> list[Path]:
+    return [p for p in (out / "_checkpoint").glob("*.parquet") if not p.name.endswith(".pending.parquet")]
+
+
 def _committed(out: Path) -> int:
-    return sum(1 for p in (out / "_checkpoint").glob("*.parquet") if not p.name.endswith(".pending.parquet"))
+    return len(_committed_files(out))
+
+
+def _committed_ids(out: Path) -> set[str]:
+    ids: set[str] = set()
+    for p in _committed_files(out):
+        try:
+            ids.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+        except (OSError, pa.ArrowInvalid):  # renamed or being removed by a compaction: read next poll
+            continue
+    return ids
+
+
+def _retried(log: str, n: int) -> str | None:
+    """The first id of the batch that the n-th engine failure sent to run again, once logged."""
+    found = re.findall(r"its batch of \d+ rows \(first id (\S+)\) runs again", log)
+    return found[n - 1] if len(found) >= n else None
 
 
 class _Job:
@@ -204,8 +227,12 @@ def test_a_killed_then_a_stuck_vllm_engine_are_replaced_and_nothing_is_lost(
             core.send_signal(getattr(signal, fault))
             job.wait_for("a fresh engine core", lambda: [p for p in _engine_cores() if p.pid not in seen])
             replaced_s = time.monotonic() - hit_at
-            done = _committed(out)  # the interrupted batch is written only after this
-            job.wait_for("a write from the fresh engine", lambda d=done: _committed(out) > d)
+            # The next fault waits until the fresh engine has answered the batch this one hit:
+            # batches decoded before the fault may still be written after it, so a write alone
+            # does not say so, and a fault on the retry would hit the same batch twice.
+            first_id = job.wait_for(f"the log line for failure {len(seen)}", lambda n=len(seen): _retried(job.log(), n))
+            job.wait_for(f"the retried batch (first id {first_id}) written",
+                         lambda f=first_id: f in _committed_ids(out))
             timings.append((fault, replaced_s, time.monotonic() - hit_at))
         rc, summary, log = job.finish()
     finally:
