@@ -54,7 +54,10 @@ def _config(tmp: Path, **sections: dict) -> Path:
     cfg["output"].update(max_rows_per_file=5, mode="error")
     cfg["generation"]["max_new_tokens"] = 4
     for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:  # a whole field (a task spec's path)
+            cfg[name] = values
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -234,11 +237,14 @@ def kill_mid_run(args: list[str], out: Path) -> None:
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path, tiny_llava: str, engine: str) -> None:
+    """On HF with the demo's three annotation tasks (one row per image, list columns in flight), on
+    vLLM one row per prompt: the checkpoint is the same either way, one kill per engine is enough."""
     # Ten shards and small batches: blocks of a few rows flow through, so writes commit one by one.
     write_corpus(str(tmp_path / "in"), rows=40, shards=10, seed=8)
     want = set(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
+    tasks = {"tasks": str(REPO / "configs/tasks/shapes.yaml")} if engine == "hf" else {}
     cfg = _config(tmp_path, text_stage={"batch_size": 4}, encode_stage={"batch_size": 4},
-                  decode_stage={"batch_size": 4, "engine": engine})
+                  decode_stage={"batch_size": 4, "engine": engine}, **tasks)
     args = ["--config", str(cfg), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
     kill_mid_run(args, tmp_path / "out")
     before = _output_ids(tmp_path / "out")
@@ -262,6 +268,10 @@ def test_killed_driver_then_resume_writes_every_row_exactly_once(tmp_path: Path,
     assert manifest["rows"]["output"] == len(want) and manifest["rows"]["skipped_already_done"] > 0
 
     if engine == "hf":  # a finished run resumed: nothing to do, nothing repeated (the same for any engine)
+        assert [t["name"] for t in manifest["run_identity"]["tasks"]] == ["caption", "colour", "objects"]
+        assert set(manifest["tasks"]["by_task"]) == {"caption", "colour", "objects"}
+        answered = pads.dataset(tmp_path / "out").to_table(columns=["caption", "caption_error"]).to_pylist()
+        assert all(r["caption"] and not r["caption_error"] for r in answered)  # both attempts answered the tasks
         rc, summary, log = _cli([*args, "--resume"])
         assert rc == 0 and summary["written_this_attempt"] == 0 and summary["output_rows"] == len(want), log
 

@@ -1,7 +1,7 @@
 """Annotation tasks (pipeline/tasks.py, docs/tasks.md): several tasks per image with the image
 encoded once, answers that parse (choices, JSON Schema) on both engines, per-task columns and
-errors, exactly once per image id also after a killed run is resumed, and config errors that name
-the field before any model work."""
+errors, and config errors that name the field before any model work. Exactly once per image id
+after a killed run is resumed: tests/test_resilience.py runs its HF kill with these tasks."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ import yaml
 
 from pipeline.config import ConfigError, DecodeStageConfig, GenerationConfig, InputConfig, ModelConfig, PrepareStageConfig
 from pipeline.config import PruningConfig, StageConfig, TaskConfig, TextStageConfig, load_config, validate_config
-from pipeline.io.manifest import read_manifest
 from pipeline.io.schema import answer_columns, to_output_table
-from pipeline.io.storage import locate
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.prepare import PrepareStage
@@ -29,7 +27,6 @@ from pipeline.tasks import Constraint, TaskSpec, json_arrow_type, one_answer, pa
 from pipeline.tiny.shapes_world import COLOURS, make_rows, write_corpus
 
 from .conftest import REPO
-from .test_resilience import _cli, _output_ids, kill_mid_run
 
 SHAPES_TASKS = yaml.safe_load((REPO / "configs/tasks/shapes.yaml").read_text())
 OBJECTS_SCHEMA = next(t["schema"] for t in SHAPES_TASKS if t["name"] == "objects")
@@ -329,7 +326,8 @@ def test_constrained_answers_score_at_least_as_well_as_free_text_to_the_same_que
             return False
 
     assert sum(is_json(f["answer"]) for f in free if f["id"].endswith("#objects")) == 0
-    assert sum(not r["objects_error"] for r in rows) >= 0  # constrained: every answer given validates (above)
+    # constrained: every answer given validates (test above); most are given within max_new_tokens
+    assert sum(not r["objects_error"] for r in rows) >= 0.9 * len(rows)
 
 
 def test_vllm_answers_the_tasks_as_hf_does(shapes: Path, hf_run: tuple[dict, list[dict]], tmp_path: Path) -> None:
@@ -360,29 +358,3 @@ def test_random_weights_through_the_job_on_vllm_still_parse(shapes: Path, tmp_pa
         else:
             jsonschema.validate(r["objects"], OBJECTS_SCHEMA)
     assert summary["tasks"]["colour"]["errors_by_kind"].get("invalid answer", 0) == 0
-
-
-# ---- exactly once after a kill -------------------------------------------------------------------
-
-
-def test_killed_task_run_then_resume_writes_every_image_once(tmp_path: Path, tiny_llava: str) -> None:
-    write_corpus(str(tmp_path / "in"), rows=24, shards=8, seed=8)
-    want = set(pads.dataset(tmp_path / "in").to_table(columns=["id"]).column("id").to_pylist())
-    cfg = yaml.safe_load((REPO / "configs/local-tasks.yaml").read_text())
-    cfg["input"].pop("create_sample_rows")
-    cfg["tasks"] = str(REPO / "configs/tasks/shapes.yaml")
-    cfg["output"].update(max_rows_per_file=3, mode="error")
-    for stage in ("text_stage", "prepare_stage", "encode_stage", "decode_stage"):
-        cfg[stage]["batch_size"] = 3
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["--config", str(tmp_path / "job.yaml"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
-    kill_mid_run(args, tmp_path / "out")
-    before = _output_ids(tmp_path / "out")
-    assert 0 < sum(before.values()) < len(want)
-    rc, summary, log = _cli([*args, "--resume"])
-    assert rc == 0 and summary, log
-    ids = _output_ids(tmp_path / "out")
-    assert set(ids) == want and max(ids.values()) == 1
-    manifest = read_manifest(locate(str(tmp_path / "out")))
-    assert [t["name"] for t in manifest["run_identity"]["tasks"]] == ["caption", "colour", "objects"]
-    assert set(manifest["tasks"]["by_task"]) == {"caption", "colour", "objects"}
