@@ -31,7 +31,8 @@ from pipeline.tiny.shapes_world import SCHEMA, make_rows
 from .conftest import REPO
 
 CONFIGS = {"llava": "configs/local.yaml", "llava_next": "configs/local-llava-next.yaml",
-           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml"}
+           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml",
+           "qwen3_5": "configs/local-qwen3_5.yaml"}
 ROWS = 10
 ENERGY, MIN_KEEP = 0.999, 16
 
@@ -116,7 +117,7 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
 
 @pytest.mark.parametrize(("recipe", "size"), [("llava_next", (640, 360)), ("qwen2_5_vl", (448, 252)),
                                               ("qwen2_5_vl", (300, 500)), ("qwen3_vl", (448, 252)),
-                                              ("qwen3_vl", (300, 500))])
+                                              ("qwen3_vl", (300, 500)), ("qwen3_5", (448, 252))])
 def test_vision_flops_follow_the_encoder_patches_as_the_flop_counter_counts(recipe: str, size: tuple[int, int]) -> None:
     """Views x CLIP for LLaVA-NeXT; window and full attention over one dynamic-size sequence for
     Qwen2.5-VL (windows cut at the image edge make the count an upper bound there); full attention

@@ -152,7 +152,7 @@ def model_label(path: str) -> str:
 def llm_weight_bytes(shapes: ModelShapes, bytes_per_element: int) -> int:
     """Weights a decode step streams: every layer's matrices and the LM head."""
     lang = shapes.language
-    return (lang.layers * lang.linear_flops_per_token // 2 + lang.hidden * lang.vocab) * bytes_per_element
+    return (lang.token_flops // 2 + lang.hidden * lang.vocab) * bytes_per_element
 
 
 def estimate(
