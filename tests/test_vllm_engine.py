@@ -88,6 +88,7 @@ def _vllm_generate(python: str, path: str, requests: list[DecodeRequest], new: i
         ("llava_next", [1500, 96], 4, 12),  # random weights: token ids; newlines among the kept (all: > its context)
         ("qwen2_5_vl", [10_000, 24], 4, 12),  # pruned: a wrong M-RoPE position changes the ids
         ("qwen3_vl", [10_000, 24], 4, 12),  # pruned: interleaved M-RoPE and the kept DeepStack rows
+        ("qwen3_5", [10_000, 24], 4, 12),  # pruned, in a hybrid decoder: DeltaNet state + gated attention
     ],
 )
 def test_vllm_gives_the_hf_engines_greedy_tokens(

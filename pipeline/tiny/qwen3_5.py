@@ -8,7 +8,7 @@ attention, a short convolution and a recurrent state per sequence) in three of e
 layers, gated full attention with a KV cache in the fourth (``full_attention_interval`` 4), with
 partial interleaved 3-D M-RoPE (a quarter of each head's dims rotate, as the 9B's 64 of 256).
 Tiny widths: vision 64 x 4 blocks, LLM 256 x 4 layers (attention GQA 4/2, head_dim 64;
-DeltaNet 2 key heads and 4 value heads of 32). Images bounded as ``tiny:qwen3_vl``. Random,
+DeltaNet 2 key heads and 4 value heads of 128, the head size vLLM's CPU kernel takes). Images bounded as ``tiny:qwen3_vl``. Random,
 seeded weights.
 """
 
@@ -37,7 +37,7 @@ def new_tiny_qwen3_5() -> tuple[Any, tuple[Any, Any]]:
             "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
             "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 4096,
-            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
             "linear_num_key_heads": 2, "linear_num_value_heads": 4,
             # 16 of 64 dims rotate: 8 frequencies, split 3/3/2 over t, h, w (the 9B's 11/11/10 of 32).
             "partial_rotary_factor": 0.25,
