@@ -382,9 +382,18 @@ def test_s3_outage_is_retried_and_a_lost_bucket_fails_cleanly_then_resumes(
     args = ["--config", str(cfg), "--input", f"s3://{corpus}/in/", "--output", f"s3://{out2}/run/"]
 
     def lose_bucket() -> None:
-        for o in client.list_objects_v2(Bucket=out2).get("Contents", []):
-            client.delete_object(Bucket=out2, Key=o["Key"])
-        client.delete_bucket(Bucket=out2)
+        # The job keeps writing while the bucket is emptied, so a key can land between the listing
+        # and the delete (S3 then answers BucketNotEmpty): empty and delete again, a bounded number of times.
+        for _ in range(50):
+            for o in client.list_objects_v2(Bucket=out2).get("Contents", []):
+                client.delete_object(Bucket=out2, Key=o["Key"])
+            try:
+                client.delete_bucket(Bucket=out2)
+                return
+            except client.exceptions.ClientError as e:
+                if e.response["Error"]["Code"] != "BucketNotEmpty":
+                    raise
+        raise AssertionError("the output bucket could not be emptied and deleted in 50 tries")
 
     rc, log = _run_interrupted(args, env, lambda: _committed_on_s3(client, out2, "run/") >= 1, lose_bucket)
     assert rc == 3 and "run failed: " in log and "--resume" in log, log[-6000:]
