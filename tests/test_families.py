@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
+from pipeline.cost.flops import kv_cache_bytes, prefill_flops, state_bytes, vision_flops
 from pipeline.job import run_job
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
@@ -107,6 +107,10 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     assert len(set(kept_counts)) > 2  # the budget adapts per image
     assert len(tokens_in) > 1 or family == "llava"  # token counts follow the image size (not on LLaVA-1.5)
     assert manifest["model"]["family"] == family
+    # The hybrid's fixed per-sequence state is reported beside the KV columns; a dense decoder has none.
+    state = state_bytes(shapes.language, bytes_per_element)
+    assert summary["recurrent_state_bytes_per_sequence"] == manifest["cost"]["recurrent_state_bytes_per_sequence"] == state
+    assert (state > 0) == (family == "qwen3_5")
     assert manifest["config"]["pruning"]["alpha"] == ADAPTERS[family].default_alpha  # alpha: null -> paper setting
     dist = manifest["visual_tokens"]["kept"]
     assert (dist["mean"], dist["p50"], dist["p90"]) == (

@@ -104,3 +104,29 @@ def test_hybrid_decoder_flops_match_the_flop_counter(path, adapters, images) -> 
             assert abs(analytic - counted) / counted <= 0.05, (analytic, counted)
     # A dense decoder's count of the same shapes (attention and KV in every layer) would be far off.
     assert lang.attention_layers == 1 and lang.linear.layers == 3
+
+
+def test_reported_state_is_what_the_models_cache_holds_per_sequence(path, adapters) -> None:
+    """The per-sequence state the cost model reports (``state_bytes``) is the linear-attention
+    layers' state in transformers' own cache after a prompt: the float32 delta-rule state and the
+    convolution's window. transformers keeps all K taps of the window; a step needs the last K-1
+    (what vLLM allocates, and what is counted). The attention layers' KV grows; the state does not."""
+    from pipeline.cost.flops import kv_cache_bytes, state_bytes
+
+    _, language = adapters
+    lang = model_shapes(path).language
+    held = []
+    for length in (7, 40):
+        ids = torch.randint(0, language.model.get_input_embeddings().num_embeddings, (1, length))
+        with torch.no_grad():
+            cache = language.model(input_ids=ids, use_cache=True).past_key_values
+        linear = [layer for layer in cache.layers if hasattr(layer, "recurrent_states")]
+        assert len(linear) == lang.linear.layers
+        k = lang.linear.conv_kernel
+        state = sum(layer.recurrent_states[0].nbytes + layer.conv_states[0].nbytes * (k - 1) // k for layer in linear)
+        assert all(layer.recurrent_states[0].dtype == torch.float32 for layer in linear)
+        assert state == state_bytes(lang, bytes_per_element=4)  # tiny on CPU: float32 throughout
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if not hasattr(layer, "recurrent_states"))
+        assert kv == kv_cache_bytes(lang, length, 1, bytes_per_element=4)
+        held.append((state, kv))
+    assert held[0][0] == held[1][0] and held[1][1] > held[0][1]

@@ -314,6 +314,7 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
         wall_hours=wall_s / 3600, total_usd=images * mean["cost_usd"],
         kept_p50=(m["visual_tokens"].get("kept") or {}).get("p50"),
         kept_p90=(m["visual_tokens"].get("kept") or {}).get("p90"), kept_from="this run",
+        state_bytes_per_sequence=cost.get("recurrent_state_bytes_per_sequence"),  # absent before hybrid decoders
     )
 
 
@@ -635,6 +636,21 @@ def engine_note(engine: str, assume: Utilisation, max_new_tokens: int | None) ->
             f"their slot and KV cache until then, so an image pays for {paid} tokens' decode steps while generating "
             f"{gen}. Prompt padding is left out (the decode stage groups rows of similar length). Measured rows "
             f"state the engine their run used (column engine).{over}")
+
+
+def state_note(shapes: ModelShapes, bytes_per_element: int = 2) -> str | None:
+    """What a hybrid decoder's plan must say: the KV cache, which pruning shrinks, is only the
+    attention layers', and the fixed state it cannot shrink is read and written at every decode
+    step. None for a dense decoder."""
+    lang = shapes.language
+    state = state_bytes(lang, bytes_per_element)
+    if not state:
+        return None
+    per_token = kv_cache_bytes(lang, 1, 1, bytes_per_element)
+    return (f"Hybrid decoder: a KV cache in {lang.attention_layers} of its {lang.layers} layers only "
+            f"({per_token / 1024:.0f} KiB a token); every sequence also holds {state / 2**20:.1f} MiB of "
+            f"linear-attention state ({lang.linear.layers} layers, column state_bytes_per_sequence), which each "
+            "decode step reads and writes and pruning does not shrink.")
 
 
 def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price,

@@ -18,6 +18,7 @@ bias), so rows batch as for Qwen2.5-VL.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from transformers import Qwen3_5ForConditionalGeneration
 
@@ -35,6 +36,13 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
 
     vllm_architecture = "ResPruneQwen3_5ForCausalLM"
     model_class = Qwen3_5ForConditionalGeneration
+
+    def vllm_options(self) -> dict[str, Any]:
+        """The checkpoint's ``mamba_ssm_dtype`` (float32 in the published configs) for the DeltaNet
+        state: vLLM reads it only for its own Qwen3.5 class names, else the state would be kept in
+        the model's dtype (bf16), which drifts from what the model was run with."""
+        dtype = getattr(self.config.text_config, "mamba_ssm_dtype", None)
+        return {"mamba_ssm_cache_dtype": dtype} if dtype else {}
 
     @staticmethod
     def shapes(config: object) -> ModelShapes:

@@ -2,7 +2,7 @@
 
 - Tiny checkpoints, one builder module per family (real transformers classes with small shapes,
   seeded): ``llava`` (``tiny:llava``, ``tiny:llava-bench``, and the trained, committed
-  ``tiny:llava-shapes`` under ``checkpoints/``), ``llava_next``, ``qwen2_5_vl``, ``qwen3_vl``.
+  ``tiny:llava-shapes`` under ``checkpoints/``), ``llava_next``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``.
   ``checkpoint(recipe)`` is the directory of one: committed, or built once into the cache
   (``$RESPRUNE_CACHE``). The product reaches it only by name: ``model.path: tiny:<recipe>`` is
   resolved by ``pipeline.models.sources``, which imports this package when such a path is used.

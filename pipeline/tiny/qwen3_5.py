@@ -39,6 +39,7 @@ def new_tiny_qwen3_5() -> tuple[Any, tuple[Any, Any]]:
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 4096,
             "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
             "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "mamba_ssm_dtype": "float32",  # the DeltaNet state's dtype in vLLM, as the published configs
             # 16 of 64 dims rotate: 8 frequencies, split 3/3/2 over t, h, w (the 9B's 11/11/10 of 32).
             "partial_rotary_factor": 0.25,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2],
