@@ -1,6 +1,6 @@
 """Benchmark: what feeding one GPU costs on the host, before and after the CPU preparation stage.
 
-    python -m pipeline.bench.feed [--families llava,llava_next,qwen2_5_vl,qwen3_vl]
+    python -m pipeline.bench.feed [--families llava,llava_next,qwen2_5_vl,qwen3_vl,qwen3_5]
                                   [--sizes 640x480,1280x960,4032x3024] [--repeats 7]
                                   [--write-table configs/cpu_prepare.yaml]
 
@@ -173,11 +173,12 @@ def stock_processor(adapter: VisionLanguageAdapter) -> Callable[[Image.Image], d
     """The processor call the GPU actor made before the preparation stage (same processor, the PIL
     backend: what the actors ran without torchvision)."""
     ip = adapter.image_processor
-    if adapter.family in ("qwen2_5_vl", "qwen3_vl"):
-        return lambda img: ip(images=[img], size=adapter.size, return_tensors="pt")
+    options: dict[str, Any] = {"return_tensors": "pt"}
+    if getattr(adapter, "size", None) is not None:  # dynamic resolution (Qwen): the config's pixel bounds
+        options["size"] = adapter.size
     if adapter.family == "llava_next":
-        return lambda img: ip(images=[img], do_pad=True, return_tensors="pt")
-    return lambda img: ip(images=[img], return_tensors="pt")
+        options["do_pad"] = True
+    return lambda img: ip(images=[img], **options)
 
 
 def device_work(adapter: VisionLanguageAdapter, lut: PixelLUT) -> Callable[[torch.Tensor], torch.Tensor]:
