@@ -15,7 +15,7 @@ from pipeline.models import detect_family, model_shapes, token_counts
 from pipeline.models.qwen2_5_vl import kept_mrope_positions
 
 from .family_setup import family_fixtures, requests
-from .test_qwen2_5_vl_adapter import _check_pruned_row, _observe, _pruned_rows, _stock_generate, grids
+from .test_qwen2_5_vl_adapter import _check_pruned_row, _observe, _pruned_rows, check_keep_all_equals_stock, grids
 
 SIZES = [(224, 224), (448, 252), (200, 500), (640, 480)]  # square, wide, tall, 4:3 (resized down)
 PROMPTS = ["What color is the square?", "Is there a red circle?", "How many shapes?", "Describe it."]
@@ -44,24 +44,9 @@ def test_token_counts_follow_the_image(path, adapters, images) -> None:
 
 def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> None:
     """Four sizes in ONE batch (left padding through the DeltaNet layers, four position layouts)
-    against the stock model fed one image at a time."""
-    vision, language = adapters
-    enc = vision.encode(images)
-    gen = GenerationConfig(max_new_tokens=8)
-    kept = [torch.arange(f.shape[0]) for f in enc.features]
-    rows = requests(PROMPTS, enc.features, kept, enc.payloads)
-    ours, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, gen))
-    prefill = seen[0]
-    tok, proc = language.tokenizer, vision.image_processor
-    for i, img in enumerate(images):
-        (stock_ids, length), stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, img, PROMPTS[i], 8))
-        ref = stock_seen[0]
-        assert ours[i].prompt_tokens == length
-        assert torch.equal(prefill["position_ids"][:, i, -length:], ref["position_ids"][-3:, 0])
-        torch.testing.assert_close(prefill["inputs_embeds"][i, -length:], ref["inputs_embeds"][0], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(prefill["logits"][i], ref["logits"][0], atol=1e-4, rtol=1e-4)
-        assert ours[i].token_ids == stock_ids[: len(ours[i].token_ids)], SIZES[i]
-    assert len({tuple(g.token_ids) for g in ours}) > 1  # answers depend on the image
+    against the stock model fed one image at a time: the same embeddings, 3-D positions, logits
+    and greedy tokens."""
+    check_keep_all_equals_stock(adapters, stock, images, PROMPTS)
 
 
 def test_pruned_tokens_keep_their_3d_positions_and_decoding_continues_where_unpruned_would(
