@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             what = str(e) if "budgets" in str(e) else f"--image-size {args.image_size!r}: want WIDTHxHEIGHT"
             raise ConfigError(what) from None
-        image_note = cpu_note = cpu_table = family = prep_ms = None
+        image_note = state_note = cpu_note = cpu_table = family = prep_ms = None
         rows: list[planner.PlanRow] = []
         if not args.no_estimates:
             source = cfg.model.architecture or resolve_model_path(cfg.model.path)
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             n_visual, patches = token_counts(source, cfg.model, width, height, cfg.model.family)
             image_note = (f"Estimates are for {width}x{height} images: {n_visual} visual tokens per image unpruned, "
                           f"{patches} patches through the vision encoder.")
+            state_note = planner.state_note(shapes)
             cpu_table = cpu_side.load_cpu_table(args.cpu_table)
             family = cfg.model.family if cfg.model.family != "auto" else detect_family(source)
             prep_ms = (cpu_side.prepare_ms(cpu_table, family, width, height)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                                      generated_note=gen_note)
     tasks_note = (planner.tasks_note(loads, tasks_source, assume.text_tokens)
                   if loads is not None and not args.no_estimates else None)
-    notes += [n for n in (image_note, tasks_note, cpu_note) if n]
+    notes += [n for n in (image_note, state_note, tasks_note, cpu_note) if n]
     planner.write_plan(rows, args.out, images=args.images, gpus=args.gpus, notes=notes)
     print(f"Cost plan for {args.images:,} images on {args.gpus} x {args.accelerator} "
           f"(estimates are labelled and assume decode engine {args.engine}; assumptions in {args.out / 'plan.md'})")
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tasks_note)
     if cpu_note:
         print(cpu_note)
+    if state_note:
+        print(state_note)
     print(planner.table(rows))
     print(f"wrote {args.out / 'plan.csv'}, {args.out / 'plan.md'}, {args.out / 'plan.png'}")
     return 0

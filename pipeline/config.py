@@ -85,11 +85,11 @@ class OutputConfig(_Strict):
 class ModelConfig(_Strict):
     path: str = Field(
         description="Anything from_pretrained accepts (hub id or local directory), or `tiny:<recipe>` for an "
-        "offline tiny checkpoint (tiny:llava, tiny:llava_next, tiny:qwen2_5_vl, tiny:qwen3_vl: built once into $RESPRUNE_CACHE or "
-        "~/.cache/resprune-pipeline; tiny:llava-shapes: trained, committed)."
+        "offline tiny checkpoint (one per family, e.g. tiny:llava, tiny:qwen3_vl: built once into $RESPRUNE_CACHE or "
+        "~/.cache/resprune-pipeline; tiny:llava-shapes: trained, committed; the list: docs/tiny-models.md)."
     )
     family: str = Field(
-        "auto", description="Adapter (a name in pipeline.models.ADAPTERS: llava, llava_next, qwen2_5_vl, qwen3_vl); "
+        "auto", description="Adapter (a name in pipeline.models.ADAPTERS, e.g. llava, qwen3_vl; docs/families.md); "
         "`auto` reads the checkpoint's model_type."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

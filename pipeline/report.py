@@ -60,6 +60,8 @@ class JobSummary:
     cost_totals: dict[str, float] = field(default_factory=dict)  # every cost column, summed over answered rows
     cost_mean_per_image: dict[str, float | None] = field(default_factory=dict)
     reserved_usd: float = 0.0  # what the run's reservation cost over wall_seconds
+    # A hybrid decoder's fixed per-sequence state (linear-attention layers), beside kv_cache_bytes; 0 dense.
+    recurrent_state_bytes_per_sequence: int = 0
     utilisation: float | None = None  # share of reserved_usd the rows account for
     accuracy: float | None = None  # when the input has `expected`: normalised exact match over the short-answer rows
     caption_f1: float | None = None  # when it also has `question_type`: object F1 over the caption rows
@@ -184,6 +186,7 @@ def summarize(
         cost_totals=run_cost["totals"],
         cost_mean_per_image=run_cost["mean_per_image"],
         reserved_usd=run_cost["reserved"]["usd"],
+        recurrent_state_bytes_per_sequence=run_cost["recurrent_state_bytes_per_sequence"],
         utilisation=run_cost["reserved"]["utilisation"],
         accuracy=None if scores.get("accuracy") is None else round(scores["accuracy"], 4),
         caption_f1=None if scores.get("caption_f1") is None else round(scores["caption_f1"], 4),

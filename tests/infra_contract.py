@@ -24,7 +24,7 @@ VLLM_ENV = "/opt/vllm"  # the image's vLLM environment: the decode actors' inter
 # The real-checkpoint configs, the ones a cluster runs (configs/local*.yaml are the tiny ones, on hf).
 CLUSTER_CONFIGS = ("configs/llava-1.5-7b.yaml", "configs/llava-next-7b.yaml", "configs/qwen2.5-vl-7b.yaml")
 # Every GPU config the cluster's node groups are sized for (their CPU pools: check_cpu_group).
-SIZED_CONFIGS = (*CLUSTER_CONFIGS, "configs/qwen3-vl-8b.yaml")
+SIZED_CONFIGS = (*CLUSTER_CONFIGS, "configs/qwen3-vl-8b.yaml", "configs/qwen3.5-9b.yaml")
 
 
 def project_version() -> str:

@@ -20,7 +20,8 @@ TABLES = {"prices.yaml", "accelerators.yaml", "cpu_prepare.yaml"}  # data tables
 def test_shipped_configs_validate() -> None:
     jobs = [p for p in sorted((REPO / "configs").glob("*.yaml")) if p.name not in TABLES]
     assert {"local.yaml", "llava-1.5-7b.yaml", "local-llava-next.yaml", "local-qwen2_5_vl.yaml", "llava-next-7b.yaml",
-            "qwen2.5-vl-7b.yaml", "local-qwen3_vl.yaml", "qwen3-vl-8b.yaml"} <= {p.name for p in jobs}
+            "qwen2.5-vl-7b.yaml", "local-qwen3_vl.yaml", "qwen3-vl-8b.yaml",
+            "local-qwen3_5.yaml", "qwen3.5-9b.yaml"} <= {p.name for p in jobs}
     for path in jobs:
         load_config(path)
 

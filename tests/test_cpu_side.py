@@ -17,7 +17,7 @@ from pipeline.plan import check_prepare_pool, cost_model, prepare_pool_warning
 
 from .conftest import REPO
 
-SEVEN_B = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+SEVEN_B = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3.5-9b")
 TABLE = {
     "measured": {"date": "2026-12-01", "machine": "test box, 4 cores", "command": "written by hand",
                  "jpeg_draft_margin": None},

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.cost.flops import kv_cache_bytes, prefill_flops, vision_flops
+from pipeline.cost.flops import kv_cache_bytes, prefill_flops, state_bytes, vision_flops
 from pipeline.job import run_job
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
@@ -31,7 +31,8 @@ from pipeline.tiny.shapes_world import SCHEMA, make_rows
 from .conftest import REPO
 
 CONFIGS = {"llava": "configs/local.yaml", "llava_next": "configs/local-llava-next.yaml",
-           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml"}
+           "qwen2_5_vl": "configs/local-qwen2_5_vl.yaml", "qwen3_vl": "configs/local-qwen3_vl.yaml",
+           "qwen3_5": "configs/local-qwen3_5.yaml"}
 ROWS = 10
 ENERGY, MIN_KEEP = 0.999, 16
 
@@ -106,6 +107,10 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
     assert len(set(kept_counts)) > 2  # the budget adapts per image
     assert len(tokens_in) > 1 or family == "llava"  # token counts follow the image size (not on LLaVA-1.5)
     assert manifest["model"]["family"] == family
+    # The hybrid's fixed per-sequence state is reported beside the KV columns; a dense decoder has none.
+    state = state_bytes(shapes.language, bytes_per_element)
+    assert summary["recurrent_state_bytes_per_sequence"] == manifest["cost"]["recurrent_state_bytes_per_sequence"] == state
+    assert (state > 0) == (family == "qwen3_5")
     assert manifest["config"]["pruning"]["alpha"] == ADAPTERS[family].default_alpha  # alpha: null -> paper setting
     dist = manifest["visual_tokens"]["kept"]
     assert (dist["mean"], dist["p50"], dist["p90"]) == (
@@ -116,7 +121,7 @@ def test_family_runs_through_the_job_with_true_counts_and_costs(tmp_path: Path, 
 
 @pytest.mark.parametrize(("recipe", "size"), [("llava_next", (640, 360)), ("qwen2_5_vl", (448, 252)),
                                               ("qwen2_5_vl", (300, 500)), ("qwen3_vl", (448, 252)),
-                                              ("qwen3_vl", (300, 500))])
+                                              ("qwen3_vl", (300, 500)), ("qwen3_5", (448, 252))])
 def test_vision_flops_follow_the_encoder_patches_as_the_flop_counter_counts(recipe: str, size: tuple[int, int]) -> None:
     """Views x CLIP for LLaVA-NeXT; window and full attention over one dynamic-size sequence for
     Qwen2.5-VL (windows cut at the image edge make the count an upper bound there); full attention

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.cost.flops import decode_flops, kv_cache_bytes, prefill_flops, vision_flops
+from pipeline.cost.flops import decode_flops, kv_cache_bytes, prefill_flops, state_bytes, vision_flops
 from pipeline.cost.planner import CSV_COLUMNS
 from pipeline.io.storage import locate
 from pipeline.io.manifest import read_manifest
@@ -120,7 +120,8 @@ def test_estimate_for_llava_7b_on_one_accelerator(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("config", "checkpoint"), [("configs/llava-next-7b.yaml", "llava-v1.6-vicuna-7b-hf"),
                                                   ("configs/qwen2.5-vl-7b.yaml", "Qwen2.5-VL-7B-Instruct"),
-                                                  ("configs/qwen3-vl-8b.yaml", "Qwen3-VL-8B-Instruct")])
+                                                  ("configs/qwen3-vl-8b.yaml", "Qwen3-VL-8B-Instruct"),
+                                                  ("configs/qwen3.5-9b.yaml", "Qwen3.5-9B")])
 def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budgets(
     tmp_path: Path, config: str, checkpoint: str
 ) -> None:
@@ -149,6 +150,57 @@ def test_estimates_for_the_other_families_follow_the_image_size_and_ratio_budget
     bad = _plan(["--model", config, "--accelerator", "h100-sxm", "--images", "10", "--budgets", "150%",
                  "--out", str(tmp_path / "bad")])
     assert bad.returncode == 2 and "--budgets" in bad.stderr
+
+
+def test_a_hybrid_decoder_plans_its_fixed_state_and_pruning_saves_it_less_than_a_dense_one(tmp_path: Path) -> None:
+    """Qwen3.5-9B (24 Gated DeltaNet + 8 attention layers) beside Qwen3-VL-8B (36 attention layers),
+    1280x960 images, 128-token captions: pruning cuts prefill alike, but the hybrid's KV cache is
+    only its attention layers', and every sequence's fixed state is read and written at each decode
+    step whatever was kept, so the same pruning saves the hybrid fewer dollars."""
+    rows = {}
+    for config in ("configs/qwen3.5-9b.yaml", "configs/qwen3-vl-8b.yaml"):
+        out = tmp_path / Path(config).stem
+        proc = _plan(["--model", config, "--accelerator", "h100-sxm", "--images", str(IMAGES), "--image-size",
+                      "1280x960", "--generated-tokens", "128", "--budgets", "0%,88.9%", "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[config] = _rows(out)
+        if "qwen3.5" in config:
+            assert "Hybrid decoder: a KV cache in 8 of its 32 layers only" in proc.stdout
+            assert "Hybrid decoder" in (out / "plan.md").read_text()
+        else:
+            assert "Hybrid decoder" not in proc.stdout
+    hybrid, dense = rows["configs/qwen3.5-9b.yaml"], rows["configs/qwen3-vl-8b.yaml"]
+    lang = {name: model_shapes(str(REPO / "configs/checkpoints" / name)).language
+            for name in ("Qwen3.5-9B", "Qwen3-VL-8B-Instruct")}
+    assert [float(r["state_bytes_per_sequence"]) for r in hybrid] == [state_bytes(lang["Qwen3.5-9B"], 2)] * 2
+    assert state_bytes(lang["Qwen3.5-9B"], 2) == 24 * (32 * 128 * 128 * 4 + (2 * 16 * 128 + 32 * 128) * 3 * 2)
+    assert [float(r["state_bytes_per_sequence"]) for r in dense] == [0.0, 0.0]
+
+    def per_pruned_token(plan: list[dict], column: str) -> float:
+        (full, pruned) = plan
+        return (float(full[column]) - float(pruned[column])) / (int(full["keep"]) - int(pruned["keep"]))
+
+    # A pruned token saves KV only in the attention layers: 8 x 4 KV heads x 256 against 36 x 8 x 128.
+    kv_ratio = per_pruned_token(hybrid, "kv_cache_bytes_per_image") / per_pruned_token(dense, "kv_cache_bytes_per_image")
+    assert kv_ratio == pytest.approx((8 * 4 * 256) / (36 * 8 * 128), rel=0.02)
+    # ... and about as much prefill as in the dense model of about the same size.
+    assert per_pruned_token(hybrid, "flops_prefill_per_image") == pytest.approx(
+        per_pruned_token(dense, "flops_prefill_per_image"), rel=0.15)
+    assert float(hybrid[1]["saving_vs_keep_all"]) < float(dense[1]["saving_vs_keep_all"]) - 0.03
+    # Each decode step streams the weights once for the batch and, per row, its KV cache (midway) and
+    # its state twice (read, then written): the hybrid's decode seconds, from the table's assumptions.
+    from pipeline.cost.prices import load_accelerators
+
+    table = load_accelerators(REPO / "configs/accelerators.yaml")
+    a, h100 = table.assumptions, table.accelerators["h100-sxm"]
+    q35 = model_shapes(str(REPO / "configs/checkpoints/Qwen3.5-9B"))
+    for r in hybrid:
+        seq, steps = int(r["keep"]) + a.text_tokens, 127
+        weights = (q35.language.token_flops // 2 + q35.language.hidden * q35.language.vocab) * 2
+        row = kv_cache_bytes(q35.language, seq, 1 + steps // 2, 2) + 2 * state_bytes(q35.language, 2)
+        want = steps * (weights + a.decode_batch * row) / (h100.memory_bandwidth * a.decode_bandwidth) / a.decode_batch
+        decode_s = float(r["decode_share"]) * float(r["gpu_seconds_per_image"])
+        assert decode_s == pytest.approx(want, rel=1e-9)
 
 
 @pytest.fixture(scope="module")

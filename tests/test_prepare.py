@@ -30,7 +30,7 @@ from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.text import TextStage
 from pipeline.tiny.shapes_world import make_rows
 
-FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 # Sizes that exercise every branch: landscape, portrait, near-square, an extreme aspect ratio,
 # one below Qwen's min_pixels and one above the tiny Qwen's max_pixels.
 SIZES = [(640, 480), (300, 500), (250, 260), (900, 120), (40, 60), (1000, 700)]

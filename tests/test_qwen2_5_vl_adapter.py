@@ -105,17 +105,23 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> N
     """Four sizes in ONE batch (left padding, four position layouts) against the stock model fed
     one image at a time: the LLM receives the same embeddings at the same 3-D positions, gives the
     same logits, and the greedy tokens agree."""
+    check_keep_all_equals_stock(adapters, stock, images)
+
+
+def check_keep_all_equals_stock(adapters, stock, images, prompts: list[str] = PROMPTS, new: int = 8) -> None:
+    """Every image's tokens kept, all rows in one HF engine batch, against the stock model's own
+    processor and ``generate`` one image at a time (Qwen families whose LLM takes inputs_embeds
+    and 3-D positions: Qwen2.5-VL, Qwen3.5)."""
     vision, language = adapters
     enc = vision.encode(images)
-    gen = GenerationConfig(max_new_tokens=8)
     kept = [torch.arange(f.shape[0]) for f in enc.features]
-    rows = requests(PROMPTS, enc.features, kept, enc.payloads)
-    ours, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, gen))
+    rows = requests(prompts, enc.features, kept, enc.payloads)
+    ours, seen = _observe(language.model, lambda: HFEngine(language).generate(rows, GenerationConfig(max_new_tokens=new)))
     prefill = seen[0]
     assert prefill["position_ids"].shape[:2] == (3, len(images))
     tok, proc = language.tokenizer, vision.image_processor
     for i, img in enumerate(images):
-        (stock_ids, length), stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, img, PROMPTS[i], 8))
+        (stock_ids, length), stock_seen = _observe(stock, lambda: _stock_generate(stock, tok, proc, img, prompts[i], new))
         ref = stock_seen[0]
         assert ours[i].prompt_tokens == length  # nothing pruned: the full sequence
         assert int(prefill["attention_mask"][i].sum()) == length and bool(prefill["attention_mask"][i, -length:].all())
@@ -123,8 +129,8 @@ def test_keep_all_generation_equals_stock_generate(adapters, stock, images) -> N
         assert torch.equal(prefill["position_ids"][:, i, -length:], ref["position_ids"][-3:, 0])
         torch.testing.assert_close(prefill["inputs_embeds"][i, -length:], ref["inputs_embeds"][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(prefill["logits"][i], ref["logits"][0], atol=1e-4, rtol=1e-4)
-        assert ours[i].token_ids == stock_ids[: len(ours[i].token_ids)], SIZES[i]
-        assert len(ours[i].token_ids) == 8 or ours[i].token_ids[-1] == stock.generation_config.eos_token_id
+        assert ours[i].token_ids == stock_ids[: len(ours[i].token_ids)], img.size
+        assert len(ours[i].token_ids) == new or ours[i].token_ids[-1] == stock.generation_config.eos_token_id
     assert len({tuple(g.token_ids) for g in ours}) > 1  # answers depend on the image
 
 

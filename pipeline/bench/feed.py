@@ -1,6 +1,6 @@
 """Benchmark: what feeding one GPU costs on the host, before and after the CPU preparation stage.
 
-    python -m pipeline.bench.feed [--families llava,llava_next,qwen2_5_vl,qwen3_vl]
+    python -m pipeline.bench.feed [--families llava,llava_next,qwen2_5_vl,qwen3_vl,qwen3_5]
                                   [--sizes 640x480,1280x960,4032x3024] [--repeats 7]
                                   [--write-table configs/cpu_prepare.yaml]
 
@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.bench.prefill import cpu_seconds
@@ -74,13 +75,26 @@ from pipeline.models.base import PixelLUT
 from pipeline.pruning import budget
 
 REPO = Path(__file__).resolve().parents[2]
-# The cluster configs whose settings each family runs at (their model.architecture: offline JSON).
-FAMILY_CONFIGS = {
-    "llava": "configs/llava-1.5-7b.yaml",
-    "llava_next": "configs/llava-next-7b.yaml",
-    "qwen2_5_vl": "configs/qwen2.5-vl-7b.yaml",
-    "qwen3_vl": "configs/qwen3-vl-8b.yaml",
-}
+
+
+def cluster_configs() -> dict[str, str]:
+    """family -> the cluster config it runs at here: each ``configs/*.yaml`` that names a
+    ``model.architecture`` (committed checkpoint JSON, so no weights and no network), by the family
+    of that checkpoint. A new family's real-checkpoint config is picked up without a list to edit."""
+    found: dict[str, str] = {}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model")
+        arch = model.get("architecture") if isinstance(model, dict) else None
+        if not arch:
+            continue
+        family = detect_family(str(REPO / arch))
+        if family in found:
+            raise ValueError(f"two cluster configs for {family}: {found[family]} and {path.relative_to(REPO)}")
+        found[family] = str(path.relative_to(REPO))
+    return found
+
+
+FAMILY_CONFIGS = cluster_configs()
 SIZES = [(640, 480), (1280, 960), (4032, 3024)]
 TARGET_SIZES = ("640x480", "1280x960")  # where the host-side target applies
 TARGET_SHARE = 0.1  # gpu_actor_host_ms_after <= this x gpu_ms_estimate
@@ -159,11 +173,12 @@ def stock_processor(adapter: VisionLanguageAdapter) -> Callable[[Image.Image], d
     """The processor call the GPU actor made before the preparation stage (same processor, the PIL
     backend: what the actors ran without torchvision)."""
     ip = adapter.image_processor
-    if adapter.family in ("qwen2_5_vl", "qwen3_vl"):
-        return lambda img: ip(images=[img], size=adapter.size, return_tensors="pt")
+    options: dict[str, Any] = {"return_tensors": "pt"}
+    if getattr(adapter, "size", None) is not None:  # dynamic resolution (Qwen): the config's pixel bounds
+        options["size"] = adapter.size
     if adapter.family == "llava_next":
-        return lambda img: ip(images=[img], do_pad=True, return_tensors="pt")
-    return lambda img: ip(images=[img], return_tensors="pt")
+        options["do_pad"] = True
+    return lambda img: ip(images=[img], **options)
 
 
 def device_work(adapter: VisionLanguageAdapter, lut: PixelLUT) -> Callable[[torch.Tensor], torch.Tensor]:

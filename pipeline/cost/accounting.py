@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config import ConfigError, JobConfig
 from pipeline.io.schema import COST_COLUMNS, STAGE_TIME_COLUMNS
 
-from .flops import ModelShapes, RowFlops, row_flops, vision_flops
+from .flops import ModelShapes, RowFlops, row_flops, state_bytes, vision_flops
 from .prices import Price, PriceTable, load_prices
 
 FLOP_CONVENTION = (
@@ -180,6 +180,9 @@ class CostModel:
             },
             "flop_convention": FLOP_CONVENTION,
             "kv_bytes_per_element": self.kv_bytes_per_element,
+            # A hybrid decoder's linear-attention layers hold this much per sequence (each task's
+            # answer is one) whatever its length: pruning does not shrink it. 0 for a dense decoder.
+            "recurrent_state_bytes_per_sequence": state_bytes(self.shapes.language, self.kv_bytes_per_element),
             "shapes": asdict(self.shapes),
             "totals": totals,
             "mean_per_image": {c: (v / len(ok) if ok else None) for c, v in totals.items()},

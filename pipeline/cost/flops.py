@@ -51,8 +51,39 @@ class VisionShape:
 
 
 @dataclass(frozen=True)
-class LanguageShape:
+class LinearAttentionShape:
+    """Gated DeltaNet layers (Qwen3.5's linear attention): per token, projections to q, k, v
+    (``key_heads`` x ``key_dim`` for q and k, ``value_heads`` x ``value_dim`` for v), an output
+    gate z and two per-head scalars (beta, the decay), a depthwise causal convolution of
+    ``conv_kernel`` taps over q|k|v, the gated delta rule on a [key_dim, value_dim] state per
+    value head, and the output projection. No KV cache: a fixed state per sequence and layer."""
+
     layers: int
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    conv_kernel: int
+    chunk: int = 64  # prefill runs the delta rule in chunks of this many positions (padded up)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def projection_flops_per_token(self, hidden: int) -> int:
+        """In-projections (q|k|v, z, beta, decay) and the out-projection, one token, one layer."""
+        value = self.value_heads * self.value_dim
+        return 2 * hidden * (self.conv_channels + value + 2 * self.value_heads) + 2 * value * hidden
+
+    def state_elements(self) -> int:
+        """One sequence's state in one layer: the delta rule's [key_dim, value_dim] per value
+        head and the convolution's last ``conv_kernel - 1`` inputs."""
+        return self.value_heads * self.key_dim * self.value_dim + self.conv_channels * (self.conv_kernel - 1)
+
+
+@dataclass(frozen=True)
+class LanguageShape:
+    layers: int  # all decoder layers; with ``linear``, ``linear.layers`` of them are linear attention
     hidden: int
     heads: int
     kv_heads: int
@@ -60,14 +91,32 @@ class LanguageShape:
     mlp_width: int
     vocab: int
     mlp_matrices: int = 3  # Llama/Qwen gated MLP: gate, up, down
+    attention_output_gate: bool = False  # Qwen3.5: q_proj also gives a sigmoid gate per output channel
+    linear: LinearAttentionShape | None = None  # hybrid decoders (Qwen3.5): the linear-attention layers
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers with softmax attention (and a KV cache)."""
+        return self.layers - (self.linear.layers if self.linear else 0)
 
     @property
     def linear_flops_per_token(self) -> int:
-        """Q, K, V, O projections and the MLP, one token through one layer."""
+        """Q, K, V, O projections and the MLP, one token through one attention layer."""
         q_out = self.heads * self.head_dim
         kv_out = self.kv_heads * self.head_dim
-        return 2 * (self.hidden * q_out + 2 * self.hidden * kv_out + q_out * self.hidden
+        q_proj = q_out * (2 if self.attention_output_gate else 1)
+        return 2 * (self.hidden * q_proj + 2 * self.hidden * kv_out + q_out * self.hidden
                     + self.mlp_matrices * self.hidden * self.mlp_width)
+
+    @property
+    def token_flops(self) -> int:
+        """Every layer's projections and MLP for one token (the weights' matrix products: twice
+        the decoder's matrix parameters)."""
+        dense = self.attention_layers * self.linear_flops_per_token
+        if not self.linear:
+            return dense
+        mlp = 2 * self.mlp_matrices * self.hidden * self.mlp_width
+        return dense + self.linear.layers * (self.linear.projection_flops_per_token(self.hidden) + mlp)
 
     @property
     def lm_head_flops(self) -> int:
@@ -101,26 +150,60 @@ def vision_flops(v: VisionShape, encoder_patches: int) -> int:
     return patch_embed + layers + projector
 
 
+def _linear_prefill(la: LinearAttentionShape, seq_len: int) -> int:
+    """A linear-attention layer's sequence work in prefill: the convolution over the
+    ``seq_len + conv_kernel - 1`` outputs of its zero-padded input (as the counter sees it), and
+    the chunked delta rule over the sequence padded to whole chunks (per chunk and value head:
+    the in-chunk key products and the state reads and writes)."""
+    conv = 2 * la.conv_kernel * la.conv_channels * (seq_len + la.conv_kernel - 1)
+    padded = -(-seq_len // la.chunk) * la.chunk
+    per_position = 4 * la.chunk * la.key_dim + 2 * la.chunk * la.value_dim + 6 * la.key_dim * la.value_dim
+    return conv + la.value_heads * padded * per_position
+
+
+def _linear_step(la: LinearAttentionShape) -> int:
+    """A linear-attention layer's sequence work for one decode token: the convolution at its
+    position and the recurrent update (decay, read, outer-product write, read out: ~3
+    state-sized products per value head, which transformers runs as elementwise ops the
+    counter does not see)."""
+    return 2 * la.conv_kernel * la.conv_channels + la.value_heads * 6 * la.key_dim * la.value_dim
+
+
 def prefill_flops(lang: LanguageShape, seq_len: int) -> int:
     """All layers over ``seq_len`` prompt tokens, plus the LM head for the first generated token."""
-    attention = 4 * seq_len * seq_len * lang.heads * lang.head_dim
-    return lang.layers * (seq_len * lang.linear_flops_per_token + attention) + lang.lm_head_flops
+    attention = lang.attention_layers * 4 * seq_len * seq_len * lang.heads * lang.head_dim
+    linear = lang.linear.layers * _linear_prefill(lang.linear, seq_len) if lang.linear else 0
+    return seq_len * lang.token_flops + attention + linear + lang.lm_head_flops
 
 
 def decode_flops(lang: LanguageShape, seq_len: int, generated: int) -> int:
     """The ``generated - 1`` single-token steps after prefill (the first token comes out of
-    prefill); step s attends over ``seq_len + s`` cached positions."""
+    prefill); step s attends over ``seq_len + s`` cached positions (linear-attention layers do
+    the same work at every step, whatever the length)."""
     steps = max(0, generated - 1)
     attended = steps * seq_len + steps * (steps + 1) // 2  # sum of context lengths over the steps
-    return (steps * (lang.layers * lang.linear_flops_per_token + lang.lm_head_flops)
-            + lang.layers * 4 * lang.heads * lang.head_dim * attended)
+    linear = lang.linear.layers * _linear_step(lang.linear) if lang.linear else 0
+    return (steps * (lang.token_flops + lang.lm_head_flops + linear)
+            + lang.attention_layers * 4 * lang.heads * lang.head_dim * attended)
 
 
 def kv_cache_bytes(lang: LanguageShape, seq_len: int, generated: int, bytes_per_element: int) -> int:
-    """K and V of every position fed through the model by the end of generation: the prompt and
-    all generated tokens but the last (it is sampled, never fed back)."""
+    """K and V of every position fed through the model by the end of generation, in the
+    attention layers: the prompt and all generated tokens but the last (it is sampled, never
+    fed back). A linear-attention layer's state does not grow: ``state_bytes``."""
     positions = seq_len + max(0, generated - 1)
-    return 2 * lang.layers * lang.kv_heads * lang.head_dim * positions * bytes_per_element
+    return 2 * lang.attention_layers * lang.kv_heads * lang.head_dim * positions * bytes_per_element
+
+
+def state_bytes(lang: LanguageShape, bytes_per_element: int, state_bytes_per_element: int = 4) -> int:
+    """The fixed per-sequence state of the linear-attention layers (0 for a dense decoder): the
+    delta-rule state in ``state_bytes_per_element`` (float32 in vLLM and transformers) and the
+    convolution's window in the model's dtype."""
+    la = lang.linear
+    if not la:
+        return 0
+    delta = la.value_heads * la.key_dim * la.value_dim
+    return la.layers * (delta * state_bytes_per_element + (la.state_elements() - delta) * bytes_per_element)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ from pipeline.engines.registry import engine_spec
 from pipeline.io.manifest import read_manifest
 from pipeline.io.storage import locate
 
-from .flops import ModelShapes, decode_flops, kv_cache_bytes, prefill_flops, vision_flops
+from .flops import ModelShapes, decode_flops, kv_cache_bytes, prefill_flops, state_bytes, vision_flops
 from .prices import Accelerator, Price, Utilisation
 
 if TYPE_CHECKING:
@@ -124,6 +124,10 @@ class PlanRow:
     usd_per_1k_images_per_row_questions: float | None = None
     encode_once_flops_saving: float | None = None
     encode_once_saving: float | None = None  # of GPU-seconds, so of $
+    # Hybrid decoders (Qwen3.5): each sequence's fixed linear-attention state (bytes; 0 for a dense
+    # decoder), held for the sequence's life beside its KV cache whatever the length, and read and
+    # written at every decode step: what pruning cannot shrink (estimates; null on measured rows).
+    state_bytes_per_sequence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def model_label(path: str) -> str:
 def llm_weight_bytes(shapes: ModelShapes, bytes_per_element: int) -> int:
     """Weights a decode step streams: every layer's matrices and the LM head."""
     lang = shapes.language
-    return (lang.layers * lang.linear_flops_per_token // 2 + lang.hidden * lang.vocab) * bytes_per_element
+    return (lang.token_flops // 2 + lang.hidden * lang.vocab) * bytes_per_element
 
 
 def estimate(
@@ -214,6 +218,7 @@ def estimate(
         gpu_seconds_per_image_per_row_questions=gpu_s_rows,
         usd_per_1k_images_per_row_questions=1000 * gpu_s_rows * price.usd_per_hour / 3600,
         encode_once_flops_saving=1 - flops / flops_rows, encode_once_saving=1 - gpu_s / gpu_s_rows,
+        state_bytes_per_sequence=state_bytes(lang, bytes_per_element),
     )
 
 
@@ -221,13 +226,15 @@ def decode_seconds(shapes: ModelShapes, assume: Utilisation, accelerator: Accele
                    bytes_per_element: int = 2) -> float:
     """GPU-seconds of one task's decode steps per image: ``paid - 1`` steps after a ``seq``-token
     prompt, each step of ``assume.decode_batch`` rows reading the LLM weights once plus each row's
-    KV cache (taken midway through decoding), or compute-bound where that is slower."""
+    KV cache (taken midway through decoding) and, in a hybrid decoder, reading and writing its
+    fixed linear-attention state, or compute-bound where that is slower."""
     lang = shapes.language
     steps = max(0, paid - 1)
     if not steps:
         return 0.0
     mean_kv = kv_cache_bytes(lang, seq, 1 + steps // 2, bytes_per_element)  # cache midway through decoding
-    step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * mean_kv
+    per_row = mean_kv + 2 * state_bytes(lang, bytes_per_element)
+    step_bytes = llm_weight_bytes(shapes, bytes_per_element) + assume.decode_batch * per_row
     step_flops = assume.decode_batch * decode_flops(lang, seq, paid) / steps
     t_step = max(step_bytes / (accelerator.memory_bandwidth * assume.decode_bandwidth),
                  step_flops / (accelerator.bf16_flops * assume.prefill_mfu))
@@ -307,6 +314,7 @@ def measured(run: str, *, images: int, gpus: int) -> PlanRow:
         wall_hours=wall_s / 3600, total_usd=images * mean["cost_usd"],
         kept_p50=(m["visual_tokens"].get("kept") or {}).get("p50"),
         kept_p90=(m["visual_tokens"].get("kept") or {}).get("p90"), kept_from="this run",
+        state_bytes_per_sequence=cost.get("recurrent_state_bytes_per_sequence"),  # absent before hybrid decoders
     )
 
 
@@ -373,7 +381,7 @@ def estimate_distribution(shares: list[float], *, visual_tokens_in: int, kept_fr
         gpu_seconds_per_image_per_row_questions=gpu_s_rows,
         usd_per_1k_images_per_row_questions=avg(lambda r: r.usd_per_1k_images_per_row_questions),
         encode_once_flops_saving=1 - avg(lambda r: r.flops_per_image) / flops_rows,
-        encode_once_saving=1 - gpu_s / gpu_s_rows,
+        encode_once_saving=1 - gpu_s / gpu_s_rows, state_bytes_per_sequence=first.state_bytes_per_sequence,
     )
 
 
@@ -628,6 +636,21 @@ def engine_note(engine: str, assume: Utilisation, max_new_tokens: int | None) ->
             f"their slot and KV cache until then, so an image pays for {paid} tokens' decode steps while generating "
             f"{gen}. Prompt padding is left out (the decode stage groups rows of similar length). Measured rows "
             f"state the engine their run used (column engine).{over}")
+
+
+def state_note(shapes: ModelShapes, bytes_per_element: int = 2) -> str | None:
+    """What a hybrid decoder's plan must say: the KV cache, which pruning shrinks, is only the
+    attention layers', and the fixed state it cannot shrink is read and written at every decode
+    step. None for a dense decoder."""
+    lang = shapes.language
+    state = state_bytes(lang, bytes_per_element)
+    if not state:
+        return None
+    per_token = kv_cache_bytes(lang, 1, 1, bytes_per_element)
+    return (f"Hybrid decoder: a KV cache in {lang.attention_layers} of its {lang.layers} layers only "
+            f"({per_token / 1024:.0f} KiB a token); every sequence also holds {state / 2**20:.1f} MiB of "
+            f"linear-attention state ({lang.linear.layers} layers, column state_bytes_per_sequence), which each "
+            "decode step reads and writes and pruning does not shrink.")
 
 
 def assumption_notes(assume: Utilisation, accelerator_name: str, accelerator: Accelerator, price: Price,

@@ -45,6 +45,7 @@ class VLLMEngine(DecodeEngine):
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
         self.max_model_len = cfg.max_model_len or adapter.context_length
         options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if on_gpu else {}
+        options |= adapter.vllm_options()  # what the checkpoint asks that vLLM derives only for its own classes
         before = {p.pid for p in psutil.Process().children()}
         self.llm = LLM(
             model=adapter.path,

@@ -34,11 +34,28 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+    MambaStateShapeCalculator,
+)
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMRoPE, SupportsMultiModal
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeMLP
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.qwen3_next import Qwen3NextAttention, Qwen3NextDecoderLayer, Qwen3NextModel
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    extract_layer_index,
+    init_vllm_registered_model,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataItems, MultiModalDataParser
@@ -323,8 +340,130 @@ class ResPruneQwen3VLForCausalLM(_KeptMRoPELM):
         return hidden
 
 
+class Qwen3_5DecoderLayer(Qwen3NextDecoderLayer):
+    """vLLM's Qwen3.5 decoder layer (dense MLP; one pipeline stage, no tensor-parallel tricks),
+    rebuilt here because vLLM's ``qwen3_5`` module imports its Qwen3-VL module, which imports
+    torchvision: Gated DeltaNet (``linear_attention``) or gated full attention, then the MLP."""
+
+    def __init__(self, vllm_config: VllmConfig, layer_type: str, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        config, model_config = vllm_config.model_config.hf_text_config, vllm_config.model_config
+        self.layer_type, self.layer_idx = layer_type, extract_layer_index(prefix)
+        self.use_attn_reduce_scatter_for_moe = False
+        if layer_type == "linear_attention":
+            self.linear_attn = QwenGatedDeltaNetAttention(
+                config=config, vllm_config=vllm_config, prefix=f"{prefix}.linear_attn", gqa_interleaved_layout=False)
+        elif layer_type == "full_attention":
+            self.self_attn = Qwen3NextAttention(
+                config, model_config=model_config, cache_config=vllm_config.cache_config,
+                quant_config=vllm_config.quant_config, prefix=f"{prefix}.self_attn", mrope_positions_factor=1)
+        else:
+            raise ValueError(f"unknown Qwen3.5 layer type {layer_type!r}")
+        self.mlp = Qwen2MoeMLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                               hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+                               prefix=f"{prefix}.mlp")
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layer_scale = False
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0})
+class Qwen3_5Model(Qwen3NextModel):
+    """vLLM's Qwen3.5 decoder stack (``Qwen3NextModel`` with Qwen3.5's layers), the checkpoint's
+    separate DeltaNet in-projections fused as vLLM's own class fuses them."""
+
+    hf_to_vllm_mapper = Qwen3NextModel.hf_to_vllm_mapper | WeightsMapper(orig_to_new_stacked={
+        ".in_proj_qkv": (".in_proj_qkvz", (0, 1, 2)), ".in_proj_z": (".in_proj_qkvz", 3),
+        ".in_proj_b": (".in_proj_ba", 0), ".in_proj_a": (".in_proj_ba", 1),
+    })
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_text_config
+        self.config, self.quant_config, self.vocab_size = config, vllm_config.quant_config, config.vocab_size
+        self.num_redundant_experts = 0
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: Qwen3_5DecoderLayer(vllm_config, config.layer_types[extract_layer_index(prefix)], prefix),
+            prefix=f"{prefix}.layers",
+        )
+        self.is_fused_shared_expert_enabled = False
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
+        self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+class Qwen3_5LM(nn.Module):
+    """``Qwen3_5Model`` with its LM head (as vLLM's ``Qwen3_5ForCausalLM``)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_text_config
+        self.config = config
+        self.model = Qwen3_5Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    KeptTokensProcessor, info=KeptTokensProcessingInfo, dummy_inputs=KeptTokensDummyInputs
+)
+class ResPruneQwen3_5ForCausalLM(_KeptMRoPELM, IsHybrid, HasInnerState):
+    """Qwen3.5: the kept tokens at their full-grid 3-D positions (interleaved M-RoPE, as Qwen3-VL;
+    no DeepStack) in the hybrid decoder. vLLM keeps each sequence's DeltaNet state in its
+    "mamba" cache, sized by the classmethods below (vLLM asks the registered class)."""
+
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "model.language_model.": "language_model.model.",
+        "model.visual.": "visual.",
+        "lm_head.": "language_model.lm_head.",
+        "mtp.": "mtp.",  # the checkpoint's multi-token-prediction head: not used
+    })
+    skipped = (*_KeptMRoPELM.skipped, "mtp.")
+
+    def _build_language_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        return Qwen3_5LM(vllm_config=vllm_config.with_hf_config(self.config.text_config), prefix=prefix)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
+        cache = vllm_config.cache_config
+        return MambaStateDtypeCalculator.gated_delta_net_state_dtype(
+            vllm_config.model_config.dtype, cache.mamba_cache_dtype, cache.mamba_ssm_cache_dtype)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+        tc = vllm_config.model_config.hf_text_config
+        return MambaStateShapeCalculator.gated_delta_net_state_shape(
+            vllm_config.parallel_config.tensor_parallel_size, tc.linear_num_key_heads, tc.linear_num_value_heads,
+            tc.linear_key_head_dim, tc.linear_value_head_dim, tc.linear_conv_kernel_dim, 0)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+
+
 ARCHITECTURES = {
-    cls.__name__: cls for cls in (ResPruneLlavaForCausalLM, ResPruneQwen2_5_VLForCausalLM, ResPruneQwen3VLForCausalLM)
+    cls.__name__: cls for cls in (ResPruneLlavaForCausalLM, ResPruneQwen2_5_VLForCausalLM, ResPruneQwen3VLForCausalLM,
+                                  ResPruneQwen3_5ForCausalLM)
 }
 
 

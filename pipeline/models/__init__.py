@@ -29,6 +29,7 @@ from .base import (
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from pipeline.io.storage import Location
 
 ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {
-    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+    a.family: a for a in (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter)
 }
 
 

@@ -252,6 +252,11 @@ class VisionLanguageAdapter(ABC):
         it whole (the default); per-token parts keep the same indices as the features."""
         return payload
 
+    def vllm_options(self) -> dict[str, Any]:
+        """Engine options the checkpoint's config asks of vLLM that vLLM derives only for its own
+        class names (ours are registered under their own): none by default."""
+        return {}
+
     def vllm_request(self, request: DecodeRequest) -> dict:
         """One row as a vLLM request for ``vllm_architecture`` (``pipeline.engines.vllm_models``),
         in the adapter's dtype: the templated prompt's ids with one placeholder, which vLLM expands

@@ -2,7 +2,7 @@
 
 - Tiny checkpoints, one builder module per family (real transformers classes with small shapes,
   seeded): ``llava`` (``tiny:llava``, ``tiny:llava-bench``, and the trained, committed
-  ``tiny:llava-shapes`` under ``checkpoints/``), ``llava_next``, ``qwen2_5_vl``, ``qwen3_vl``.
+  ``tiny:llava-shapes`` under ``checkpoints/``), ``llava_next``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``.
   ``checkpoint(recipe)`` is the directory of one: committed, or built once into the cache
   (``$RESPRUNE_CACHE``). The product reaches it only by name: ``model.path: tiny:<recipe>`` is
   resolved by ``pipeline.models.sources``, which imports this package when such a path is used.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import llava, llava_next, qwen2_5_vl, qwen3_vl
+from . import llava, llava_next, qwen2_5_vl, qwen3_5, qwen3_vl
 from .common import VERSION, save_checkpoint
 
 # recipe -> a fresh, seeded (model, processor or (tokenizer, image processor)) of that checkpoint.
@@ -29,6 +29,7 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "llava_next": llava_next.new_tiny_llava_next,
     "qwen2_5_vl": qwen2_5_vl.new_tiny_qwen2_5_vl,
     "qwen3_vl": qwen3_vl.new_tiny_qwen3_vl,
+    "qwen3_5": qwen3_5.new_tiny_qwen3_5,
 }
 TRAINED = llava.TRAINED  # committed checkpoints, never built at run time
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
