@@ -117,20 +117,26 @@ def test_tar_samples_group_members_and_a_cut_member_ends_the_shard_as_an_error_r
 
 def test_shard_index_text_columns_damage_and_repeated_keys(tmp_path: Path) -> None:
     _tar(tmp_path / "w" / "00000.tar", [("a.jpg", b"1"), ("a.txt", b"alpha"), ("a.cls", b"\xff\xfe"),
-                                        ("b.png", b"2"), ("b.txt", b"beta")])
+                                        ("b.png", b"2"), ("b.txt", b"beta"), ("a.png", b"again")])
     raw = _tar(tmp_path / "w" / "00001.tar", [("a.jpg", b"3"), ("c.jpg", b"4" * 2000), ("d.jpg", b"5")])
     (tmp_path / "w" / "00001.tar").write_bytes(raw[: 512 * 3 + 700])  # c.jpg cut short
     _tar(tmp_path / "w" / "00002.tar", [("readme.md", b"no images here")])
     (tmp_path / "w" / "_tmp.tar").write_bytes(b"skipped")
     root = locate(str(tmp_path / "w"))
     assert formats.list_tar_shards(root) == ["00000.tar", "00001.tar", "00002.tar"]
-    with pytest.raises(InputError, match=r"repeated over 2 rows \(e.g. 'a'\)"):
+    with pytest.raises(InputError, match=r"repeated over 3 rows \(e.g. 'a'\)"):
         plan_input(_inputs(str(tmp_path / "w"), format="webdataset"), [root])
     plan = plan_input(_inputs(str(tmp_path / "w"), format="webdataset", id_policy="drop_duplicates"), [root])
-    assert plan.listing.column("id").to_pylist() == ["a", "b", "a", "c", "readme"]
+    assert plan.listing.column("id").to_pylist() == ["a", "b", "a", "a", "c", "readme"]
     assert plan.columns == ["id", "image", "md", "txt"]  # .cls is not UTF-8 text: left out, said in problems
     assert any("cls" in p for p in plan.problems)
-    assert plan.skip == {"00001.tar": ["a"]} and plan.dropped == {"repeated id": 1}
+    # The later shard's `a` is skipped by name; the same shard's second `a` by the reader (first kept).
+    assert plan.skip == {"00001.tar": ["a"]} and plan.dropped == {"repeated id": 2}
+    rows = _read_shards(root, plan)
+    assert [(r["id"], r["image"], r["txt"]) for r in rows[:2]] == [("a", b"1", "alpha"), ("b", b"2", "beta")]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "readme"] and rows[2]["image"] is None  # d: after the cut
+    assert rows[2]["image_error"].startswith("corrupt image: 00001.tar: member c.jpg is cut short")
+    assert rows[3]["image_error"].startswith("missing image: no member with an image extension")
     errors = dict(zip(plan.listing.column("id").to_pylist(), plan.listing.column("error").to_pylist(), strict=True))
     assert errors["c"].startswith("corrupt image: 00001.tar: member c.jpg is cut short")
     # Staged and read back: the same plan, without reading a shard again.
@@ -207,3 +213,15 @@ def _record_run(run: object, status: str, inputs: InputConfig, roots: list) -> N
     write_manifest(run.output, {"status": status, "attempt": 1, "input": {"format": "files", "rows": plan.rows}})
     (Path(run.output.uri) / "part-0.parquet").write_bytes(b"rows")
     assert json.loads((Path(run.output.uri) / "_manifest.json").read_text())["status"] == status
+
+
+def _read_shards(root: object, plan: object) -> list[dict]:
+    """What the tar reader yields for the plan (``TarShards`` reads each shard with ``shard_rows``)."""
+    prefix = root.path.rstrip("/") + "/"
+    rows = []
+    for path in plan.files:
+        shard = path[len(prefix):]
+        with root.fs.open_input_stream(path) as f:
+            blocks = formats.shard_rows(f, shard, EXT, plan.columns[2:], frozenset(plan.skip.get(shard, ())))
+            rows += [r for block in blocks for r in block.to_pylist()]
+    return rows

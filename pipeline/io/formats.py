@@ -88,19 +88,6 @@ def list_files(roots: list[Location], extensions: tuple[str, ...]) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(refs, pa.string())})
 
 
-def files_from_refs(roots: list[Location], refs: list[str], extensions: tuple[str, ...]) -> pa.Table:
-    """The listing of ``refs`` (references ``list_files`` gave; an incremental run's new files)."""
-    ids = []
-    for ref in refs:
-        root = next((r for r in roots if ref.startswith(r.ray_file(r.path.rstrip("/") + "/"))), None)
-        if root is None:
-            raise ValueError(f"{ref} is under none of {[r.uri for r in roots]}")
-        relative = ref[len(root.ray_file(root.path.rstrip("/") + "/")):]
-        ext = image_extension(relative, extensions)
-        ids.append(relative[: -len(ext) - 1] if ext else relative)
-    return pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(refs, pa.string())})
-
-
 # --- webdataset --------------------------------------------------------------------------------
 
 
@@ -142,11 +129,11 @@ class _Tail:
         return len(self.tail) == self.END_BLOCKS and not self.tail.strip(b"\0")
 
 
-def tar_samples(stream: io.RawIOBase, extensions: tuple[str, ...], shard: str, keep_data: bool = True) -> Iterator[Sample]:
+def tar_samples(stream: io.RawIOBase, extensions: tuple[str, ...], shard: str, keep_images: bool = True) -> Iterator[Sample]:
     """The samples of a tar stream, in member order. A shard cut short ends where it is cut (a
     tar has no index to resume from): the sample being read then is yielded with ``error`` set
     (it may lack members), then one keyless ``Sample`` saying where the shard ended.
-    ``keep_data`` False: member bytes are read and dropped."""
+    ``keep_images`` False: image bytes are read and dropped (text members are kept: they are small)."""
     tail = _Tail(stream)
     try:
         archive = tarfile.open(fileobj=tail, mode="r|")
@@ -185,9 +172,9 @@ def tar_samples(stream: io.RawIOBase, extensions: tuple[str, ...], shard: str, k
         last = member.name
         if image_extension(member.name, extensions):
             if not current.image_member:
-                current.image_member, current.image = member.name, data if keep_data else None
+                current.image_member, current.image = member.name, data if keep_images else None
         else:
-            current.texts[ext.lower()] = data if keep_data else b""
+            current.texts[ext.lower()] = data
     if cut or not tail.ended_whole():
         if current is not None:
             current.image = None
@@ -232,7 +219,7 @@ def index_shards(root: Location, shards: list[str], extensions: tuple[str, ...])
         def read() -> tuple[list[tuple[str, str]], dict[str, bool], list[str]]:
             rows, utf8, problems = [], {}, []
             with where.fs.open_input_stream(where.path) as f:
-                for sample in tar_samples(f, extensions, shard):
+                for sample in tar_samples(f, extensions, shard, keep_images=False):
                     if not sample.key:
                         problems.append(sample.error)
                         continue
@@ -285,14 +272,10 @@ def list_tar_shards(root: Location) -> list[str]:
 
 def tar_shards_datasource(root: Location, files: list[str], extensions: tuple[str, ...], text_columns: list[str],
                           skip: dict[str, list[str]]):  # -> TarShards (a Ray Data datasource)
-    """``TarShards`` over ``files`` (shards under ``root`` as its filesystem names them): rows
-    ``id``, ``image`` (bytes; null on an error row), ``image_error`` and one string column per
-    text extension. ``skip``: keys per shard (relative) that the id policy dropped (kept from an
-    earlier shard or member)."""
+    """``TarShards`` over ``files`` (shards under ``root`` as its filesystem names them), each
+    shard read by ``shard_rows``. ``skip``: keys per shard (relative) that the id policy dropped."""
     from ray.data.datasource import FileBasedDatasource
 
-    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_error", pa.string()),
-                        *((c, pa.string()) for c in text_columns)])
     prefix = root.path.rstrip("/") + "/"
 
     class TarShards(FileBasedDatasource):
@@ -300,26 +283,39 @@ def tar_shards_datasource(root: Location, files: list[str], extensions: tuple[st
 
         def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
             shard = path[len(prefix):] if path.startswith(prefix) else path
-            dropped, seen = set(skip.get(shard, ())), set()
-            rows: list[dict] = []
-            for sample in tar_samples(f, extensions, shard):
-                if not sample.key or sample.key in dropped or sample.key in seen:
-                    continue  # an unreadable tail (reported by the plan); a dropped repeat
-                seen.add(sample.key)
-                error = sample.error or ("" if sample.image_member else "missing image: no member with an image "
-                                         f"extension ({', '.join(extensions)}) for key {sample.key} in {shard}")
-                rows.append({"id": sample.key, "image": sample.image if not error else None, "image_error": error,
-                             **{c: _text(sample.texts.get(c)) for c in text_columns}})
-                if len(rows) >= TAR_BLOCK_ROWS:
-                    yield pa.Table.from_pylist(rows, schema=schema)
-                    rows = []
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=schema)
+            yield from shard_rows(f, shard, extensions, text_columns, frozenset(skip.get(shard, ())))
 
-    return TarShards([root.ray_file(f) for f in files], filesystem=root.arrow_filesystem, schema=schema)
+    return TarShards([root.ray_file(f) for f in files], filesystem=root.arrow_filesystem,
+                     schema=shard_schema(text_columns))
 
 
 TAR_BLOCK_ROWS = 64  # rows per block a shard read yields (a shard of 10k images is not one block)
+
+
+def shard_schema(text_columns: list[str]) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_error", pa.string()),
+                      *((c, pa.string()) for c in text_columns)])
+
+
+def shard_rows(stream: io.RawIOBase, shard: str, extensions: tuple[str, ...], text_columns: list[str],
+               skip: frozenset[str] = frozenset()) -> Iterator[pa.Table]:
+    """One shard's rows in blocks: ``id``, ``image`` (bytes; null on an error row),
+    ``image_error`` and one string column per text extension. Keys in ``skip`` and a key's later
+    samples in the shard are left out (the id policy kept another)."""
+    schema, seen, rows = shard_schema(text_columns), set(), []
+    for sample in tar_samples(stream, extensions, shard):
+        if not sample.key or sample.key in skip or sample.key in seen:
+            continue  # a cut shard's note (the plan reported it); a dropped repeat
+        seen.add(sample.key)
+        error = sample.error or ("" if sample.image_member else "missing image: no member with an image "
+                                 f"extension ({', '.join(extensions)}) for key {sample.key} in {shard}")
+        rows.append({"id": sample.key, "image": None if error else sample.image, "image_error": error,
+                     **{c: _text(sample.texts.get(c)) for c in text_columns}})
+        if len(rows) >= TAR_BLOCK_ROWS:
+            yield pa.Table.from_pylist(rows, schema=schema)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
 
 
 def _text(data: bytes | None) -> str | None:

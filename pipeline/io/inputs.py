@@ -54,10 +54,10 @@ class InputPlan:
     columns: list[str] = field(default_factory=list)  # the shards' columns (as read, before any fetch)
     format: str = "parquet"
     # files: id, image (the reference); webdataset: id, shard, error. Staged under the output (a
-    # resume reads it back), the id policy applied on reading (``listed_rows``).
+    # resume reads it back) whole: the id policy's drops are applied as it is read.
     listing: pa.Table | None = None
     skip: dict[str, list[str]] = field(default_factory=dict)  # webdataset: per shard, keys the id policy dropped
-    problems: list[str] = field(default_factory=list)  # webdataset: shards cut short in a header (rows unknown)
+    problems: list[str] = field(default_factory=list)  # webdataset: shards cut short, members left out (warnings)
 
     @property
     def expected_rows(self) -> int:
@@ -147,13 +147,13 @@ def keep_first_of_repeated(batch: pa.Table, first: dict[str, str]) -> pa.Table:
 
 
 def _later_repeats(listing: pa.Table) -> dict[str, list[str]]:
-    """Webdataset: per shard, the keys whose first sample is in an earlier shard or member."""
-    seen: set[str] = set()
+    """Webdataset: per shard, the keys whose first sample is in an earlier shard (a repeat later
+    in the same shard is skipped by the reader itself, which keeps a shard's first)."""
+    first: dict[str, str] = {}
     skip: dict[str, list[str]] = {}
     for rid, shard in zip(listing.column("id").to_pylist(), listing.column("shard").to_pylist(), strict=True):
-        if rid in seen:
+        if first.setdefault(rid, shard) != shard and rid not in skip.get(shard, ()):
             skip.setdefault(shard, []).append(rid)
-        seen.add(rid)
     return skip
 
 
