@@ -70,8 +70,6 @@ def test_scheduled_runs_over_a_growing_prefix_take_new_files_and_finish_a_killed
     assert manifest["incremental"] == {"root": str(root), "resumed": False, "earlier_runs": 2, "files_taken_before": 16}
     every = _ids_by_run(root)
     assert len(every) == 18 and max(every.values()) == 1  # each file once, over all runs
-    rc, _, log = _cli(args)
-    assert rc == 0 and "nothing to run: no new image files" in log, log
 
 
 @pytest.fixture(scope="module")
