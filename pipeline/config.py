@@ -61,8 +61,8 @@ class InputConfig(_Strict):
         "(`image too large`) without being read past the limit.",
     )
     fetch_concurrency: int = Field(
-        16, ge=1, le=256, description="Reads in flight per fetch task (references and files): object-store latency, "
-        "not CPU, bounds a fetch.",
+        16, ge=1, le=256, description="Images read by reference (files, image_column) per fetch task, all in flight "
+        "at once: object-store latency, not CPU, bounds a fetch.",
     )
     create_sample_rows: int | None = Field(
         None, ge=1, le=100_000,

@@ -49,11 +49,8 @@ def execute(plan: JobPlan, failures: Any) -> None:
         context.checkpoint_config = None
 
 
-FETCH_BATCH_ROWS = 64  # references per fetch task (input.fetch_concurrency of them in flight)
-
-
 def _read_process_write(plan: JobPlan, failures: Any) -> None:
-    cfg, out = plan.cfg, plan.output
+    cfg, io_cpus, out = plan.cfg, plan.cfg.ray.io_num_cpus, plan.output
     ds = build_pipeline(read_input(plan), cfg, plan.costs, plan.engine, failures, plan.model)
     ds.write_parquet(
         out.ray_path,
@@ -96,8 +93,12 @@ def read_input(plan: JobPlan) -> ray.data.Dataset:
             num_cpus=io_cpus)
     column = "image" if inputs.format == "files" else cfg.input.image_column
     if column:
-        ds = ds.map_batches(fetch_images, fn_kwargs={"reader": plan.images, "column": column}, batch_format="pyarrow",
-                            batch_size=FETCH_BATCH_ROWS, num_cpus=io_cpus)
+        # A listing (or a Parquet shard) reads as a few large blocks; cut into fetch-sized ones
+        # (streaming, no shuffle), fetches spread over the cluster and rows flow on as they arrive.
+        rows = cfg.input.fetch_concurrency
+        ds = ds.repartition(target_num_rows_per_block=rows).map_batches(
+            fetch_images, fn_kwargs={"reader": plan.images, "column": column}, batch_format="pyarrow",
+            batch_size=rows, num_cpus=io_cpus)
     if cfg.input.prompt:
         ds = ds.map_batches(formats.add_prompt, fn_kwargs={"prompt": cfg.input.prompt}, batch_format="pyarrow",
                             batch_size=None, num_cpus=io_cpus)

@@ -93,9 +93,9 @@ def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPla
     roots, out = [locate(p, cfg.storage) for p in cfg.input.paths], locate(cfg.output.path, cfg.storage)
     identity = run_identity(cfg)
     previous = check_output(cfg, out, identity)
-    for root in roots:
-        if not root.is_remote and not Path(root.uri).exists():
-            raise ConfigError(f"input.path {root.uri!r} does not exist")
+    for where in roots:
+        if not where.is_remote and not Path(where.uri).exists():
+            raise ConfigError(f"input.path {where.uri!r} does not exist")
     check_constraints(cfg)  # a JSON Schema the grammar library cannot take fails here, before Ray
     # A resume reads what its first attempt listed, so files landing since then wait for another run.
     staged = read_staged_listing(out) if previous is not None else None

@@ -43,7 +43,9 @@ def test_scheduled_runs_over_a_growing_prefix_take_new_files_and_finish_a_killed
 ) -> None:
     photos, root = tmp_path / "photos", tmp_path / "runs"
     write_corpus(photos, rows=4, seed=41, types=("caption",), fmt="files")
-    cfg = _config(tmp_path, input={"format": "files", "prompt": CAPTION_PROMPT}, text_stage={"batch_size": 2},
+    # Two files per fetch (blocks of two rows): writes commit one by one, so the kill lands mid-run.
+    cfg = _config(tmp_path, input={"format": "files", "prompt": CAPTION_PROMPT, "fetch_concurrency": 2},
+                  text_stage={"batch_size": 2},
                   encode_stage={"batch_size": 2}, decode_stage={"batch_size": 2})
     args = ["--config", str(cfg), "--input", str(photos), "--output", str(root), "--incremental"]
     rc, summary, log = _cli(args)
