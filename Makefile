@@ -59,6 +59,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pipeline.bench.engine
 	$(PY) -m pipeline.bench.feed
 	$(PY) -m pipeline.bench.tasks
+	$(PY) -m pipeline.bench.inputs
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out .cache

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see configs/ and pipeline/config.py)")
     p.add_argument("--input", help="override input.path (local path or s3:// URI)")
     p.add_argument("--output", help="override output.path (a directory of Parquet files)")
+    p.add_argument("--format", choices=("parquet", "files", "webdataset"),
+                   help="override input.format: Parquet rows, image files under the prefix, or tar shards (docs/inputs.md)")
+    p.add_argument("--prompt", help="override input.prompt: every row's prompt, for inputs without a prompt column")
     p.add_argument("--method", help="override pruning.method")
     p.add_argument("--keep", type=int, help="override the budget: keep up to this many visual tokens per image")
     p.add_argument("--prune-ratio", type=float, help="override the budget: prune this fraction of each image's tokens")
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     """The config fields the command line sets, as dotted keys for ``load_config``."""
-    fields = {"input": "input.path", "output": "output.path", "method": "pruning.method", "keep": "pruning.keep",
+    fields = {"input": "input.path", "output": "output.path", "format": "input.format", "prompt": "input.prompt",
+              "method": "pruning.method", "keep": "pruning.keep",
               "prune_ratio": "pruning.prune_ratio", "alpha": "pruning.alpha", "energy": "pruning.energy",
               "min_keep": "pruning.min_keep", "engine": "decode_stage.engine"}
     overrides: dict[str, object] = {key: getattr(args, arg) for arg, key in fields.items() if getattr(args, arg) is not None}

@@ -24,8 +24,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
 class InputConfig(_Strict):
-    path: str = Field(description="Parquet file or directory: local path or URI (s3://bucket/prefix).")
+    path: str | list[str] = Field(
+        description="Where the corpus is: a local path or URI (s3://bucket/prefix). `format: parquet`: a Parquet file "
+        "or directory; `files`: a prefix (or a list of prefixes) of image files; `webdataset`: a directory of tar "
+        "shards. docs/inputs.md."
+    )
+    format: Literal["parquet", "files", "webdataset"] = Field(
+        "parquet", description="`parquet`: rows with `id`, the image (bytes in `image`, or a reference in "
+        "`image_column`) and `prompt`; `files`: every image file under `path` (id: its key relative to the prefix, "
+        "without the extension); `webdataset`: tar shards (id: the sample's key; the image is the member with an image "
+        "extension, `.txt` / `.json` members become columns `txt` / `json`).",
+    )
+    extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, min_length=1, description="`files` and `webdataset`: the file (member) name extensions that "
+        "are images, matched without case.",
+    )
+    prompt: str | None = Field(
+        None, min_length=1, description="Every row's prompt, for inputs without a `prompt` column (image files, shards "
+        "without one). Not with an input that has one, nor with a task spec (its prompts are the tasks').",
+    )
+    image_column: str | None = Field(
+        None, min_length=1, description="`parquet` only: the column holding each row's image as a reference (an "
+        "s3:// URI or a local path, absolute or relative to `image_root`), fetched by the job, instead of bytes in "
+        "`image`.",
+    )
+    image_root: str | None = Field(
+        None, min_length=1, description="With `image_column`: the prefix (local path or URI) that relative references "
+        "are read under. None: references must be URIs or absolute paths.",
+    )
+    max_image_bytes: int = Field(
+        64 * 2**20, ge=1, description="Images read by reference or as files larger than this become error rows "
+        "(`image too large`) without being read past the limit.",
+    )
+    fetch_concurrency: int = Field(
+        16, ge=1, le=256, description="Images read by reference (files, image_column) per fetch task, all in flight "
+        "at once: object-store latency, not CPU, bounds a fetch.",
+    )
     create_sample_rows: int | None = Field(
         None, ge=1, le=100_000,
         description="demo only: jobs/submit_local.sh draws the sample corpus here first",
@@ -57,6 +95,26 @@ class InputConfig(_Strict):
         "below this many times that size, so the processor's own resize still starts from that much more detail "
         "(PIL's thumbnail uses 2). null: decode every pixel. docs/preparation.md shows what it changes.",
     )
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(e.lower().lstrip(".") for e in v))
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> InputConfig:
+        if isinstance(self.path, list) and (self.format != "files" or not self.path):
+            raise ValueError("path: a list of prefixes is read with format: files only (and needs one at least)")
+        if self.image_column and self.format != "parquet":
+            raise ValueError(f"image_column: references are read with format: parquet only, not {self.format}")
+        if self.image_root and not self.image_column:
+            raise ValueError("image_root: it is where image_column's relative references are read; set image_column")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """``path`` as a list (one entry unless ``format: files`` names several prefixes)."""
+        return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
 class OutputConfig(_Strict):
@@ -499,6 +557,12 @@ class JobConfig(_Strict):
                 f"cost.accelerator: required when a stage reserves GPUs ({', '.join(gpu_stages)}): name the GPU type "
                 "as it appears in the price table (cost.prices), e.g. h100-sxm"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> JobConfig:
+        if self.input.prompt and self.tasks:
+            raise ValueError("input.prompt: a task spec gives every row its prompts (its tasks'); leave one of them out")
         return self
 
     def stages(self) -> dict[str, StageConfig]:

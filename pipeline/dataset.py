@@ -16,7 +16,9 @@ from ray.data.checkpoint import CheckpointConfig
 from pipeline.config import JobConfig, StageConfig
 from pipeline.cost.accounting import CostModel
 from pipeline.engines import EngineEnvironment, engine_environment
-from pipeline.io.inputs import drop_rows, stage_first_rows
+from pipeline.io import formats
+from pipeline.io.fetch import fetch_images
+from pipeline.io.inputs import drop_rows, first_of_repeated, keep_first_of_repeated, stage_first_rows, stage_listing
 from pipeline.io.schema import to_output_table
 from pipeline.io.storage import Location, locate
 from pipeline.plan import JobPlan, cost_model
@@ -48,18 +50,8 @@ def execute(plan: JobPlan, failures: Any) -> None:
 
 
 def _read_process_write(plan: JobPlan, failures: Any) -> None:
-    cfg, io_cpus, source, out = plan.cfg, plan.cfg.ray.io_num_cpus, plan.input, plan.output
-    ds = ray.data.read_parquet([source.ray_file(f) for f in plan.inputs.files], filesystem=source.arrow_filesystem,
-                               num_cpus=io_cpus)
-    if plan.inputs.dropped:
-        ds = ds.map_batches(
-            drop_rows, fn_kwargs={"excluded": frozenset(plan.inputs.excluded_ids)},
-            batch_format="pyarrow", batch_size=None, num_cpus=io_cpus,
-        )
-    staged = stage_first_rows(plan.inputs, out)
-    if staged:  # a second read, so the checkpoint filter covers both branches
-        ds = ds.union(ray.data.read_parquet(staged.ray_path, filesystem=staged.arrow_filesystem, num_cpus=io_cpus))
-    ds = build_pipeline(ds, cfg, plan.costs, plan.engine, failures, plan.model)
+    cfg, io_cpus, out = plan.cfg, plan.cfg.ray.io_num_cpus, plan.output
+    ds = build_pipeline(read_input(plan), cfg, plan.costs, plan.engine, failures, plan.model)
     ds.write_parquet(
         out.ray_path,
         filesystem=out.arrow_filesystem,
@@ -70,6 +62,47 @@ def _read_process_write(plan: JobPlan, failures: Any) -> None:
         mode=SaveMode.APPEND,  # output.mode was applied before (pipeline.job.claim)
         ray_remote_args={"num_cpus": io_cpus},
     )
+
+
+def read_input(plan: JobPlan) -> ray.data.Dataset:
+    """The rows the stages take (``id``, ``image`` bytes or null with ``image_error``, the prompt
+    or the columns a task spec's prompts read, pass-through columns), in ``input.format``.
+    Every branch starts at a Ray Data read that yields ``id``, so the checkpoint filter applies."""
+    cfg, inputs, io_cpus, source = plan.cfg, plan.inputs, plan.cfg.ray.io_num_cpus, plan.input
+    if inputs.format == "parquet":
+        ds = ray.data.read_parquet([source.ray_file(f) for f in inputs.files], filesystem=source.arrow_filesystem,
+                                   num_cpus=io_cpus)
+        if inputs.dropped:
+            ds = ds.map_batches(
+                drop_rows, fn_kwargs={"excluded": frozenset(inputs.excluded_ids)},
+                batch_format="pyarrow", batch_size=None, num_cpus=io_cpus,
+            )
+        staged = stage_first_rows(inputs, plan.output)
+        if staged:  # a second read, so the checkpoint filter covers both branches
+            ds = ds.union(ray.data.read_parquet(staged.ray_path, filesystem=staged.arrow_filesystem, num_cpus=io_cpus))
+    elif inputs.format == "files":
+        listing = stage_listing(inputs, plan.output)
+        ds = ray.data.read_parquet(listing.ray_path, filesystem=listing.arrow_filesystem, num_cpus=io_cpus)
+        if inputs.dropped:
+            ds = ds.map_batches(keep_first_of_repeated, fn_kwargs={"first": first_of_repeated(inputs)},
+                                batch_format="pyarrow", batch_size=None, num_cpus=io_cpus)
+    else:
+        stage_listing(inputs, plan.output)
+        ds = ray.data.read_datasource(
+            formats.tar_shards_datasource(source, inputs.files, cfg.input.extensions, inputs.columns[2:], inputs.skip),
+            num_cpus=io_cpus)
+    column = "image" if inputs.format == "files" else cfg.input.image_column
+    if column:
+        # A listing (or a Parquet shard) reads as a few large blocks; cut into fetch-sized ones
+        # (streaming, no shuffle), fetches spread over the cluster and rows flow on as they arrive.
+        rows = cfg.input.fetch_concurrency
+        ds = ds.repartition(target_num_rows_per_block=rows).map_batches(
+            fetch_images, fn_kwargs={"reader": plan.images, "column": column}, batch_format="pyarrow",
+            batch_size=rows, num_cpus=io_cpus)
+    if cfg.input.prompt:
+        ds = ds.map_batches(formats.add_prompt, fn_kwargs={"prompt": cfg.input.prompt}, batch_format="pyarrow",
+                            batch_size=None, num_cpus=io_cpus)
+    return ds
 
 
 def build_pipeline(

@@ -78,7 +78,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         init_ray(cfg)
         root = locate(cfg.output.path, cfg.storage)
         claims.append(claim_output(root))  # before planning: two schedulers never split the shards
-        incremental = plan_incremental(locate(cfg.input.path, cfg.storage), root)
+        incremental = plan_incremental(cfg.input, [locate(p, cfg.storage) for p in cfg.input.paths], root)
     plan = prepare(cfg, incremental)
     held = claim(plan)
     claims.extend(held.handles)

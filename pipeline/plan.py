@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, InputConfig, JobConfig
 from pipeline.cost import cpu_side
 from pipeline.cost.accounting import CostModel
 from pipeline.engines import EngineEnvironment, engine_environment
-from pipeline.io.inputs import InputPlan, check_input
+from pipeline.io.fetch import ObjectReader, object_reader
+from pipeline.io.inputs import InputPlan, plan_input, read_staged_listing
 from pipeline.io.manifest import MANIFEST_NAME, read_manifest
 from pipeline.io.runs import IncrementalRun
 from pipeline.io.storage import Location, locate
@@ -40,7 +41,7 @@ class JobPlan:
 
     cfg: JobConfig  # validated; model.family and pruning.alpha filled in; an incremental run's output path
     identity: dict[str, Any]  # what decides each output row (a resume must match it)
-    input: Location
+    input: Location  # input.path (format files: the first of its prefixes)
     output: Location
     model: Location  # model.path as configured: every actor resolves it on its own node
     model_path: str  # the driver's local copy (an S3 checkpoint's JSON files only)
@@ -51,6 +52,7 @@ class JobPlan:
     incremental: IncrementalRun | None = None
     incremental_root: str | None = None
     warnings: tuple[str, ...] = ()  # logged when planned, kept in the manifest (never errors)
+    images: ObjectReader | None = None  # reads images by reference (format files, input.image_column)
 
     @property
     def checkpoint(self) -> Location:
@@ -65,10 +67,13 @@ class JobPlan:
             "run_identity": self.identity,
             "config": cfg.model_dump(mode="json"),
             "packages": packages,
-            "input": {"files": len(self.inputs.files), "rows": self.inputs.rows, "dropped": self.inputs.dropped,
-                      **({"shards": run.shards} if run else {})},
+            "input": {"format": self.inputs.format, "files": len(self.inputs.files), "rows": self.inputs.rows,
+                      "dropped": self.inputs.dropped, **self.inputs.manifest_fields(),
+                      **({"shards": run.shards} if run and run.shards is not None else {})},
             **({"incremental": {"root": self.incremental_root, "resumed": run.resumed,
-                                "earlier_runs": run.earlier_runs, "shards_taken_before": run.shards_taken_before}}
+                                "earlier_runs": run.earlier_runs,
+                                ("files_taken_before" if run.shards is None else "shards_taken_before"):
+                                    run.shards_taken_before}}
                if run else {}),
             "model": {"configured_path": cfg.model.path, "path": self.model_path, "family": cfg.model.family,
                       "kv_bytes_per_element": self.costs.kv_bytes_per_element},
@@ -85,24 +90,28 @@ def prepare(cfg: JobConfig, incremental: IncrementalRun | None = None) -> JobPla
         root = cfg.output.path
         output = cfg.output.model_copy(update={"path": incremental.output.uri, "mode": "resume", "incremental": False})
         cfg = cfg.model_copy(update={"output": output})
-    source, out = locate(cfg.input.path, cfg.storage), locate(cfg.output.path, cfg.storage)
+    roots, out = [locate(p, cfg.storage) for p in cfg.input.paths], locate(cfg.output.path, cfg.storage)
     identity = run_identity(cfg)
     previous = check_output(cfg, out, identity)
-    if not source.is_remote and not Path(source.uri).exists():
-        raise ConfigError(f"input.path {source.uri!r} does not exist")
+    for where in roots:
+        if not where.is_remote and not Path(where.uri).exists():
+            raise ConfigError(f"input.path {where.uri!r} does not exist")
     check_constraints(cfg)  # a JSON Schema the grammar library cannot take fails here, before Ray
-    inputs = check_input(source, cfg.input.id_policy, incremental.shards if incremental else None,
-                         prompt_columns(cfg))
+    # A resume reads what its first attempt listed, so files landing since then wait for another run.
+    staged = read_staged_listing(out) if previous is not None else None
+    units = (incremental.listing if incremental.listing is not None else incremental.shards) if incremental else None
+    inputs = plan_input(cfg.input, roots, units, prompt_columns(cfg), staged)
     check_task_columns(cfg, inputs.columns)
     model = locate(cfg.model.path, cfg.storage)
     cfg, model_path = resolve_model(cfg, model)
     costs = cost_model(cfg, model_path)  # reads the price table: a bad accelerator or price file fails before Ray starts
     engine = engine_environment(cfg.decode_stage)  # a missing vLLM environment fails here, naming the field
-    warnings = tuple(w for w in (check_prepare_pool(cfg, model_path, costs),) if w)
+    warnings = tuple(w for w in (check_prepare_pool(cfg, model_path, costs), *inputs.problems) if w)
     for warning in warnings:
         log.warning("%s", warning)
-    return JobPlan(cfg, identity, source, out, model, model_path, inputs, costs, engine, previous, incremental, root,
-                   warnings)
+    images = object_reader(cfg.storage, cfg.input) if cfg.input.format == "files" or cfg.input.image_column else None
+    return JobPlan(cfg, identity, roots[0], out, model, model_path, inputs, costs, engine, previous, incremental, root,
+                   warnings, images)
 
 
 def run_identity(cfg: JobConfig) -> dict[str, Any]:
@@ -110,8 +119,12 @@ def run_identity(cfg: JobConfig) -> dict[str, Any]:
     # jpeg_draft_margin decides the pixels the model sees; a run from before it existed decoded every pixel (null).
     keep = ("path", "max_image_pixels", "min_image_side", "id_policy", "max_prompt_tokens", "long_prompt",
             "jpeg_draft_margin")
+    # The reading fields count only away from their defaults: a Parquet run from before they existed resumes.
+    reading = ("format", "extensions", "prompt", "image_column", "image_root", "max_image_bytes")
+    defaults = InputConfig(path="").model_dump(mode="json")
     return {
-        "input": {k: v for k, v in cfg.input.model_dump(mode="json").items() if k in keep},
+        "input": {k: v for k, v in cfg.input.model_dump(mode="json").items()
+                  if k in keep or (k in reading and v != defaults[k])},
         "model": cfg.model.model_dump(mode="json", exclude={"architecture"}),
         "pruning": cfg.pruning.model_dump(mode="json"),
         "generation": cfg.generation.model_dump(mode="json"),

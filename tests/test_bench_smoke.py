@@ -26,7 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SMOKED = {"gpu": "needs a GPU"}
-SMOKED = {"select", "prefill", "pipeline", "engine", "feed", "draft", "tasks"}  # each has a test below
+SMOKED = {"select", "prefill", "pipeline", "engine", "feed", "draft", "tasks", "inputs"}  # each has a test below
 
 
 def run_bench(module: str, *args: str, timeout: int) -> dict[str, Any]:
@@ -66,6 +66,15 @@ def test_select_bench() -> None:
     r = run_bench("select", "--sizes", "2:144:256:32", "--repeats", "1", "--device", "cpu", timeout=120)
     positive(r, "ratio_B2_N144_K32", "adaptive_over_select_B2_N144_K32", "reference_agreement")
     assert r["device"] == "cpu"
+
+
+def test_inputs_bench() -> None:
+    r = run_bench("inputs", "--local", "50,200", "--s3", "20,60", "--ledger", "2000,8000", "--runs", "4", timeout=180)
+    for kind, sizes in (("local", ("50", "200")), ("s3", ("20", "60"))):
+        assert set(r["seconds"][kind]) == set(sizes) and all(v > 0 for v in r["seconds"][kind].values())
+    assert set(r["seconds"]["ledger"]) == {"2000", "8000"}
+    assert all(v > 0 for f in r["seconds"]["ledger"].values() for v in f.values())
+    assert set(r["extrapolated_10M_s"]) == {"list_local", "list_s3_moto", "ledger"} and r["runs"] == 4
 
 
 def test_prefill_bench() -> None:

@@ -46,6 +46,13 @@ def test_overrides_apply() -> None:
         ({"pruning": {"keep": 64, "prune_ratio": 0.5}}, "pruning: .*keep and prune_ratio both set"),
         ({"model": {"path": "x", "min_pixels": 10_000, "max_pixels": 5_000}}, "model: .*min_pixels"),
         ({"model": {"path": "x", "family": "qwen2"}}, "model.family"),
+        ({"input": {"path": ["a", "b"]}}, "input: .*path: a list of prefixes is read with format: files only"),
+        ({"input": {"path": "a", "format": "tar"}}, "input.format"),
+        ({"input": {"path": "a", "format": "files", "image_column": "k"}}, "input: .*image_column: .*parquet only"),
+        ({"input": {"path": "a", "image_root": "r"}}, "input: .*image_root: .*set image_column"),
+        ({"input": {"path": "a", "extensions": []}}, "input.extensions"),
+        ({"input": {"path": "a", "prompt": "Describe.", "format": "files"}, "tasks": [{"name": "c", "prompt": "Hi"}]},
+         "input.prompt: a task spec gives every row its prompts"),
     ],
 )
 def test_bad_fields_are_named(patch: dict, field: str) -> None:

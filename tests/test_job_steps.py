@@ -42,7 +42,7 @@ def test_prepare_resolves_everything_once_without_ray(corpus: Path, tmp_path: Pa
     # The identity is the run as configured (taken before the family and alpha were filled in).
     assert plan.identity["model"]["family"] == "auto" and plan.identity["pruning"]["alpha"] is None
     base = plan.manifest_base({"attempt": 1, "started_at": "t"}, {"python": "3"})
-    assert base["model"]["family"] == "llava" and base["input"] == {"files": 2, "rows": 6, "dropped": {}}
+    assert base["model"]["family"] == "llava" and base["input"] == {"format": "parquet", "files": 2, "rows": 6, "dropped": {}}
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 

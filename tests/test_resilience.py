@@ -206,11 +206,12 @@ def _wait_until_quiet(folder: Path, quiet_s: float, limit_s: float) -> None:
     raise AssertionError(f"{folder} kept changing for {limit_s} s after the driver was killed")
 
 
-def kill_mid_run(args: list[str], out: Path) -> None:
+def kill_mid_run(args: list[str], out: Path, run: str = ".", earlier: frozenset[str] = frozenset()) -> None:
     """Start the job, SIGKILL its driver (then the local Ray it started, as a lost machine would)
     once a write has committed, and wait until the killed attempt's writes are quiet. A second
     per decode batch: once vLLM has started, it would otherwise answer every row (the encode stage
-    runs ahead while the engine starts) before the kill could land mid-run."""
+    runs ahead while the engine starts) before the kill could land mid-run. ``run``: the run's
+    folder under ``out`` as a glob (an incremental run's ``run-*``), ``earlier`` the folders it skips."""
     slow = _env(RESPRUNE_FAULTS=json.dumps([{"stage": "decode", "delay_s": 1.0}]))
     proc = subprocess.Popen([sys.executable, "jobs/caption_corpus.py", *args], cwd=REPO, env=slow,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -218,8 +219,10 @@ def kill_mid_run(args: list[str], out: Path) -> None:
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
-            committed = [p for p in checkpoint.glob("*.parquet") if not p.name.endswith(".pending.parquet")]
+            committed = [p for p in out.glob(f"{run}/_checkpoint/*.parquet")
+                         if not p.name.endswith(".pending.parquet") and p.parent.parent.name not in earlier]
             if committed:
+                checkpoint = committed[0].parent
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run finished before it could be killed"

@@ -13,12 +13,14 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.io.storage import locate
 from pipeline.io.manifest import write_manifest
+from pipeline.config import InputConfig
 from pipeline.io.runs import NothingToRun, list_shards, plan_incremental, run_name
 from pipeline.tiny.shapes_world import SCHEMA, make_rows
 
 from .conftest import REPO
 
 NOW = datetime(2026, 11, 24, 2, 0, 5, tzinfo=timezone.utc)
+PARQUET = InputConfig(path="unused")  # the default format: Parquet shards
 
 
 def _shard(path: Path, seed: int) -> None:
@@ -48,19 +50,19 @@ def test_a_new_run_takes_only_the_shards_no_run_took(tmp_path: Path) -> None:
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     for name in ("a", "b", "c"):
         _shard(corpus / f"{name}.parquet", seed=ord(name))
-    first = plan_incremental(locate(str(corpus)), locate(str(out)), now=NOW)
+    first = plan_incremental(PARQUET, [locate(str(corpus))], locate(str(out)), now=NOW)
     assert first.shards == ["a.parquet", "b.parquet", "c.parquet"] and not first.resumed
     assert first.output.uri == f"{out}/{run_name(NOW)}" == f"{out}/run-20261124T020005Z"
     _run(out, "run-20261124T020005Z", first.shards, "completed")
 
     _shard(corpus / "d.parquet", seed=4)
-    second = plan_incremental(locate(str(corpus)), locate(str(out)), now=NOW.replace(day=25))
+    second = plan_incremental(PARQUET, [locate(str(corpus))], locate(str(out)), now=NOW.replace(day=25))
     assert second.shards == ["d.parquet"]
     assert (second.earlier_runs, second.shards_taken_before) == (1, 3)
     _run(out, "run-20261125T020005Z", second.shards, "completed")
 
     with pytest.raises(NothingToRun, match="all 4 were taken by the 2 run"):
-        plan_incremental(locate(str(corpus)), locate(str(out)), now=NOW.replace(day=26))
+        plan_incremental(PARQUET, [locate(str(corpus))], locate(str(out)), now=NOW.replace(day=26))
 
 
 def test_an_unfinished_run_is_resumed_with_its_own_shards_before_any_new_one(tmp_path: Path) -> None:
@@ -71,7 +73,7 @@ def test_an_unfinished_run_is_resumed_with_its_own_shards_before_any_new_one(tmp
     failed = _run(out, "run-20261124T020000Z", ["b.parquet"], "failed")
     _run(out, "run-20261124T030000Z", ["c.parquet"], "running")  # killed: its manifest still says running
     (out / "run-20261124T040000Z").mkdir()  # died before its manifest: not a run, takes nothing
-    plan = plan_incremental(locate(str(corpus)), locate(str(out)), now=NOW)
+    plan = plan_incremental(PARQUET, [locate(str(corpus))], locate(str(out)), now=NOW)
     # The oldest unfinished run goes first, with its own shard only (c waits for its own run).
     assert (plan.output.uri, plan.shards, plan.resumed) == (str(failed), ["b.parquet"], True)
 
@@ -81,7 +83,7 @@ def test_an_output_root_holding_other_runs_is_refused(tmp_path: Path) -> None:
     _shard(corpus / "a.parquet", seed=1)
     write_manifest(locate(str(out / "run-001")), {"status": "completed", "input": {"files": 1}})  # a plain, non-incremental run
     with pytest.raises(ConfigError, match="run-001 is not an incremental run"):
-        plan_incremental(locate(str(corpus)), locate(str(out)), now=NOW)
+        plan_incremental(PARQUET, [locate(str(corpus))], locate(str(out)), now=NOW)
 
 
 def test_incremental_never_overwrites(tmp_path: Path) -> None:

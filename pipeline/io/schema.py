@@ -1,6 +1,7 @@
 """The job's input and output schemas: the public data contract, declared once.
 
-Input (Parquet; extra columns pass through to the output):
+Input (Parquet; extra columns pass through to the output; image files and tar shards are read
+into the same columns: docs/inputs.md):
     id: string (unique), image: binary (JPEG/PNG/WebP bytes), prompt: string
 
 Output (Parquet, one row per input row, never the image bytes):
@@ -118,7 +119,7 @@ STAGE_TIME_COLUMNS = {  # the per-row time columns each stage's actors spend (bi
     "decode_stage": ("decode_ms",),
 }
 # Internal columns that never reach the output.
-DROPPED = ("image", "prepared_image", "visual_kept", "visual_payload")
+DROPPED = ("image", "image_error", "prepared_image", "visual_kept", "visual_payload")
 # Columns of one answer: in the one-answer layout the first (only) task's, taken from the per-task
 # (``task_*``) and per-selection lists the stages carry; with a task spec each task's own columns.
 ANSWER_COLUMNS = ("prompt", "answer", "visual_tokens_kept", "energy_explained", "kept_indices", "nouns",

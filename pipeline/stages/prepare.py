@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import InputConfig, ModelConfig, PrepareStageConfig
+from pipeline.io.fetch import IMAGE_ERROR
 from pipeline.io.images import decode_image, draft_target
 from pipeline.io.storage import Location
 from pipeline.models import load_adapter, payload_bytes
@@ -18,8 +19,9 @@ from .faults import crash
 class PrepareStage:
     """Drops ``image``; adds ``prepared_image`` (the family's ``Prepared`` as ``payload_bytes``,
     b"" on error rows; for the encode stage) and ``prepare_ms``. Image errors are
-    ``pipeline.io.images``' (``decode_image``, unchanged); a processor that raises on one image
-    gives that row ``prepare failed: ...``."""
+    ``pipeline.io.images``' (``decode_image``, unchanged) or, for an image read by reference or
+    from a tar shard, the reader's (``image_error``, dropped here); a processor that raises on one
+    image gives that row ``prepare failed: ...``."""
 
     def __init__(
         self, model: ModelConfig, inputs: InputConfig, stage: PrepareStageConfig, source: Location | None = None,
@@ -36,6 +38,10 @@ class PrepareStage:
         n = len(batch["id"])
         errors = errors_of(batch)
         watch = Stopwatch()
+        # A reader that could not give a row its image said why (pipeline.io.fetch, the tar reader).
+        for i, reason in enumerate(batch.pop(IMAGE_ERROR, [""] * n)):
+            if reason and not errors[i]:
+                errors[i] = str(reason)
         images: dict[int, Image.Image] = {}
         for i in ok_rows(errors):
             decoded = decode_image(batch["image"][i], self.max_pixels, self.min_side, self.draft)

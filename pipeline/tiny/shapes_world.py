@@ -38,6 +38,7 @@ which the job summary and the evaluation job (``jobs/evaluate_pruning.py``) scor
 are scored by objects only where these labels are present (``pipeline.tiny.scoring``).
 
     python -m pipeline.tiny.shapes_world OUT_DIR [--rows 48] [--shards 2] [--seed 0] [--corrupt 1] [--types color,...,caption]
+        [--format parquet|files|webdataset|parquet-refs]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import io
 import json
 import math
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,21 +228,60 @@ def parse_types(text: str) -> tuple[str, ...]:
     return types
 
 
+CORPUS_FORMATS = ("parquet", "files", "webdataset", "parquet-refs")
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+REFERENCE_COLUMN = "image_key"  # parquet-refs: each row's image file, relative to <out>/images
+
+
 def write_corpus(out_dir: str | Path, rows: int = 48, shards: int = 2, seed: int = 0, corrupt: int = 0,
-                 types: tuple[str, ...] = DEFAULT_TYPES) -> Path:
+                 types: tuple[str, ...] = DEFAULT_TYPES, fmt: str = "parquet") -> Path:
+    """The same rows in one of the job's input formats (docs/inputs.md): ``parquet`` (bytes in the
+    rows), ``files`` (``<id>.<ext>``; the other columns are not written), ``webdataset`` (tar
+    shards: ``<id>.<ext>``, ``<id>.txt`` the prompt, ``<id>.json`` the other columns) or
+    ``parquet-refs`` (``images/<id>.<ext>`` and ``rows/*.parquet`` with the key in ``image_key``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = make_rows(rows, seed=seed, corrupt=corrupt, types=types)
     per = -(-len(data) // shards)
-    for s in range(shards):
-        chunk = data[s * per : (s + 1) * per]
-        if chunk:
+    chunks = [c for c in (data[s * per : (s + 1) * per] for s in range(shards)) if c]
+    if fmt == "parquet":
+        for s, chunk in enumerate(chunks):
             pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), out / f"part-{s:05d}.parquet")
+    elif fmt in ("files", "parquet-refs"):
+        images = out / "images" if fmt == "parquet-refs" else out
+        images.mkdir(exist_ok=True)
+        for row in data:
+            (images / image_name(row)).write_bytes(row["image"])
+        if fmt == "parquet-refs":
+            (out / "rows").mkdir(exist_ok=True)
+            schema = pa.schema([(REFERENCE_COLUMN, pa.string()) if f.name == "image" else f for f in SCHEMA])
+            for s, chunk in enumerate(chunks):
+                refs = [{**r, "image": None, REFERENCE_COLUMN: image_name(r)} for r in chunk]
+                pq.write_table(pa.Table.from_pylist(refs, schema=schema), out / "rows" / f"part-{s:05d}.parquet")
+    elif fmt == "webdataset":
+        for s, chunk in enumerate(chunks):
+            with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+                for row in chunk:
+                    extra = {k: v for k, v in row.items() if k not in ("id", "image", "prompt")}
+                    for name, payload in ((image_name(row), row["image"]), (f"{row['id']}.txt", row["prompt"].encode()),
+                                          (f"{row['id']}.json", json.dumps(extra).encode())):
+                        member = tarfile.TarInfo(name)
+                        member.size = len(payload)
+                        tar.addfile(member, io.BytesIO(payload))
+    else:
+        raise ValueError(f"format {fmt!r}: one of {', '.join(CORPUS_FORMATS)}")
     return out
 
 
+def image_name(row: dict[str, object]) -> str:
+    """``<id>.<ext>`` by the image's own format (the corrupt rows' bytes claim PNG)."""
+    data = row["image"]
+    ext = "png" if data.startswith(b"\x89PNG") else "jpg" if data.startswith(b"\xff\xd8") else "webp"
+    return f"{row['id']}.{ext}"
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write a corpus of the shapes world as Parquet shards")
+    p = argparse.ArgumentParser(description="Write a corpus of the shapes world in one of the job's input formats")
     p.add_argument("out_dir")
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--shards", type=int, default=2)
@@ -248,8 +289,11 @@ def main() -> None:
     p.add_argument("--corrupt", type=int, default=0, help="make the last N rows undecodable")
     p.add_argument("--types", default=",".join(DEFAULT_TYPES),
                    help=f"question types to draw, comma-separated, of {','.join(QUESTION_TYPES)}")
+    p.add_argument("--format", default="parquet", choices=CORPUS_FORMATS,
+                   help="parquet: bytes in the rows; files: one file per image; webdataset: tar shards; "
+                   "parquet-refs: files plus Parquet rows naming them (docs/inputs.md)")
     a = p.parse_args()
-    print(write_corpus(a.out_dir, a.rows, a.shards, a.seed, a.corrupt, parse_types(a.types)))
+    print(write_corpus(a.out_dir, a.rows, a.shards, a.seed, a.corrupt, parse_types(a.types), a.format))
 
 
 if __name__ == "__main__":
